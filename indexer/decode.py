@@ -1,0 +1,118 @@
+"""Stage 2: read one file, hash it, decode it, preprocess it. Runs in worker processes.
+
+Pure function of (work item, preprocessing config, pixel limit): no database, no model, so the
+stage can run anywhere the files are readable.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval.errors import ImageDecodeError
+from retrieval.preprocess import PreprocessConfig, decode_image, preprocess
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A file to (re)process; `known_sha256` lets a touched-but-identical file skip embedding."""
+
+    path: str  # relative to the corpus root
+    size: int
+    mtime_ns: int
+    image_id: int | None = None  # set when the file is already indexed (changed file)
+    known_sha256: str | None = None
+
+
+@dataclass
+class DecodeResult:
+    item: WorkItem
+    pixels: np.ndarray | None = None  # uint8 (3, H, W) model input; None for failures and unchanged
+    sha256: str | None = None
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    phash: int = 0  # unsigned 64-bit
+    unchanged_content: bool = False  # same bytes as already indexed: metadata refresh only
+    failure_kind: str | None = None
+    failure_reason: str | None = None
+
+    @property
+    def embeddable(self) -> bool:
+        """Decoded new content that needs an embedding (not a failure, not an identical touch)."""
+        return self.failure_reason is None and not self.unchanged_content
+
+
+def _failure(item: WorkItem, kind: str, reason: str) -> DecodeResult:
+    return DecodeResult(item=item, failure_kind=kind, failure_reason=reason)
+
+
+def _read(root: str, item: WorkItem) -> bytes:
+    path = os.path.join(root, item.path)
+    # O_NOFOLLOW is not used: the scanner already checked that symlinks stay inside the corpus.
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _kind_of(reason: str) -> str:
+    for prefix, kind in (
+        ("empty file", "empty"),
+        ("not an image", "not_an_image"),
+        ("too many pixels", "too_large"),
+        ("truncated", "truncated"),
+    ):
+        if reason.startswith(prefix):
+            return kind
+    return "corrupt"
+
+
+def perceptual_hash(image) -> int:  # noqa: ANN001 - a PIL image
+    """64-bit DCT perceptual hash (imagehash.phash) as an unsigned integer."""
+    import imagehash
+
+    bits = imagehash.phash(image, hash_size=8).hash.reshape(-1)
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: int) -> DecodeResult:
+    """Read, hash, decode and preprocess one file; every failure becomes a DecodeResult with a reason."""
+    if item.size < 0:
+        return _failure(item, "unreadable", "cannot stat the file (permission denied or it vanished)")
+    try:
+        data = _read(root, item)
+    except PermissionError:
+        return _failure(item, "unreadable", "permission denied: the file cannot be read by this user")
+    except FileNotFoundError:
+        return _failure(item, "vanished", "the file was deleted while indexing")
+    except IsADirectoryError:
+        return _failure(item, "unreadable", "is a directory")
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        kind = "unreadable" if exc.errno in (errno.EACCES, errno.EPERM, errno.EIO) else "io_error"
+        return _failure(item, kind, f"cannot read the file: {reason}")
+    sha = hashlib.sha256(data).hexdigest()
+    if item.known_sha256 is not None and sha == item.known_sha256:
+        return DecodeResult(item=item, sha256=sha, unchanged_content=True)
+    try:
+        decoded = decode_image(data, config, max_pixels)
+        pixels = preprocess(decoded, config)
+        phash = perceptual_hash(decoded.image)
+    except ImageDecodeError as exc:
+        return _failure(item, _kind_of(str(exc)), str(exc))
+    except MemoryError:
+        return _failure(item, "too_large", "out of memory while decoding this image")
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run
+        return _failure(item, "corrupt", f"corrupt image data: {type(exc).__name__}: {exc}")
+    return DecodeResult(
+        item=item,
+        pixels=pixels,
+        sha256=sha,
+        width=decoded.width,
+        height=decoded.height,
+        format=decoded.format,
+        phash=phash,
+    )

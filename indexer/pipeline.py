@@ -1,0 +1,329 @@
+"""`retrieval index`: scan -> plan -> decode (worker processes) -> embed (batched) -> write -> sync index.
+
+Each stage is timed. Memory stays flat: the only thing held for the whole corpus is the list of
+paths to process; images flow through the DataLoader a few batches at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, text
+
+from indexer.decode import DecodeResult, WorkItem, decode_one
+from indexer.plan import Plan, make_plan
+from indexer.scan import IMAGE_EXTENSIONS, scan_corpus
+from indexer.writer import BatchCounts, remove_images, write_batch
+from retrieval.errors import CorpusError, IndexMismatchError
+from retrieval.layout import IndexLayout, IndexLock
+from retrieval.preprocess import PreprocessConfig
+from retrieval.settings import DEFAULT_MODEL, Settings
+from retrieval.store import Failure, Image, IndexRun, Meta, Store, utcnow
+from retrieval.sync import SyncOptions, sync_index
+from retrieval.vectors import VectorStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexOptions:
+    corpus: Path
+    settings: Settings
+    rebuild: bool = False
+    retry_failed: bool = False
+    index_factory: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class IndexSummary:
+    corpus: str
+    index_dir: str
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    touched: int = 0
+    removed: int = 0
+    failed: int = 0
+    known_failures: int = 0
+    total_images: int = 0
+    elapsed_s: float = 0.0
+    images_per_s: float = 0.0
+    index_type: str | None = None
+    index_factory: str | None = None
+    nprobe: int | None = None
+    recall_at_10: float | None = None
+    index_rebuilt: bool = False
+    index_changed: bool = False
+    model: str = ""
+    device: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    failure_kinds: dict[str, int] = field(default_factory=dict)
+
+
+def default_workers(device: str) -> int:
+    cpus = os.cpu_count() or 1
+    if device.startswith("cuda"):
+        return min(cpus, 16)
+    # On CPU the model needs the cores too; one decoder per two cores keeps both busy.
+    return max(1, min(cpus // 2, 8))
+
+
+class _DecodeDataset:
+    """Map-style dataset: index -> DecodeResult. Picklable, so DataLoader workers can run it."""
+
+    def __init__(self, root: str, items: list[WorkItem], config: PreprocessConfig, max_pixels: int):
+        self.root, self.items, self.config, self.max_pixels = root, items, config, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> DecodeResult:
+        return decode_one(self.root, self.items[i], self.config, self.max_pixels)
+
+
+def _collate(results: list[DecodeResult]) -> tuple[list[DecodeResult], Any]:
+    """Stack pixels into one uint8 tensor (pinned by the DataLoader on GPU); results keep metadata."""
+    import torch
+
+    pixels = [r.pixels for r in results if r.embeddable]
+    batch = torch.from_numpy(np.stack(pixels)) if pixels else None
+    for r in results:
+        r.pixels = None  # the data travels once, in `batch`
+    return results, batch
+
+
+def _reset_index(layout: IndexLayout, store: Store) -> None:
+    """--rebuild: forget images, failures and meta (run history stays), drop vectors and index."""
+    with store.session() as s, s.begin():
+        s.execute(delete(Image))
+        s.execute(delete(Failure))
+        s.execute(delete(Meta))
+        if store.engine.dialect.name == "sqlite":
+            s.execute(text("DELETE FROM sqlite_sequence WHERE name = 'images'"))
+    for path in (layout.vectors_path, layout.faiss_path):
+        if path.exists():
+            path.unlink()
+
+
+def _check_corpus(corpus: Path, store: Store) -> str:
+    root = str(corpus.resolve())
+    recorded = store.get_meta("corpus_root")
+    if recorded and recorded != root:
+        raise IndexMismatchError(
+            f"this index holds the corpus {recorded}, not {root}; use another --index-dir for a new corpus, "
+            f"or re-index with --rebuild"
+        )
+    return root
+
+
+def _check_model(store: Store, embedder: Any) -> None:
+    dim = store.get_meta("dim")
+    if dim is not None and dim != embedder.dim:
+        raise IndexMismatchError(
+            f"model '{embedder.model_ref}' gives {embedder.dim}-d embeddings but the index holds {dim}-d ones "
+            f"from '{store.get_meta('model_ref')}'; re-index with --rebuild"
+        )
+    fingerprint = store.get_meta("model_fingerprint")
+    if fingerprint is not None and fingerprint != embedder.fingerprint:
+        raise IndexMismatchError(
+            f"model '{embedder.model_ref}' has other weights than '{store.get_meta('model_ref')}' that built this "
+            f"index, so their embeddings are not comparable; pass the same --model or re-index with --rebuild"
+        )
+
+
+def _load_model_if_needed(opts: IndexOptions, store: Store, plan: Plan) -> Any:
+    from retrieval.model import load_embedder
+
+    s = opts.settings
+    stored_ref = store.get_meta("model_ref")
+    explicit = "model" in s.model_fields_set
+    model_ref = s.model if (explicit or stored_ref is None) else stored_ref
+    if not plan.todo and not (explicit and stored_ref not in (None, model_ref)):
+        return None  # nothing to embed and no new model to check: skip the slow load
+    embedder = load_embedder(model_ref, device=s.device, precision=s.precision)
+    _check_model(store, embedder)
+    return embedder
+
+
+def run_index(opts: IndexOptions) -> IndexSummary:
+    """Index (or update the index of) one corpus. Safe to interrupt at any point and run again."""
+    s = opts.settings
+    corpus = Path(opts.corpus)
+    if not corpus.exists():
+        raise CorpusError(f"corpus folder {corpus} does not exist")
+    if not corpus.is_dir():
+        raise CorpusError(f"corpus path {corpus} is not a folder")
+    layout = IndexLayout(Path(s.index_dir))
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with IndexLock(layout):
+        store = Store(s.db_url or layout.default_db_url())
+        try:
+            _close_killed_runs(store)
+            if opts.rebuild:
+                _reset_index(layout, store)
+            root = _check_corpus(corpus, store)
+
+            t = time.perf_counter()
+            entries = list(scan_corpus(corpus, exclude=(layout.root,)))
+            timings["scan_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            plan = make_plan(store, entries, retry_failed=opts.retry_failed)
+            timings["plan_s"] = time.perf_counter() - t
+            if plan.scanned == 0 and store.count_images() == 0:
+                raise CorpusError(
+                    f"no images found in {corpus} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ... "
+                    f"and image file signatures)"
+                )
+
+            t = time.perf_counter()
+            embedder = _load_model_if_needed(opts, store, plan)
+            timings["model_load_s"] = time.perf_counter() - t
+            summary = IndexSummary(corpus=root, index_dir=str(layout.root.resolve()),
+                                   unchanged=plan.unchanged, known_failures=plan.known_failures,
+                                   removed=len(plan.removed_ids))
+            run = _start_run(store, root, embedder)
+            summary.model = store.get_meta("model_ref") or ""
+            summary.device = embedder.device if embedder else "-"
+
+            remove_images(store, plan.removed_ids, plan.removed_failure_paths)
+            if plan.todo:
+                assert embedder is not None
+                counts = _embed_all(opts, root, plan.todo, embedder, store, timings)
+                summary.new, summary.changed, summary.touched, summary.failed = (
+                    counts.new, counts.changed, counts.touched, counts.failed)
+                embedded = counts.new + counts.changed
+                summary.images_per_s = embedded / timings["embed_loop_s"] if timings.get("embed_loop_s") else 0.0
+
+            dim = store.get_meta("dim")
+            t = time.perf_counter()
+            if dim is not None:
+                synced = sync_index(store, VectorStore(layout.vectors_path, dim), layout, SyncOptions(
+                    memory_budget=s.memory_budget, exact_threshold=s.exact_threshold,
+                    recall_target=s.recall_target, factory=opts.index_factory, force_rebuild=opts.rebuild))
+                timings.update(synced.timings)
+                summary.index_rebuilt = synced.rebuilt
+                summary.index_changed = synced.changed
+                if synced.spec is not None:
+                    summary.index_type = synced.spec.kind
+                    summary.index_factory = synced.spec.factory
+                    summary.nprobe = synced.spec.params.get("nprobe")
+                    summary.recall_at_10 = synced.spec.params.get("recall_at_10")
+            timings["index_s"] = time.perf_counter() - t
+            summary.total_images = store.count_images()
+            summary.failure_kinds = _failure_kinds(store)
+            summary.elapsed_s = time.perf_counter() - started
+            summary.timings = {k: round(v, 3) for k, v in timings.items()}
+            _finish_run(store, run, summary)
+            return summary
+        except BaseException as exc:
+            _fail_running(store, exc)
+            raise
+        finally:
+            store.close()
+
+
+def _failure_kinds(store: Store) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    with store.session() as s:
+        return dict(s.execute(select(Failure.kind, func.count()).group_by(Failure.kind)).all())
+
+
+def _start_run(store: Store, root: str, embedder: Any) -> int:
+    with store.session() as s, s.begin():
+        if embedder is not None and store.get_meta("dim") is None:
+            store.set_meta(s, corpus_root=root, model_ref=embedder.model_ref, model_fingerprint=embedder.fingerprint,
+                           dim=embedder.dim, preprocess=embedder.preprocess.to_dict(), created_at=utcnow().isoformat())
+        elif store.get_meta("corpus_root") is None:
+            store.set_meta(s, corpus_root=root)
+    meta = store.all_meta()
+    with store.session() as s, s.begin():
+        run = IndexRun(status="running", corpus_root=root,
+                       model_ref=meta.get("model_ref") or (embedder.model_ref if embedder else ""),
+                       model_fingerprint=meta.get("model_fingerprint") or "",
+                       dim=meta.get("dim") or 0, preprocess=meta.get("preprocess") or {},
+                       device=f"{embedder.device}/{embedder.precision}" if embedder else "-")
+        s.add(run)
+        s.flush()
+        return run.id
+
+
+def _finish_run(store: Store, run_id: int, summary: IndexSummary) -> None:
+    with store.session() as s, s.begin():
+        run = s.get(IndexRun, run_id)
+        assert run is not None
+        run.status = "completed"
+        run.finished_at = utcnow()
+        run.index_type = summary.index_type
+        spec = store.get_meta("index")
+        run.index_params = spec
+        run.counts = {k: getattr(summary, k) for k in
+                      ("new", "changed", "unchanged", "touched", "removed", "failed", "known_failures", "total_images")}
+        run.timings = summary.timings
+        run.images_per_s = summary.images_per_s
+
+
+def _close_killed_runs(store: Store) -> None:
+    """Runs still 'running' while we hold the lock were killed; this run finishes their work."""
+    with store.session() as s, s.begin():
+        for run in s.query(IndexRun).filter(IndexRun.status == "running"):
+            run.status = "interrupted"
+            run.error = "the process was killed before the run finished; a later run resumed its work"
+
+
+def _fail_running(store: Store, exc: BaseException) -> None:
+    try:
+        with store.session() as s, s.begin():
+            for run in s.query(IndexRun).filter(IndexRun.status == "running"):
+                run.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                run.finished_at = utcnow()
+                run.error = str(exc)[:2000]
+    except Exception:  # noqa: BLE001 - never mask the original error
+        logger.exception("could not record the failed run")
+
+
+def _embed_all(opts: IndexOptions, root: str, items: list[WorkItem], embedder: Any, store: Store,
+               timings: dict[str, float]) -> BatchCounts:
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    s = opts.settings
+    workers = s.workers if s.workers is not None else default_workers(embedder.device)
+    dataset = _DecodeDataset(root, items, embedder.preprocess, s.max_pixels)
+    loader = DataLoader(
+        dataset, batch_size=s.batch_size, num_workers=workers, collate_fn=_collate,
+        pin_memory=embedder.device.startswith("cuda"),
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    vectors = VectorStore(Path(s.index_dir) / "vectors.f16", embedder.dim)
+    total = BatchCounts()
+    wait = embed = write = 0.0
+    loop_start = time.perf_counter()
+    with tqdm(total=len(items), unit="img", desc="indexing", disable=not opts.progress, dynamic_ncols=True,
+              smoothing=0.1) as bar:
+        t = time.perf_counter()
+        for results, pixels in loader:
+            t1 = time.perf_counter()
+            wait += t1 - t
+            vecs = embedder.embed(pixels) if pixels is not None else np.empty((0, embedder.dim), np.float32)
+            t2 = time.perf_counter()
+            embed += t2 - t1
+            counts = write_batch(store, vectors, results, vecs)
+            t = time.perf_counter()
+            write += t - t2
+            for key in ("new", "changed", "touched", "failed"):
+                setattr(total, key, getattr(total, key) + getattr(counts, key))
+            bar.update(len(results))
+            if total.failed:
+                bar.set_postfix(failed=total.failed, refresh=False)
+    timings.update(decode_wait_s=wait, embed_s=embed, write_s=write, embed_loop_s=time.perf_counter() - loop_start)
+    return total

@@ -1,0 +1,90 @@
+"""Stage 4: persist one batch: vectors to the fp16 file, rows to the database, in a crash-safe order.
+
+Vectors are written and fsynced inside the open transaction, before the commit that makes their
+ids visible. A kill before the commit leaves only unreferenced rows in the vector file (the
+next run overwrites them); a kill after it leaves a complete batch. Nothing in between is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import delete
+
+from indexer.decode import DecodeResult
+from retrieval.store import Failure, Image, Store, to_signed64, utcnow
+from retrieval.vectors import VectorStore
+
+
+@dataclass
+class BatchCounts:
+    new: int = 0
+    changed: int = 0
+    touched: int = 0  # mtime changed, bytes identical: no re-embedding
+    failed: int = 0
+
+
+def _record_failure(session, result: DecodeResult) -> None:  # noqa: ANN001
+    item = result.item
+    session.execute(delete(Failure).where(Failure.path == item.path))
+    session.add(Failure(path=item.path, size=max(item.size, 0), mtime_ns=item.mtime_ns,
+                        kind=result.failure_kind or "corrupt", reason=result.failure_reason or "unknown"))
+
+
+def write_batch(store: Store, vectors: VectorStore, results: list[DecodeResult], embeddings: np.ndarray) -> BatchCounts:
+    """`embeddings[i]` belongs to the i-th embeddable result. One transaction for the batch."""
+    counts = BatchCounts()
+    embedded = [r for r in results if r.embeddable]
+    if len(embedded) != len(embeddings):
+        raise ValueError(f"{len(embeddings)} embeddings for {len(embedded)} decoded images")
+    now = utcnow()
+    with store.session() as s, s.begin():
+        rows: list[Image] = []
+        for r in embedded:
+            item = r.item
+            fields = dict(size=item.size, mtime_ns=item.mtime_ns, sha256=r.sha256, width=r.width, height=r.height,
+                          format=r.format[:16], phash=to_signed64(r.phash), indexed=False, updated_at=now)
+            if item.image_id is None:
+                row = Image(path=item.path, added_at=now, **fields)
+                s.add(row)
+                counts.new += 1
+            else:
+                row = s.get(Image, item.image_id)
+                if row is None:  # removed meanwhile by another tool: treat as new
+                    row = Image(path=item.path, added_at=now, **fields)
+                    s.add(row)
+                    counts.new += 1
+                else:
+                    for key, value in fields.items():
+                        setattr(row, key, value)
+                    counts.changed += 1
+            rows.append(row)
+        for r in results:
+            item = r.item
+            if r.unchanged_content and item.image_id is not None:
+                row = s.get(Image, item.image_id)
+                if row is not None:
+                    row.size, row.mtime_ns, row.updated_at = item.size, item.mtime_ns, now
+                    counts.touched += 1
+            elif r.failure_reason is not None:
+                _record_failure(s, r)
+                if item.image_id is not None:  # a changed file that no longer decodes leaves the index
+                    s.execute(delete(Image).where(Image.id == item.image_id))
+                counts.failed += 1
+        succeeded = [r.item.path for r in results if r.failure_reason is None]
+        if succeeded:
+            s.execute(delete(Failure).where(Failure.path.in_(succeeded)))
+        s.flush()  # assigns ids to new rows, inside the still-open transaction
+        if rows:
+            vectors.write(np.array([row.id for row in rows], dtype=np.int64), embeddings)
+    return counts
+
+
+def remove_images(store: Store, image_ids: list[int], failure_paths: list[str], chunk: int = 10_000) -> None:
+    """Forget deleted files. Their vector rows become unreferenced; the index sync drops their ids."""
+    with store.session() as s, s.begin():
+        for start in range(0, len(image_ids), chunk):
+            s.execute(delete(Image).where(Image.id.in_(image_ids[start : start + chunk])))
+        for start in range(0, len(failure_paths), chunk):
+            s.execute(delete(Failure).where(Failure.path.in_(failure_paths[start : start + chunk])))

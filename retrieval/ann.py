@@ -1,0 +1,297 @@
+"""FAISS: choose an index for N vectors and a memory budget, build it, tune nprobe for recall.
+
+Policy (compare autofaiss, which tunes nprobe for latency only and reports no recall):
+* below `exact_threshold` vectors: exact inner-product search (IDMap2,Flat); IVF training is
+  unreliable with few points per list, and brute force is fast at that size;
+* above: OPQ + IVF-PQ. nlist ~ 4*sqrt(N) rounded to a power of two (at least 39 training points per
+  list); the PQ code size is the largest that fits the memory budget, capped at d/4 bytes (more
+  buys little because results are re-ranked exactly from the stored fp16 vectors);
+* nprobe is the smallest value whose recall@10 (after exact re-ranking, self excluded) on held-out
+  vectors reaches the recall target; the measured curve is stored with the index.
+All vectors are L2-normalised, so inner product = cosine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from retrieval.errors import RetrievalError
+from retrieval.layout import fsync_dir
+from retrieval.vectors import check_matrix
+
+logger = logging.getLogger(__name__)
+
+MIN_POINTS_PER_LIST = 39  # below this FAISS warns that k-means is unreliable
+MIN_IVF_VECTORS = 1000  # PQ trains 256 centroids per sub-quantizer: below this, always exact
+TRAIN_POINTS_PER_LIST = 64
+MAX_TRAIN_POINTS = 500_000
+RERANK_MIN = 100  # ANN candidates re-ranked exactly: max(RERANK_MIN, RERANK_FACTOR * k)
+RERANK_FACTOR = 10
+TUNE_K = 10
+TUNE_QUERIES = 1000
+
+
+@dataclass
+class IndexSpec:
+    """What to build: a FAISS factory string plus the numbers behind the choice."""
+
+    kind: str  # "flat", "ivfpq" or "custom"
+    factory: str
+    n: int
+    dim: int
+    nlist: int | None = None
+    pq_m: int | None = None
+    estimated_bytes: int = 0
+    params: dict[str, Any] = field(default_factory=dict)  # filled after tuning: nprobe, recall curve
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IndexSpec":
+        return cls(**data)
+
+
+def _pow2_near(x: float) -> int:
+    return 1 << max(0, round(math.log2(max(1.0, x))))
+
+
+def choose_nlist(n: int) -> int:
+    nlist = min(_pow2_near(4 * math.sqrt(n)), 65_536)
+    while nlist > 16 and n / nlist < MIN_POINTS_PER_LIST:
+        nlist //= 2
+    return nlist
+
+
+def choose_index_spec(n: int, dim: int, memory_budget: int, exact_threshold: int, factory: str | None = None) -> IndexSpec:
+    """The index for `n` vectors of `dim` that fits `memory_budget` bytes of RAM."""
+    if n <= 0:
+        raise RetrievalError("there are no embeddings to index")
+    if factory:
+        return IndexSpec(kind="custom", factory=factory, n=n, dim=dim)
+    if n < max(exact_threshold, MIN_IVF_VECTORS):
+        return IndexSpec(kind="flat", factory="IDMap2,Flat", n=n, dim=dim, estimated_bytes=n * (4 * dim + 8))
+    nlist = choose_nlist(n)
+    fixed = nlist * dim * 4 + dim * dim * 4 + n * 8  # centroids, OPQ rotation, stored ids
+    per_vector = (memory_budget - fixed) // n
+    candidates = [m for m in range(dim // 4, 3, -1) if dim % m == 0 and m <= per_vector]
+    if not candidates:
+        need = fixed + n * 8
+        raise RetrievalError(
+            f"--memory-budget {memory_budget / 1e9:.2f} GB is too small for {n:,} vectors; "
+            f"at least {need / 1e9:.2f} GB is needed (or pass --index-factory)"
+        )
+    m = candidates[0]
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= 8192 else f"IVF{nlist}"
+    return IndexSpec(
+        kind="ivfpq",
+        factory=f"OPQ{m}_{dim},{coarse},PQ{m}",
+        n=n,
+        dim=dim,
+        nlist=nlist,
+        pq_m=m,
+        estimated_bytes=fixed + n * m,
+    )
+
+
+def gpu_count() -> int:
+    import faiss
+
+    try:
+        return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA setup means "no GPU" here
+        return 0
+
+
+def new_index(spec: IndexSpec) -> Any:
+    import faiss
+
+    index = faiss.index_factory(spec.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    if not _has_native_ids(index):
+        index = faiss.IndexIDMap2(index)
+    ivf = _ivf_or_none(index)
+    if ivf is not None:
+        ivf.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
+        ivf.cp.niter = 15
+        if gpu_count():
+            # Train the coarse k-means on the GPU (the FAISS-recommended trick); search stays CPU.
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+    return index
+
+
+def _ivf_or_none(index: Any) -> Any:
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _has_native_ids(index: Any) -> bool:
+    import faiss
+
+    return isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) or _ivf_or_none(index) is not None
+
+
+def train_sample_size(spec: IndexSpec) -> int:
+    if spec.nlist:
+        return min(spec.n, max(spec.nlist * TRAIN_POINTS_PER_LIST, 65_536), MAX_TRAIN_POINTS)
+    return min(spec.n, MAX_TRAIN_POINTS)
+
+
+def index_ids(index: Any) -> np.ndarray:
+    """Every id stored in `index`, sorted."""
+    import faiss
+    from faiss.contrib.inspect_tools import get_invlist
+
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
+    ivf = _ivf_or_none(index)
+    if ivf is None:
+        raise RetrievalError(f"cannot list the ids of a {type(index).__name__} index")
+    parts = [get_invlist(ivf.invlists, l)[0] for l in range(ivf.nlist) if ivf.invlists.list_size(l)]
+    return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+
+
+def add(index: Any, ids: np.ndarray, vectors: np.ndarray) -> None:
+    vectors = check_matrix(vectors, index.d)
+    index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def remove(index: Any, ids: np.ndarray) -> int:
+    import faiss
+
+    if len(ids) == 0:
+        return 0
+    return int(index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+
+
+def set_nprobe(index: Any, nprobe: int) -> None:
+    ivf = _ivf_or_none(index)
+    if ivf is not None:
+        ivf.nprobe = int(nprobe)
+
+
+def rerank_depth(k: int) -> int:
+    return max(RERANK_MIN, RERANK_FACTOR * k)
+
+
+def search_reranked(
+    index: Any, queries: np.ndarray, k: int, read_vectors: Callable[[np.ndarray], np.ndarray],
+    nprobe: int | None = None, exclude: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """ANN candidates, then exact cosine from the stored vectors. Returns (scores, ids), -1 padded.
+
+    `exclude[i]` (an id or -1) is dropped from the results of query i (query-by-id without self).
+    """
+    queries = check_matrix(queries, index.d, "queries")
+    if nprobe is not None:
+        set_nprobe(index, nprobe)
+    depth = min(rerank_depth(k) + (1 if exclude is not None else 0), max(1, index.ntotal))
+    _, cand = index.search(queries, depth)
+    out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for i, row in enumerate(cand):
+        row = row[row >= 0]
+        if exclude is not None and exclude[i] >= 0:
+            row = row[row != exclude[i]]
+        if len(row) == 0:
+            continue
+        exact = read_vectors(row) @ queries[i]
+        top = np.argsort(-exact, kind="stable")[:k]
+        out_ids[i, : len(top)] = row[top]
+        out_scores[i, : len(top)] = exact[top]
+    return out_scores, out_ids
+
+
+def exact_knn(queries: np.ndarray, batches: Iterator[tuple[np.ndarray, np.ndarray]], k: int,
+              exclude: np.ndarray | None = None) -> np.ndarray:
+    """Brute-force top-k ids over (ids, vectors) batches, in bounded memory. The oracle."""
+    import faiss
+
+    queries = check_matrix(queries, name="queries")
+    heap = faiss.ResultHeap(len(queries), k + (1 if exclude is not None else 0), keep_max=True)
+    for ids, vectors in batches:
+        sims = queries @ vectors.T
+        if exclude is not None:
+            sims[exclude[:, None] == ids[None, :]] = -np.inf
+        kk = min(heap.k, len(ids))
+        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        d = np.take_along_axis(sims, part, axis=1)
+        heap.add_result(np.ascontiguousarray(d, dtype=np.float32), np.ascontiguousarray(ids[part], dtype=np.int64))
+    heap.finalize()
+    return heap.I[:, :k]
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of the true top-k present in the found top-k (ids; -1 never matches)."""
+    hits = sum(len(set(f[f >= 0]) & set(t[t >= 0])) for f, t in zip(found, truth))
+    total = sum(int((t >= 0).sum()) for t in truth)
+    return hits / total if total else 1.0
+
+
+def tune_nprobe(index: Any, spec: IndexSpec, query_ids: np.ndarray, truth: np.ndarray,
+                read_vectors: Callable[[np.ndarray], np.ndarray], target: float) -> dict[str, Any]:
+    """Smallest nprobe whose re-ranked recall@10 reaches `target`; the curve is returned too."""
+    queries = read_vectors(query_ids)
+    ivf = _ivf_or_none(index)
+    if ivf is None:
+        _, found = search_reranked(index, queries, TUNE_K, read_vectors, exclude=query_ids)
+        r = recall_at_k(found, truth)
+        return {"nprobe": None, "recall_at_10": r, "curve": [[None, r]], "target": target, "queries": len(query_ids)}
+    curve = []
+    chosen = None
+    nprobe = 1
+    while True:
+        _, found = search_reranked(index, queries, TUNE_K, read_vectors, nprobe=nprobe, exclude=query_ids)
+        r = recall_at_k(found, truth)
+        curve.append([nprobe, round(r, 4)])
+        if r >= target:
+            chosen = nprobe
+            break
+        if nprobe >= ivf.nlist:
+            break
+        nprobe = min(nprobe * 2, ivf.nlist)
+    if chosen is None:
+        chosen = curve[-1][0]
+        logger.warning("recall@10 %.3f at nprobe=%d is below the target %.2f", curve[-1][1], chosen, target)
+    set_nprobe(index, chosen)
+    return {"nprobe": chosen, "recall_at_10": curve[-1][1], "curve": curve, "target": target,
+            "queries": len(query_ids), "rerank_depth": rerank_depth(TUNE_K)}
+
+
+def save_index(index: Any, path: Path) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers never see a torn index."""
+    import faiss
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    faiss.write_index(index, str(tmp))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def load_index(path: Path, mmap: bool = False) -> Any:
+    import faiss
+
+    if not path.exists():
+        raise RetrievalError(f"no FAISS index at {path}; run `retrieval index` first")
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError:
+        if mmap:  # not every index type can be memory-mapped
+            return faiss.read_index(str(path))
+        raise

@@ -1,0 +1,206 @@
+"""The `retrieval` command line: each command parses options, calls one library function, prints.
+
+Heavy libraries (torch, transformers, faiss) are imported inside the commands, so `--help` is fast.
+Every RetrievalError becomes one line on stderr and exit code 1, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from retrieval.errors import RetrievalError
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RetrievalError as exc:
+            typer.echo(f"Error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("Interrupted. Run the same command again to resume where it stopped.", err=True)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+IndexDirOpt = typer.Option(None, "--index-dir", help="Index folder [default: ./retrieval-index, env RETRIEVAL_INDEX_DIR].")
+DbOpt = typer.Option(None, "--db", help="SQLAlchemy URL of the metadata DB [default: SQLite in the index folder].")
+
+
+def _settings(**overrides: Any) -> Any:
+    from pydantic import ValidationError
+
+    from retrieval.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise RetrievalError(f"invalid --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (INFO level).")) -> None:
+    """Index images with DINOv2, search them, and curate the dataset.
+
+    Example:
+
+        retrieval index ./photos && retrieval search ./photos/cat.jpg -k 5
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def index(
+    corpus: Path = typer.Argument(..., help="Folder of images (searched recursively).", show_default=False),
+    index_dir: Optional[Path] = IndexDirOpt,
+    db: Optional[str] = DbOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local save_pretrained folder, or cached hub id [default: facebook/dinov2-small, or the model the index was built with]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N [default: auto]."),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16, bf16 [default: auto: fp16/bf16 on GPU, fp32 on CPU]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass [default: 32]."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decode worker processes; 0 decodes in the main process [default: from the CPU count]."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject images with more pixels (decompression bombs) [default: 89478485]."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="RAM for the FAISS index, e.g. 2GB [default: 4GB]."),
+    index_factory: Optional[str] = typer.Option(None, "--index-factory", help="FAISS factory string to use instead of the automatic choice, e.g. 'IVF1024,PQ32'."),
+    exact_threshold: Optional[int] = typer.Option(None, "--exact-threshold", help="Below this many images the index is exact [default: 50000]."),
+    recall_target: Optional[float] = typer.Option(None, "--recall-target", help="recall@10 vs exact search that nprobe is tuned for [default: 0.95]."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Forget the existing index and embed everything again (after changing the model)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again files that failed before, even if unchanged."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Index a folder of images: embed new and changed files, drop deleted ones, update the FAISS index.
+
+    Re-running is cheap (only changes are processed) and an interrupted run resumes where it stopped.
+    Unreadable, corrupt, truncated and oversized files are recorded with a reason and skipped.
+
+    Example:
+
+        retrieval index ./photos --model ./models/dinov2-small
+    """
+    from indexer.pipeline import IndexOptions, run_index
+
+    settings = _settings(index_dir=index_dir, db_url=db, model=model, device=device, precision=precision,
+                         batch_size=batch_size, workers=workers, max_pixels=max_pixels, memory_budget=memory_budget,
+                         exact_threshold=exact_threshold, recall_target=recall_target)
+    summary = run_index(IndexOptions(corpus=corpus, settings=settings, rebuild=rebuild, retry_failed=retry_failed,
+                                     index_factory=index_factory, progress=progress))
+    if as_json:
+        typer.echo(json.dumps(asdict(summary), indent=2))
+        return
+    from retrieval.report_text import format_index_summary
+
+    typer.echo(format_index_summary(summary))
+
+
+@app.command()
+def search(
+    image: str = typer.Argument(..., help="An image file (inside or outside the corpus) or an image id.", show_default=False),
+    k: int = typer.Option(10, "-k", help="Number of neighbours.", min=1, max=1000),
+    index_dir: Optional[Path] = IndexDirOpt,
+    db: Optional[str] = DbOpt,
+    include_self: bool = typer.Option(False, "--include-self", help="Keep the query image in its own results."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+) -> None:
+    """Print the nearest indexed images with their cosine similarity.
+
+    An image already in the index is answered from its stored vector; any other file is embedded.
+
+    Example:
+
+        retrieval search ./photos/cat.jpg -k 5
+    """
+    from retrieval.layout import IndexLayout
+    from retrieval.search import IndexReader, search_file
+
+    settings = _settings(index_dir=index_dir, db_url=db)
+    reader = IndexReader(IndexLayout(settings.index_dir), settings.db_url)
+    try:
+        how, hits = search_file(reader, image, k, exclude_self=not include_self, max_pixels=settings.max_pixels)
+    finally:
+        reader.close()
+    if as_json:
+        typer.echo(json.dumps({"query": image, "answered_from": how, "results": [asdict(h) for h in hits]}, indent=2))
+        return
+    typer.echo(f"{len(hits)} nearest to {image} ({how}), corpus {reader.corpus_root}:")
+    for rank, hit in enumerate(hits, 1):
+        typer.echo(f"{rank:>4}  {hit.score:.4f}  id={hit.id:<8} {hit.path}  ({hit.width}x{hit.height} {hit.format})")
+
+
+@app.command()
+def info(
+    index_dir: Optional[Path] = IndexDirOpt,
+    db: Optional[str] = DbOpt,
+    failures: bool = typer.Option(False, "--failures", help="List every failed file with its reason."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show what an index holds: corpus, model, counts, index type, last run, failures.
+
+    Example:
+
+        retrieval info --failures
+    """
+    from retrieval.layout import IndexLayout
+    from retrieval.report_text import collect_info, format_info
+
+    settings = _settings(index_dir=index_dir, db_url=db)
+    data = collect_info(IndexLayout(settings.index_dir), settings.db_url, list_failures=failures)
+    typer.echo(json.dumps(data, indent=2, default=str) if as_json else format_info(data))
+
+
+@app.command()
+def verify(
+    index_dir: Optional[Path] = IndexDirOpt,
+    db: Optional[str] = DbOpt,
+) -> None:
+    """Check that the database, the vector file and the FAISS index agree (counts, ids, dims, model).
+
+    Exits with code 1 and a list of problems when they do not.
+
+    Example:
+
+        retrieval verify --index-dir ./retrieval-index
+    """
+    from retrieval.errors import IndexNotFoundError
+    from retrieval.layout import IndexLayout
+    from retrieval.verify import verify_index
+
+    settings = _settings(index_dir=index_dir, db_url=db)
+    layout = IndexLayout(settings.index_dir)
+    if settings.db_url is None and not layout.exists():
+        raise IndexNotFoundError(f"no index in {layout.root.resolve()}; run `retrieval index CORPUS` first")
+    report = verify_index(layout, settings.db_url)
+    for line in report.checked:
+        typer.echo(f"ok       {line}")
+    for line in report.problems:
+        typer.echo(f"PROBLEM  {line}")
+    if not report.ok:
+        raise typer.Exit(1)
+    typer.echo("index is consistent")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

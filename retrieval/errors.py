@@ -1,0 +1,33 @@
+"""One exception family. The CLI turns any of these into a one-line message and exit code 1."""
+
+
+class RetrievalError(Exception):
+    """Base class for every error a user can cause or fix."""
+
+
+class CorpusError(RetrievalError):
+    """The corpus path is missing, not a directory, or holds no images."""
+
+
+class ModelLoadError(RetrievalError):
+    """The embedding model cannot be found or is not a DINOv2 checkpoint."""
+
+
+class PreprocessConfigError(RetrievalError):
+    """The checkpoint's preprocessor_config.json asks for something we do not implement."""
+
+
+class IndexMismatchError(RetrievalError):
+    """The existing index was built with another model, dimension or corpus."""
+
+
+class IndexNotFoundError(RetrievalError):
+    """No index exists where one was expected."""
+
+
+class ImageDecodeError(RetrievalError):
+    """An image could not be read or decoded; the message is the human reason we record."""
+
+
+class QueryError(RetrievalError):
+    """A search query is invalid (unknown id, path outside the corpus, bad k)."""

@@ -1,0 +1,95 @@
+"""Where things live inside an index directory.
+
+One index directory holds everything derived from one corpus: the SQLite database, the fp16
+vector file and the FAISS index. It never lives inside a read-only corpus: the default is
+./retrieval-index in the current directory, so `index`, `search`, `info` and `serve` run from the
+same place find it again without flags.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrieval.errors import RetrievalError
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    root: Path
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "retrieval.db"
+
+    @property
+    def vectors_path(self) -> Path:
+        return self.root / "vectors.f16"
+
+    @property
+    def faiss_path(self) -> Path:
+        return self.root / "index.faiss"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    def default_db_url(self) -> str:
+        return f"sqlite:///{self.db_path.resolve()}"
+
+    def exists(self) -> bool:
+        return self.db_path.exists()
+
+
+class IndexLock:
+    """An exclusive advisory lock on the index directory for writers.
+
+    POSIX record locks (lockf) vanish with the process, so a SIGKILLed run never leaves a stale
+    lock behind, and unlike flock they are not inherited by forked decode workers, which may
+    outlive a killed parent by a few seconds.
+    """
+
+    def __init__(self, layout: IndexLayout):
+        self._path = layout.lock_path
+        self._fd: int | None = None
+
+    def __enter__(self) -> "IndexLock":
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            os.close(self._fd)
+            self._fd = None
+            raise RetrievalError(
+                f"another `retrieval` process is writing to {self._path.parent}; wait for it to finish"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either the old or the new content, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

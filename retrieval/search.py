@@ -1,0 +1,166 @@
+"""Query an index: by image id, by corpus path (stored vector, no re-embedding), or by image bytes.
+
+Every result score is the exact cosine from the stored fp16 vectors, whatever the ANN index type.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from retrieval import ann
+from retrieval.errors import IndexNotFoundError, QueryError
+from retrieval.layout import IndexLayout
+from retrieval.store import Image, Store
+from retrieval.vectors import VectorStore
+
+logger = logging.getLogger(__name__)
+
+MAX_K = 1000
+
+
+@dataclass
+class Hit:
+    id: int
+    path: str
+    score: float
+    width: int
+    height: int
+    format: str
+
+
+class IndexReader:
+    """A read-only view of one index directory, for the CLI, the API and curation."""
+
+    def __init__(self, layout: IndexLayout, db_url: str | None = None, mmap: bool = False):
+        if db_url is None and not layout.exists():
+            raise IndexNotFoundError(
+                f"no index in {layout.root.resolve()}; run `retrieval index CORPUS` here first or pass --index-dir"
+            )
+        self.layout = layout
+        self.store = Store(db_url or layout.default_db_url())
+        self.meta = self.store.all_meta()
+        if not self.meta.get("dim"):
+            raise IndexNotFoundError(f"the index in {layout.root} holds no embeddings yet; run `retrieval index` first")
+        self.dim: int = self.meta["dim"]
+        self.corpus_root = Path(self.meta["corpus_root"])
+        self.vectors = VectorStore(layout.vectors_path, self.dim)
+        self._mmap = mmap
+        self._index: Any = None
+        self._embedder: Any = None
+
+    @property
+    def spec(self) -> ann.IndexSpec | None:
+        data = self.meta.get("index")
+        return ann.IndexSpec.from_dict(data) if data else None
+
+    @property
+    def index(self) -> Any:
+        if self._index is None:
+            if self.spec is None:
+                raise IndexNotFoundError("the index is empty: no image could be embedded")
+            self._index = ann.load_index(self.layout.faiss_path, mmap=self._mmap)
+            ann.set_nprobe(self._index, self.spec.params.get("nprobe") or 1)
+        return self._index
+
+    def close(self) -> None:
+        self.store.close()
+
+    # --- resolving references -----------------------------------------------------------------
+    def image(self, image_id: int) -> Image:
+        with self.store.session() as s:
+            row = s.get(Image, image_id)
+        if row is None:
+            raise QueryError(f"no indexed image with id {image_id}")
+        return row
+
+    def image_by_path(self, rel_path: str) -> Image | None:
+        with self.store.session() as s:
+            return s.scalar(select(Image).where(Image.path == rel_path))
+
+    def relative_path(self, path: Path) -> str | None:
+        """`path` relative to the corpus root (POSIX), or None when it lies outside the corpus."""
+        real = os.path.realpath(path)
+        root = os.path.realpath(self.corpus_root)
+        if os.path.commonpath([real, root]) != root:
+            return None
+        return Path(os.path.relpath(real, root)).as_posix()
+
+    # --- searching ----------------------------------------------------------------------------
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from retrieval.model import load_embedder
+            from retrieval.settings import get_settings
+
+            settings = get_settings()
+            self._embedder = load_embedder(self.meta["model_ref"], settings.device, settings.precision)
+            if self._embedder.dim != self.dim:
+                raise QueryError(f"model {self.meta['model_ref']} no longer gives {self.dim}-d vectors")
+        return self._embedder
+
+    def embed_bytes(self, data: bytes, max_pixels: int) -> np.ndarray:
+        from retrieval.preprocess import load_and_preprocess
+
+        embedder = self.embedder()
+        pixels, _ = load_and_preprocess(data, embedder.preprocess, max_pixels)
+        return embedder.embed(pixels[None])[0]
+
+    def search_vector(self, vector: np.ndarray, k: int, exclude_id: int | None = None,
+                      nprobe: int | None = None) -> list[Hit]:
+        if not 1 <= k <= MAX_K:
+            raise QueryError(f"k must be between 1 and {MAX_K}, got {k}")
+        query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+        exclude = np.array([exclude_id if exclude_id is not None else -1], dtype=np.int64)
+        scores, ids = ann.search_reranked(self.index, query, k, self.vectors.read, nprobe=nprobe, exclude=exclude)
+        return self._hits(ids[0], scores[0])
+
+    def search_id(self, image_id: int, k: int, exclude_self: bool = True, nprobe: int | None = None) -> list[Hit]:
+        self.image(image_id)  # raises for unknown ids
+        vector = self.vectors.read([image_id])[0]
+        return self.search_vector(vector, k, exclude_id=image_id if exclude_self else None, nprobe=nprobe)
+
+    def _hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        valid = [(int(i), float(sc)) for i, sc in zip(ids, scores) if i >= 0]
+        if not valid:
+            return []
+        with self.store.session() as s:
+            rows = {row.id: row for row in s.scalars(select(Image).where(Image.id.in_([i for i, _ in valid])))}
+        return [
+            Hit(id=i, path=rows[i].path, score=sc, width=rows[i].width, height=rows[i].height, format=rows[i].format)
+            for i, sc in valid if i in rows  # an id deleted since the index was built is dropped
+        ]
+
+
+def search_file(reader: IndexReader, image: str, k: int, exclude_self: bool, max_pixels: int) -> tuple[str, list[Hit]]:
+    """What `retrieval search IMAGE` does: indexed path or id -> stored vector; any other file -> embed.
+
+    Returns how the query was answered ("stored vector of id N" / "embedded file") and the hits.
+    """
+    path = Path(image)
+    if not path.exists() and image.isdigit():
+        image_id = int(image)
+        return f"stored vector of id {image_id}", reader.search_id(image_id, k, exclude_self)
+    if not path.is_file():
+        raise QueryError(f"{image} is neither a file nor an indexed image id")
+    rel = reader.relative_path(path)
+    if rel is not None:
+        row = reader.image_by_path(rel)
+        if row is not None and row.size == path.stat().st_size:
+            return f"stored vector of {rel} (id {row.id})", reader.search_id(row.id, k, exclude_self)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise QueryError(f"cannot read {image}: {exc.strerror or exc}") from None
+    from retrieval.errors import ImageDecodeError
+
+    try:
+        vector = reader.embed_bytes(data, max_pixels)
+    except ImageDecodeError as exc:
+        raise QueryError(f"{image}: {exc}") from None
+    return "embedded file", reader.search_vector(vector, k)

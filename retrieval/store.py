@@ -1,0 +1,202 @@
+"""Metadata store: SQLAlchemy 2.x engine and ORM tables. The schema is created only by Alembic.
+
+Opening a store runs `alembic upgrade head`, so a new index directory and an old one from an earlier
+release both end up on the current schema without a separate step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+logger = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Image(Base):
+    """One successfully decoded and embedded image. Its id is the FAISS id and the vector row."""
+
+    __tablename__ = "images"
+    __table_args__ = {"sqlite_autoincrement": True}  # never reuse the id of a deleted image
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)  # POSIX path relative to the corpus root
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    phash: Mapped[int] = mapped_column(BigInteger, index=True)  # 64-bit pHash stored as signed int64
+    indexed: Mapped[bool] = mapped_column(Boolean, default=False, index=True)  # vector is in the FAISS file
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Failure(Base):
+    """A file that looked like an image but could not be used, with the reason a person can act on."""
+
+    __tablename__ = "failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(32))  # machine-readable category, e.g. "truncated"
+    reason: Mapped[str] = mapped_column(Text)
+    failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IndexRun(Base):
+    """One `retrieval index` invocation: what it used, what it did, how long it took."""
+
+    __tablename__ = "index_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # running, completed, failed
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    corpus_root: Mapped[str] = mapped_column(Text)
+    model_ref: Mapped[str] = mapped_column(Text)
+    model_fingerprint: Mapped[str] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer)
+    preprocess: Mapped[dict[str, Any]] = mapped_column(JSON)
+    device: Mapped[str] = mapped_column(String(32))
+    index_type: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    index_params: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    counts: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
+    images_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Meta(Base):
+    """Key/value facts about the whole index (corpus root, model, dimension, vector file)."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL: readers (the API) never block the writer (the indexer) and a killed writer loses
+    # only its open transaction. NORMAL is durable across process crashes in WAL mode.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    return engine
+
+
+def migrations_dir() -> Path:
+    import migrations
+
+    return Path(migrations.__file__).parent
+
+
+def upgrade_to_head(engine: Engine) -> None:
+    """Apply every Alembic revision not yet applied (a no-op when the schema is current)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+
+
+class Store:
+    """The metadata database of one index: a session factory plus small typed helpers."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        upgrade_to_head(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self.sessions()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- meta ---------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        with self.session() as s:
+            row = s.get(Meta, key)
+            return default if row is None else json.loads(row.value)
+
+    def all_meta(self) -> dict[str, Any]:
+        with self.session() as s:
+            return {m.key: json.loads(m.value) for m in s.scalars(select(Meta))}
+
+    def set_meta(self, session: Session, **values: Any) -> None:
+        for key, value in values.items():
+            session.merge(Meta(key=key, value=json.dumps(value)))
+
+    # --- images -------------------------------------------------------------------------------
+    def count_images(self) -> int:
+        from sqlalchemy import func
+
+        with self.session() as s:
+            return s.scalar(select(func.count(Image.id))) or 0
+
+    def image_ids(self) -> "Iterator[int]":
+        with self.session() as s:
+            yield from s.scalars(select(Image.id).order_by(Image.id)).yield_per(50_000)
+
+    def latest_run(self, completed: bool = True) -> IndexRun | None:
+        with self.session() as s:
+            q = select(IndexRun).order_by(IndexRun.id.desc()).limit(1)
+            if completed:
+                q = q.where(IndexRun.status == "completed")
+            return s.scalar(q)
+
+
+def to_signed64(value: int) -> int:
+    """Map an unsigned 64-bit hash to the signed range SQLite integers hold."""
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def to_unsigned64(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value

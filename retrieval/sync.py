@@ -1,0 +1,176 @@
+"""Bring the FAISS index in line with the database, incrementally when possible.
+
+The database and the fp16 vector file are the source of truth; the FAISS file is derived. Each
+image row has an `indexed` flag, cleared whenever its vector is (re)written and set only after
+an index containing that vector has been renamed into place. So whatever moment a run was killed
+at, the next sync computes from (index ids, database ids, unindexed rows) exactly what to remove
+and add: the index heals itself, and never holds an id twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select, update
+
+from retrieval import ann
+from retrieval.layout import IndexLayout
+from retrieval.store import Image, Store, utcnow
+from retrieval.vectors import VectorStore
+
+logger = logging.getLogger(__name__)
+
+RETUNE_FRACTION = 0.1  # re-measure nprobe once this fraction of the index changed since tuning
+SEED = 0
+
+
+@dataclass
+class SyncOptions:
+    memory_budget: int
+    exact_threshold: int
+    recall_target: float
+    factory: str | None = None
+    force_rebuild: bool = False
+
+
+@dataclass
+class SyncResult:
+    spec: ann.IndexSpec | None
+    changed: bool = False
+    rebuilt: bool = False
+    added: int = 0
+    removed: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _db_ids(store: Store) -> np.ndarray:
+    return np.fromiter(store.image_ids(), dtype=np.int64)
+
+
+def _stale_ids(store: Store) -> np.ndarray:
+    with store.session() as s:
+        rows = s.scalars(select(Image.id).where(Image.indexed.is_(False)).order_by(Image.id))
+        return np.fromiter(rows, dtype=np.int64)
+
+
+def _mark_indexed(store: Store) -> None:
+    # Safe as a blanket update: the caller holds the index lock, so no writer added rows since.
+    with store.session() as s, s.begin():
+        s.execute(update(Image).where(Image.indexed.is_(False)).values(indexed=True, updated_at=utcnow()))
+
+
+def _needs_rebuild(old: ann.IndexSpec | None, new: ann.IndexSpec, opts: SyncOptions) -> str | None:
+    if opts.force_rebuild:
+        return "rebuild requested"
+    if old is None:
+        return "no index yet"
+    if old.kind != new.kind or old.dim != new.dim:
+        return f"index type changes from {old.kind} to {new.kind} at {new.n:,} vectors"
+    if new.kind == "ivfpq" and (old.nlist != new.nlist or old.pq_m != new.pq_m):
+        return f"corpus size now calls for {new.factory} (was {old.factory})"
+    if new.kind == "custom" and old.factory != new.factory:
+        return f"index factory changed to {new.factory}"
+    return None
+
+
+def _pick_queries(ids: np.ndarray, n_queries: int) -> np.ndarray:
+    rng = np.random.default_rng(SEED)
+    return np.sort(rng.choice(ids, size=min(n_queries, len(ids)), replace=False))
+
+
+def _build(spec: ann.IndexSpec, ids: np.ndarray, held_out: np.ndarray, vectors: VectorStore,
+           timings: dict[str, float]) -> Any:
+    index = ann.new_index(spec)
+    if not index.is_trained:
+        t = time.perf_counter()
+        pool = np.setdiff1d(ids, held_out) if len(ids) - len(held_out) >= ann.train_sample_size(spec) else ids
+        rng = np.random.default_rng(SEED)
+        sample = np.sort(rng.choice(pool, size=min(ann.train_sample_size(spec), len(pool)), replace=False))
+        logger.info("training %s on %d vectors", spec.factory, len(sample))
+        index.train(vectors.read(sample))
+        timings["train_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    for chunk_ids, chunk in vectors.iter_batches(ids):
+        ann.add(index, chunk_ids, chunk)
+    timings["add_s"] = round(time.perf_counter() - t, 3)
+    return index
+
+
+def _tune(index: Any, spec: ann.IndexSpec, ids: np.ndarray, vectors: VectorStore, target: float,
+          timings: dict[str, float]) -> dict[str, Any]:
+    if spec.kind == "flat":
+        return {"nprobe": None, "recall_at_10": 1.0, "exact": True, "tuned_n": len(ids)}
+    t = time.perf_counter()
+    queries = _pick_queries(ids, ann.TUNE_QUERIES)
+    truth = ann.exact_knn(vectors.read(queries), vectors.iter_batches(ids), ann.TUNE_K, exclude=queries)
+    tuned = ann.tune_nprobe(index, spec, queries, truth, vectors.read, target)
+    tuned["tuned_n"] = len(ids)
+    timings["tune_s"] = round(time.perf_counter() - t, 3)
+    return tuned
+
+
+def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: SyncOptions) -> SyncResult:
+    """Make layout.faiss_path hold exactly the database's images, rebuilding when the policy says so."""
+    started = time.perf_counter()
+    ids = _db_ids(store)
+    old_spec_dict = store.get_meta("index")
+    old_spec = ann.IndexSpec.from_dict(old_spec_dict) if old_spec_dict else None
+    if len(ids) == 0:
+        if layout.faiss_path.exists():
+            layout.faiss_path.unlink()
+        with store.session() as s, s.begin():
+            store.set_meta(s, index=None)
+        return SyncResult(spec=None)
+    desired = ann.choose_index_spec(len(ids), vectors.dim, opts.memory_budget, opts.exact_threshold, opts.factory)
+    reason = _needs_rebuild(old_spec, desired, opts)
+    if reason is None and not layout.faiss_path.exists():
+        reason = "index file missing"
+    stale = _stale_ids(store)
+    timings: dict[str, float] = {}
+    result = SyncResult(spec=desired)
+
+    if reason is None:
+        index = ann.load_index(layout.faiss_path)
+        present = ann.index_ids(index)
+        to_remove = np.union1d(np.setdiff1d(present, ids), np.intersect1d(stale, present))
+        to_add = np.union1d(stale, np.setdiff1d(ids, present))
+        if len(to_remove) == 0 and len(to_add) == 0:
+            return SyncResult(spec=old_spec, seconds=time.perf_counter() - started)
+        if old_spec.kind == "flat":
+            reason = "exact index refreshed"  # rebuilding a flat index is as cheap as patching it
+        else:
+            result.removed = ann.remove(index, to_remove)
+            for chunk_ids, chunk in vectors.iter_batches(to_add):
+                ann.add(index, chunk_ids, chunk)
+            result.added = len(to_add)
+            spec = old_spec
+            spec.n = len(ids)
+            changed = len(to_add) + len(to_remove)
+            tuned_n = spec.params.get("tuned_n", 0)
+            if changed + abs(len(ids) - tuned_n) > RETUNE_FRACTION * max(tuned_n, 1):
+                spec.params = _tune(index, spec, ids, vectors, opts.recall_target, timings)
+            else:
+                ann.set_nprobe(index, spec.params.get("nprobe") or 1)
+            result.spec = spec
+    if reason is not None:
+        logger.info("building the index: %s", reason)
+        held_out = _pick_queries(ids, ann.TUNE_QUERIES) if desired.kind != "flat" else np.empty(0, np.int64)
+        index = _build(desired, ids, held_out, vectors, timings)
+        desired.params = _tune(index, desired, ids, vectors, opts.recall_target, timings)
+        result.spec, result.rebuilt, result.added = desired, True, len(ids)
+
+    ann.save_index(index, layout.faiss_path)
+    assert result.spec is not None
+    result.changed = True
+    result.spec.params["built_at"] = utcnow().isoformat()
+    with store.session() as s, s.begin():
+        store.set_meta(s, index=result.spec.to_dict())
+    _mark_indexed(store)
+    result.seconds = time.perf_counter() - started
+    result.timings = timings
+    return result
