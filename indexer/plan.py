@@ -40,25 +40,24 @@ class Plan:
 def make_plan(store: Store, entries: Iterable[ScanEntry], retry_failed: bool = False) -> Plan:
     with store.session() as s:
         images = {
-            path: (image_id, size, mtime, sha)
-            for image_id, path, size, mtime, sha in s.execute(
-                select(Image.id, Image.path, Image.size, Image.mtime_ns, Image.sha256)
-            )
+            path: (image_id, size, mtime)
+            for image_id, path, size, mtime in s.execute(select(Image.id, Image.path, Image.size, Image.mtime_ns))
         }
         failures = {path: (size, mtime, kind) for path, size, mtime, kind in s.execute(
             select(Failure.path, Failure.size, Failure.mtime_ns, Failure.kind))}
     plan = Plan()
     seen: set[str] = set()
+    changed: list[WorkItem] = []
     for entry in entries:
         plan.scanned += 1
         seen.add(entry.path)
         known = images.get(entry.path)
         if known is not None:
-            image_id, size, mtime, sha = known
+            image_id, size, mtime = known
             if size == entry.size and mtime == entry.mtime_ns:
                 plan.unchanged += 1
             else:
-                plan.todo.append(WorkItem(entry.path, entry.size, entry.mtime_ns, image_id, sha))
+                changed.append(WorkItem(entry.path, entry.size, entry.mtime_ns, image_id))
             continue
         failed = failures.get(entry.path)
         if (failed is not None and not retry_failed and failed[2] not in ALWAYS_RETRY
@@ -66,6 +65,18 @@ def make_plan(store: Store, entries: Iterable[ScanEntry], retry_failed: bool = F
             plan.known_failures += 1
             continue
         plan.todo.append(WorkItem(entry.path, entry.size, entry.mtime_ns))
-    plan.removed_ids = sorted(image_id for path, (image_id, *_rest) in images.items() if path not in seen)
+    plan.todo.extend(_with_known_hashes(store, changed))
+    plan.removed_ids = sorted(image_id for path, (image_id, _size, _mtime) in images.items() if path not in seen)
     plan.removed_failure_paths = sorted(path for path in failures if path not in seen)
     return plan
+
+
+def _with_known_hashes(store: Store, items: list[WorkItem], chunk: int = 10_000) -> list[WorkItem]:
+    """Attach the stored sha256 to changed files (only those: the corpus-wide map would cost RAM)."""
+    out: list[WorkItem] = []
+    with store.session() as s:
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            known = dict(s.execute(select(Image.id, Image.sha256).where(Image.id.in_([i.image_id for i in part]))).all())
+            out.extend(WorkItem(i.path, i.size, i.mtime_ns, i.image_id, known.get(i.image_id)) for i in part)
+    return out

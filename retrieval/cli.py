@@ -197,6 +197,43 @@ def verify(
     typer.echo("index is consistent")
 
 
+@app.command()
+def serve(
+    index_dir: Optional[Path] = IndexDirOpt,
+    db: Optional[str] = DbOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 exposes the API to the network."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port.", min=0, max=65535),
+    workers: int = typer.Option(1, "--workers", help="Server processes; each loads the model and the index.", min=1, max=64),
+    log_level: str = typer.Option("info", "--log-level", help="critical, error, warning, info or debug."),
+) -> None:
+    """Serve the index over HTTP (search by id, path or upload; images; duplicates; health and stats).
+
+    Settings such as RETRIEVAL_API_KEY and RETRIEVAL_MAX_UPLOAD_BYTES come from the environment.
+    A new `retrieval index` run on the same index is picked up without a restart.
+
+    Example:
+
+        retrieval serve --index-dir ./retrieval-index --port 8000
+    """
+    import os
+
+    import uvicorn
+
+    from retrieval.errors import IndexNotFoundError
+    from retrieval.layout import IndexLayout
+
+    settings = _settings(index_dir=index_dir, db_url=db)
+    layout = IndexLayout(settings.index_dir)
+    if settings.db_url is None and not layout.exists():
+        raise IndexNotFoundError(f"no index in {layout.root.resolve()}; run `retrieval index CORPUS` first or pass --index-dir")
+    # Every worker process builds its app from the environment, so pass the resolved choices on.
+    os.environ["RETRIEVAL_INDEX_DIR"] = str(layout.root.resolve())
+    if settings.db_url:
+        os.environ["RETRIEVAL_DB_URL"] = settings.db_url
+    logging.getLogger("api").setLevel(log_level.upper())
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

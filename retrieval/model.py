@@ -182,7 +182,8 @@ def load_embedder(model_ref: str, device: str = "auto", precision: str = "auto")
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("mask_token"))
+    # mask_token is only used for masked-image pre-training, never for inference.
+    missing = sorted(k for k in info.get("missing_keys", ()) if k.rsplit(".", 1)[-1] != "mask_token")
     if missing:
         raise ModelLoadError(
             f"model '{model_ref}' weights do not cover the architecture ({len(missing)} tensors missing, e.g. "

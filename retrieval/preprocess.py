@@ -89,7 +89,7 @@ class PreprocessConfig:
         """Build from the JSON of a Hugging Face image processor, refusing what we would get wrong."""
         if not cfg.get("do_resize", True):
             raise PreprocessConfigError(f"{source}: do_resize=false is not supported (images would vary in size)")
-        size = cfg.get("size") or {"shortest_edge": 256}
+        size = cfg.get("size") or {"shortest_edge": 224}  # BitImageProcessor's own default
         if isinstance(size, int):
             size = {"shortest_edge": size}
         shortest = size.get("shortest_edge")
@@ -143,6 +143,10 @@ class DecodedImage:
     width: int  # of the original, after EXIF orientation
     height: int
     format: str
+    # Where `image` was decoded at a reduced DCT scale: reduced pixels per original pixel, and the
+    # shift (in reduced pixels, displayed axes) that an EXIF flip of a partial edge pixel causes.
+    scale: float = 1.0
+    offset: tuple[float, float] = (0.0, 0.0)
 
 
 def _classify_open_error(exc: Exception, head: bytes) -> ImageDecodeError:
@@ -190,6 +194,11 @@ def decode_image(data: bytes, config: PreprocessConfig, max_pixels: int) -> Deco
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow's own guard fires inside open(); ours (right after open, before decoding) is the
+        # real limit, so a user-raised --max-pixels must lift Pillow's too.
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    scale, pad = 1.0, (0.0, 0.0)
     try:
         image = Image.open(io.BytesIO(data))
         fmt = image.format or "unknown"
@@ -205,19 +214,27 @@ def decode_image(data: bytes, config: PreprocessConfig, max_pixels: int) -> Deco
             need = config.min_source_edge * DRAFT_OVERSAMPLE
             scale = need / min(w, h)
             if scale < 1:
-                image.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
+                drafted = image.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
+                scale = 1.0 if drafted is None else drafted[1][2] / w
+            scale = min(scale, 1.0)
+            # The reduced image is ceil(w / factor) wide: its last column covers a partial block.
+            pad = (image.width - w * scale, image.height - h * scale)
         image.load()
         # Multi-frame files (GIF, APNG, TIFF) use their first frame, which open() selects.
         # Orientations 5-8 are transposes: the displayed image is h x w.
-        swap = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        swap = orientation in (5, 6, 7, 8)
         width, height = (h, w) if swap else (w, h)
+        px, py = pad
+        offset = {2: (px, 0.0), 3: (px, py), 4: (0.0, py), 6: (py, 0.0), 7: (py, px), 8: (0.0, px)}.get(
+            orientation, (0.0, 0.0))
         rgb = _to_rgb(ImageOps.exif_transpose(image))
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError,
             Image.DecompressionBombError, Image.DecompressionBombWarning, struct.error) as exc:
         raise _classify_open_error(exc, data[:16]) from None
-    return DecodedImage(image=rgb, width=width, height=height, format=fmt)
+    return DecodedImage(image=rgb, width=width, height=height, format=fmt, scale=scale, offset=offset)
 
 
 def _resized_size(width: int, height: int, config: PreprocessConfig) -> tuple[int, int]:
@@ -240,8 +257,9 @@ def preprocess(decoded: DecodedImage, config: PreprocessConfig) -> np.ndarray:
     out_h, out_w = config.output_size
     left = (new_w - out_w) // 2 if config.crop_width else 0
     top = (new_h - out_h) // 2 if config.crop_height else 0
-    sx, sy = image.width / new_w, image.height / new_h
-    box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+    sx, sy = decoded.width / new_w * decoded.scale, decoded.height / new_h * decoded.scale
+    ox, oy = decoded.offset
+    box = (left * sx + ox, top * sy + oy, (left + out_w) * sx + ox, (top + out_h) * sy + oy)
     crop = image.resize((out_w, out_h), resample=config.resample, box=box)
     return np.ascontiguousarray(np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1))
 

@@ -151,7 +151,8 @@ def search_file(reader: IndexReader, image: str, k: int, exclude_self: bool, max
     rel = reader.relative_path(path)
     if rel is not None:
         row = reader.image_by_path(rel)
-        if row is not None and row.size == path.stat().st_size:
+        st = path.stat()
+        if row is not None and (row.size, row.mtime_ns) == (st.st_size, st.st_mtime_ns):
             return f"stored vector of {rel} (id {row.id})", reader.search_id(row.id, k, exclude_self)
     try:
         data = path.read_bytes()

@@ -61,7 +61,7 @@ def palette_png(width: int = 200, height: int = 150, seed: int = 2, transparent:
 
 def grey16(width: int = 180, height: int = 140, seed: int = 3) -> Image.Image:
     grey = np.asarray(photo(width, height, seed).convert("L"), dtype=np.uint16) * 257
-    return Image.fromarray(grey, "I;16")
+    return Image.fromarray(grey)  # uint16 array -> mode I;16
 
 
 def cmyk_jpeg_bytes(width: int = 200, height: int = 160, seed: int = 4) -> bytes:

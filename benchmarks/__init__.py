@@ -1,0 +1,1 @@
+"""Benchmarks: each module answers one question and writes JSON under benchmarks/results/."""
