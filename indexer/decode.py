@@ -58,18 +58,6 @@ def _read(root: str, item: WorkItem) -> bytes:
         return f.read()
 
 
-def _kind_of(reason: str) -> str:
-    for prefix, kind in (
-        ("empty file", "empty"),
-        ("not an image", "not_an_image"),
-        ("too many pixels", "too_large"),
-        ("truncated", "truncated"),
-    ):
-        if reason.startswith(prefix):
-            return kind
-    return "corrupt"
-
-
 def perceptual_hash(image) -> int:  # noqa: ANN001 - a PIL image
     """64-bit DCT perceptual hash (imagehash.phash) as an unsigned integer."""
     import imagehash
@@ -102,7 +90,7 @@ def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: 
         pixels = preprocess(decoded, config)
         phash = perceptual_hash(decoded.image)
     except ImageDecodeError as exc:
-        return _failure(item, _kind_of(str(exc)), str(exc))
+        return _failure(item, exc.kind, str(exc))
     except MemoryError:
         return _failure(item, "too_large", "out of memory while decoding this image")
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run

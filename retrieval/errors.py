@@ -26,7 +26,19 @@ class IndexNotFoundError(RetrievalError):
 
 
 class ImageDecodeError(RetrievalError):
-    """An image could not be read or decoded; the message is the human reason we record."""
+    """An image could not be read or decoded; the message is the human reason we record.
+
+    `kind` is the stable machine-readable category (stored in the failures table, mapped to HTTP
+    status codes by the API): empty, not_an_image, too_large, truncated or corrupt.
+    """
+
+    KINDS = ("empty", "not_an_image", "too_large", "truncated", "corrupt")
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown decode error kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
 
 
 class QueryError(RetrievalError):

@@ -153,14 +153,15 @@ def _classify_open_error(exc: Exception, head: bytes) -> ImageDecodeError:
     if isinstance(exc, UnidentifiedImageError):
         fmt = sniff_format(head)
         if fmt is not None:
-            return ImageDecodeError(f"corrupt image data: the file starts like a {fmt} but its header cannot be parsed")
-        return ImageDecodeError("not an image: Pillow recognises no image format in the content")
+            return ImageDecodeError(f"corrupt image data: the file starts like a {fmt} but its header cannot be parsed",
+                                    "corrupt")
+        return ImageDecodeError("not an image: Pillow recognises no image format in the content", "not_an_image")
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return ImageDecodeError(f"too many pixels (decompression bomb guard): {exc}")
+        return ImageDecodeError(f"too many pixels (decompression bomb guard): {exc}", "too_large")
     text = str(exc) or type(exc).__name__
     if "truncated" in text.lower() or isinstance(exc, EOFError):
-        return ImageDecodeError(f"truncated image: the file ends before the image data does ({text})")
-    return ImageDecodeError(f"corrupt image data: {text}")
+        return ImageDecodeError(f"truncated image: the file ends before the image data does ({text})", "truncated")
+    return ImageDecodeError(f"corrupt image data: {text}", "corrupt")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -193,7 +194,7 @@ def decode_image(data: bytes, config: PreprocessConfig, max_pixels: int) -> Deco
     Raises ImageDecodeError with a human reason for every way a file can be unusable.
     """
     if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
+        raise ImageDecodeError("empty file (0 bytes)", "empty")
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         # Pillow's own guard fires inside open(); ours (right after open, before decoding) is the
         # real limit, so a user-raised --max-pixels must lift Pillow's too.
@@ -204,11 +205,12 @@ def decode_image(data: bytes, config: PreprocessConfig, max_pixels: int) -> Deco
         fmt = image.format or "unknown"
         w, h = image.size
         if w <= 0 or h <= 0:
-            raise ImageDecodeError(f"invalid image size {w}x{h}")
+            raise ImageDecodeError(f"invalid image size {w}x{h}", "corrupt")
         if w * h > max_pixels:
             raise ImageDecodeError(
                 f"too many pixels: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the limit of "
-                f"{max_pixels / 1e6:.1f} MP (raise it with --max-pixels if this image is legitimate)"
+                f"{max_pixels / 1e6:.1f} MP (raise it with --max-pixels if this image is legitimate)",
+                "too_large",
             )
         if fmt == "JPEG":
             need = config.min_source_edge * DRAFT_OVERSAMPLE

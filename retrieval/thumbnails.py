@@ -34,7 +34,7 @@ def make_thumbnail(data: bytes, size: int, max_pixels: int, quality: int = 85) -
             image = Image.open(io.BytesIO(data))
             w, h = image.size
             if w * h > max_pixels or w <= 0 or h <= 0:
-                raise ImageDecodeError(f"too many pixels for a thumbnail: {w}x{h}")
+                raise ImageDecodeError(f"too many pixels for a thumbnail: {w}x{h}", "too_large")
             if image.format == "JPEG":
                 image.draft("RGB", (size, size))
             image.load()

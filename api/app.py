@@ -1,0 +1,70 @@
+"""The FastAPI application: `create_app(settings)` builds it; the lifespan loads the index and model once.
+
+    uvicorn --factory api.app:create_app      # or: retrieval serve
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import BodyLimitMiddleware, install_error_handlers
+from api.routers import health, images, search
+from api.settings import ApiSettings
+from api.state import AppState
+
+logger = logging.getLogger("api")
+
+DESCRIPTION = """Search an image index built by `retrieval index`: by image id, by corpus path, or by upload.
+
+Scores are exact cosine similarities of DINOv2 embeddings. When the server runs with
+`RETRIEVAL_API_KEY`, every endpoint but `/healthz` needs `Authorization: Bearer <key>`.
+"""
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings if settings is not None else ApiSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = AppState(settings)
+        await run_in_threadpool(state.load)  # the index (memory-mapped where possible) and the model
+        await state.batcher.start()
+        app.state.retrieval = state
+        logger.info("serving %s", settings.index_dir)
+        try:
+            yield
+        finally:
+            app.state.retrieval = None
+            await state.batcher.stop()
+            state.close()
+
+    app = FastAPI(title="retrieval", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.retrieval = None
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(search.router)
+    app.include_router(images.router)
+
+    @app.middleware("http")
+    async def log_requests(request: Request, call_next):  # noqa: ANN001, ANN202
+        start = time.perf_counter()
+        response = await call_next(request)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        response.headers["Server-Timing"] = f"total;dur={elapsed_ms:.1f}"
+        logger.info("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code, elapsed_ms)
+        return response
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    return app

@@ -1,0 +1,103 @@
+"""Response models of the API (separate from the ORM rows in retrieval.store)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(..., examples=["no indexed image with id 42"])
+
+
+class ImageOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 7, "path": "holiday/beach.jpg", "width": 4032, "height": 3024, "format": "JPEG", "size": 2345678,
+        "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        "file_url": "/images/7/file", "thumbnail_url": "/images/7/thumbnail"}]})
+
+    id: int
+    path: str = Field(..., description="POSIX path relative to the corpus root.")
+    width: int
+    height: int
+    format: str
+    size: int | None = Field(None, description="File size in bytes.")
+    sha256: str | None = None
+    file_url: str
+    thumbnail_url: str
+
+
+class DuplicateOut(BaseModel):
+    id: int
+    path: str
+    score: float = Field(..., description="Exact cosine similarity to the result it was folded into.")
+
+
+class HitOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 12, "path": "holiday/beach2.jpg", "score": 0.9731, "width": 4032, "height": 3024, "format": "JPEG",
+        "file_url": "/images/12/file", "thumbnail_url": "/images/12/thumbnail", "duplicates": []}]})
+
+    id: int
+    path: str
+    score: float = Field(..., description="Exact cosine similarity to the query (re-ranked from stored vectors).")
+    width: int
+    height: int
+    format: str
+    file_url: str
+    thumbnail_url: str
+    duplicates: list[DuplicateOut] = Field(default_factory=list,
+                                           description="Near-duplicates folded into this result (collapse_duplicates).")
+
+
+class SearchOut(BaseModel):
+    query: str = Field(..., description="What was searched: `id:N`, a corpus path, or `upload`.")
+    answered_from: Literal["stored vector", "embedded upload"]
+    k: int
+    results: list[HitOut]
+
+
+class DuplicatesOut(BaseModel):
+    image: ImageOut
+    threshold: float
+    duplicates: list[HitOut]
+
+
+class DuplicateCheckOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "duplicate": True, "threshold": 0.95, "score": 0.998,
+        "best_match": {"id": 3, "path": "a/img3.jpg", "score": 0.998, "width": 96, "height": 72, "format": "JPEG",
+                       "file_url": "/images/3/file", "thumbnail_url": "/images/3/thumbnail", "duplicates": []}}]})
+
+    duplicate: bool = Field(..., description="True when the best match scores at or above the threshold.")
+    threshold: float
+    score: float | None = Field(None, description="Cosine of the best match; null for an empty index.")
+    best_match: HitOut | None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    index_loaded: bool
+    model_loaded: bool
+    detail: str | None = None
+
+
+class StatsOut(BaseModel):
+    images: int
+    indexed_vectors: int
+    dim: int
+    model: str
+    index_type: str | None
+    index_factory: str | None
+    nprobe: int | None
+    index_run_id: int | None
+    index_run_finished_at: datetime | None
+    loaded_at: datetime
+    reloads: int
+    batching: dict[str, Any]

@@ -1,0 +1,166 @@
+"""What the server holds: the current IndexReader, the embedder, the batcher, and re-index pickup.
+
+A new completed index run (`retrieval index` finishing while the server runs) is detected by a
+cheap query of the latest completed run id, at most every `reload_check_s` seconds. The new
+reader is opened in a worker thread and swapped in atomically; a request keeps the reader it
+started with (see `acquire`), and a retired reader is closed when its last request finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from sqlalchemy import func, select
+
+from api.batcher import Batcher
+from api.settings import ApiSettings
+from retrieval.errors import ModelLoadError, RetrievalError
+from retrieval.layout import IndexLayout
+from retrieval.search import IndexReader
+from retrieval.store import IndexRun
+
+logger = logging.getLogger(__name__)
+
+
+class ReaderHandle:
+    """An IndexReader with a count of requests using it, closed once retired and idle."""
+
+    def __init__(self, reader: IndexReader, run_id: int | None, loaded_at: float):
+        self.reader = reader
+        self.run_id = run_id
+        self.loaded_at = loaded_at
+        self.users = 0
+        self.retired = False
+        self.lock = threading.Lock()
+        # Per-request nprobe changes shared FAISS state; IVF searches are serialised by this lock.
+        self.search_lock = threading.Lock()
+
+    def enter(self) -> bool:
+        """Count one more user; False when the reader was retired (and maybe closed) already."""
+        with self.lock:
+            if self.retired:
+                return False
+            self.users += 1
+            return True
+
+    def leave(self) -> None:
+        with self.lock:
+            self.users -= 1
+            close = self.retired and self.users == 0
+        if close:
+            self.reader.close()
+
+    def retire(self) -> None:
+        with self.lock:
+            self.retired = True
+            close = self.users == 0
+        if close:
+            self.reader.close()
+
+
+def latest_completed_run(reader: IndexReader) -> int | None:
+    with reader.store.session() as s:
+        return s.scalar(select(func.max(IndexRun.id)).where(IndexRun.status == "completed"))
+
+
+class AppState:
+    def __init__(self, settings: ApiSettings):
+        self.settings = settings
+        self.layout = IndexLayout(settings.index_dir)
+        self.handle: ReaderHandle | None = None
+        self.embedder: Any = None
+        self.embed_fn: Any = None
+        self.model_error: str | None = None
+        self.batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000)
+        self.reloads = 0
+        self._last_check = 0.0
+        self._reload_lock = threading.Lock()
+
+    # --- loading ------------------------------------------------------------------------------
+    def _open(self) -> ReaderHandle:
+        reader = IndexReader(self.layout, self.settings.db_url, mmap=True)
+        try:
+            run_id = latest_completed_run(reader)
+            _ = reader.index  # load FAISS now, not in the first request
+        except BaseException:
+            reader.close()
+            raise
+        return ReaderHandle(reader, run_id, time.time())
+
+    def load(self) -> None:
+        """Open the index and the model (startup; raises when there is no usable index)."""
+        self.handle = self._open()
+        self._ensure_embedder(self.handle.reader)
+        self._last_check = time.monotonic()
+
+    def _ensure_embedder(self, reader: IndexReader) -> None:
+        want = (reader.meta.get("model_ref"), reader.meta.get("model_fingerprint"))
+        if self.embedder is not None and (self.embedder.model_ref, self.embedder.fingerprint) == want:
+            return
+        from retrieval.model import load_embedder
+
+        try:
+            embedder = load_embedder(str(want[0]), self.settings.device, self.settings.precision)
+        except (ModelLoadError, OSError) as exc:
+            self.model_error = "the embedding model could not be loaded; uploads are unavailable"
+            logger.error("cannot load model %s: %s", want[0], exc)
+            return
+        if embedder.dim != reader.dim or (want[1] and embedder.fingerprint != want[1]):
+            self.model_error = "the embedding model does not match the index; uploads are unavailable"
+            logger.error("model %s does not match the index (dim %s vs %s)", want[0], embedder.dim, reader.dim)
+            return
+        self.embedder, self.embed_fn, self.model_error = embedder, embedder.embed, None
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.retire()
+            self.handle = None
+
+    # --- re-index pickup ----------------------------------------------------------------------
+    def maybe_reload(self) -> bool:
+        """Swap in a newer completed index run if there is one. Runs in a worker thread."""
+        now = time.monotonic()
+        if self.handle is None or now - self._last_check < self.settings.reload_check_s:
+            return False
+        if not self._reload_lock.acquire(blocking=False):
+            return False  # another request is already reloading; keep serving the current reader
+        try:
+            self._last_check = now
+            current = self.handle
+            try:
+                latest = latest_completed_run(current.reader)
+            except Exception:  # noqa: BLE001 - a busy or vanished DB must not fail the request
+                logger.warning("could not check for a new index run", exc_info=True)
+                return False
+            if latest is None or latest == current.run_id:
+                return False
+            try:
+                fresh = self._open()
+            except RetrievalError as exc:
+                logger.warning("new index run %s found but it cannot be opened: %s", latest, exc)
+                return False
+            self._ensure_embedder(fresh.reader)
+            self.handle = fresh  # atomic swap: new requests see the new reader
+            current.retire()  # closed when its in-flight requests finish
+            self.reloads += 1
+            logger.info("picked up index run %s (was %s)", fresh.run_id, current.run_id)
+            return True
+        finally:
+            self._reload_lock.release()
+
+    @contextmanager
+    def acquire(self) -> Iterator[ReaderHandle]:
+        while True:
+            handle = self.handle
+            if handle is None:
+                raise RuntimeError("index not loaded")
+            if handle.enter():
+                break
+        try:
+            yield handle
+        finally:
+            handle.leave()
