@@ -81,9 +81,12 @@ def choose_index_spec(n: int, dim: int, memory_budget: int, exact_threshold: int
     nlist = choose_nlist(n)
     fixed = nlist * dim * 4 + dim * dim * 4 + n * 8  # centroids, OPQ rotation, stored ids
     per_vector = (memory_budget - fixed) // n
-    candidates = [m for m in range(dim // 4, 3, -1) if dim % m == 0 and m <= per_vector]
+    sizes = [m for m in range(dim // 4, 3, -1) if dim % m == 0]
+    if not sizes:
+        raise RetrievalError(f"no PQ code size divides the dimension {dim}; pass --index-factory")
+    candidates = [m for m in sizes if m <= per_vector]
     if not candidates:
-        need = fixed + n * 8
+        need = fixed + n * sizes[-1]
         raise RetrievalError(
             f"--memory-budget {memory_budget / 1e9:.2f} GB is too small for {n:,} vectors; "
             f"at least {need / 1e9:.2f} GB is needed (or pass --index-factory)"
@@ -118,6 +121,10 @@ def new_index(spec: IndexSpec) -> Any:
         index = faiss.IndexIDMap2(index)
     ivf = _ivf_or_none(index)
     if ivf is not None:
+        ivf = faiss.downcast_index(ivf)
+        if hasattr(ivf, "do_polysemous_training"):
+            # On by default in index_factory, useless for inner-product search, and slow to train.
+            ivf.do_polysemous_training = False
         ivf.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
         ivf.cp.niter = 15
         if gpu_count():

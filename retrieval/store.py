@@ -200,3 +200,118 @@ def to_signed64(value: int) -> int:
 
 def to_unsigned64(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
+
+
+# --- curation (retrieval.curation): dedup, clustering and retrieval-based curation runs ----------
+# Image ids are stored without a foreign key on purpose: a run is a historical record and must
+# survive the removal of the images it talks about (which is what `dedup --apply` does).
+from sqlalchemy import ForeignKey  # noqa: E402
+
+
+class DedupRun(Base):
+    """One `retrieval dedup` run: parameters, a fingerprint of the inputs, counts in images."""
+
+    __tablename__ = "dedup_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # running, completed, failed
+    mode: Mapped[str] = mapped_column(String(16))  # self or relative
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    counts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    reference_failures: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class DuplicateGroup(Base):
+    """A connected component of the duplicate graph (after chain-safety splitting)."""
+
+    __tablename__ = "duplicate_groups"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("dedup_runs.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)  # 1-based within the run, largest groups first
+    size: Mapped[int] = mapped_column(Integer)
+    representative_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: a reference wins
+    reasons: Mapped[str] = mapped_column(String(64))  # comma-separated: exact,phash,embedding,reference
+    weakest_edge: Mapped[float] = mapped_column(Float)
+    min_pairwise: Mapped[float] = mapped_column(Float)
+    touches_reference: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class DuplicateMember(Base):
+    """One image (or reference file) of a duplicate group and what happens to it."""
+
+    __tablename__ = "duplicate_members"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("duplicate_groups.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("dedup_runs.id", ondelete="CASCADE"), index=True)
+    image_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)  # None for references
+    path: Mapped[str] = mapped_column(Text)  # corpus-relative, or the reference file path
+    is_reference: Mapped[bool] = mapped_column(Boolean, default=False)
+    action: Mapped[str] = mapped_column(String(8))  # keep or remove
+    similarity: Mapped[float] = mapped_column(Float)  # exact cosine to the representative
+    reason: Mapped[str] = mapped_column(String(16))  # exact, phash, embedding, reference (or "representative")
+
+
+class ClusterRun(Base):
+    """One `retrieval cluster` run: spherical k-means over all embeddings."""
+
+    __tablename__ = "cluster_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    k: Mapped[int] = mapped_column(Integer)
+    n_images: Mapped[int] = mapped_column(Integer)
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    sizes: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)  # images per cluster, by cluster number
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ClusterAssignment(Base):
+    """image -> cluster of one run, with the cosine distance to the centroid and the rank in the cluster."""
+
+    __tablename__ = "cluster_assignments"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("cluster_runs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster: Mapped[int] = mapped_column(Integer)
+    distance: Mapped[float] = mapped_column(Float)  # 1 - cosine(vector, centroid)
+    rank: Mapped[int] = mapped_column(Integer)  # 0 = nearest the centroid
+
+
+class CurationRun(Base):
+    """One `retrieval curate` run: queries, mode, parameters and counts."""
+
+    __tablename__ = "curation_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    mode: Mapped[str] = mapped_column(String(16))  # sample or cluster
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    counts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    query_failures: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    cluster_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class CurationItem(Base):
+    """The manifest: one curated image and how it got in."""
+
+    __tablename__ = "curation_items"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("curation_runs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    how: Mapped[str] = mapped_column(String(16))  # sample (k-NN of a query) or cluster (sampled from a cluster)
+    query: Mapped[str | None] = mapped_column(Text, nullable=True)  # the best query that retrieved it
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)  # cosine to that query
+    times_retrieved: Mapped[int] = mapped_column(Integer, default=1)  # > 1: a collision
+    cluster: Mapped[int | None] = mapped_column(Integer, nullable=True)

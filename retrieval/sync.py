@@ -71,8 +71,13 @@ def _needs_rebuild(old: ann.IndexSpec | None, new: ann.IndexSpec, opts: SyncOpti
         return "no index yet"
     if old.kind != new.kind or old.dim != new.dim:
         return f"index type changes from {old.kind} to {new.kind} at {new.n:,} vectors"
-    if new.kind == "ivfpq" and (old.nlist != new.nlist or old.pq_m != new.pq_m):
-        return f"corpus size now calls for {new.factory} (was {old.factory})"
+    if new.kind == "ivfpq" and old.nlist and new.nlist:
+        # Hysteresis: IVF works fine with half or twice the ideal list count, so retrain only when
+        # the ideal is 4x away (a corpus hovering at a power-of-two boundary never retrains), or
+        # when the code no longer fits the memory budget.
+        ratio = max(new.nlist, old.nlist) / min(new.nlist, old.nlist)
+        if ratio >= 4 or (old.pq_m or 0) > (new.pq_m or 0):
+            return f"corpus size now calls for {new.factory} (was {old.factory})"
     if new.kind == "custom" and old.factory != new.factory:
         return f"index factory changed to {new.factory}"
     return None
@@ -144,7 +149,11 @@ def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: Sy
         if old_spec.kind == "flat":
             reason = "exact index refreshed"  # rebuilding a flat index is as cheap as patching it
         else:
-            result.removed = ann.remove(index, to_remove)
+            try:
+                result.removed = ann.remove(index, to_remove)
+            except RuntimeError:  # e.g. HNSW cannot delete ids: rebuild from the vector file
+                reason = f"{old_spec.factory} cannot remove ids"
+        if reason is None:
             for chunk_ids, chunk in vectors.iter_batches(to_add):
                 ann.add(index, chunk_ids, chunk)
             result.added = len(to_add)
