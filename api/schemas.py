@@ -54,7 +54,7 @@ class HitOut(BaseModel):
 
 class SearchOut(BaseModel):
     query: str = Field(..., description="What was searched: `id:N`, a corpus path, or `upload`.")
-    answered_from: Literal["stored vector", "embedded upload"]
+    answered_from: Literal["stored vector", "embedded upload", "embedded URL"]
     k: int
     results: list[HitOut]
 

@@ -18,6 +18,9 @@ class ApiSettings(Settings):
     batch_max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="How long the batcher waits for more uploads.")
     duplicate_threshold: float = Field(0.95, gt=0.0, le=1.0, description="Cosine at or above which two images count as duplicates.")
     thumbnail_default_size: int = Field(256, ge=16, le=1024)
+    allow_url_queries: bool = Field(False, description="Accept GET /search?image=<http(s) URL> (off: SSRF risk).")
+    url_allow_private: bool = Field(False, description="Let URL queries reach private/loopback addresses.")
+    url_timeout_s: float = Field(10.0, gt=0.0, le=120.0, description="Deadline for fetching a URL query.")
 
     @field_validator("max_upload_bytes", mode="before")
     @classmethod

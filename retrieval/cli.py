@@ -205,6 +205,7 @@ def serve(
     port: int = typer.Option(8000, "--port", "-p", help="TCP port.", min=0, max=65535),
     workers: int = typer.Option(1, "--workers", help="Server processes; each loads the model and the index.", min=1, max=64),
     log_level: str = typer.Option("info", "--log-level", help="critical, error, warning, info or debug."),
+    allow_url_queries: bool = typer.Option(False, "--allow-url-queries", help="Accept GET /search?image=<http(s) URL> (off by default: the server would fetch URLs for clients)."),
 ) -> None:
     """Serve the index over HTTP (search by id, path or upload; images; duplicates; health and stats).
 
@@ -230,6 +231,8 @@ def serve(
     os.environ["RETRIEVAL_INDEX_DIR"] = str(layout.root.resolve())
     if settings.db_url:
         os.environ["RETRIEVAL_DB_URL"] = settings.db_url
+    if allow_url_queries:
+        os.environ["RETRIEVAL_ALLOW_URL_QUERIES"] = "1"
     logging.getLogger("api").setLevel(log_level.upper())
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
 

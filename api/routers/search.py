@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from api import service
 from api.deps import Authorized, ReaderDep, SettingsDep, StateDep
 from api.schemas import ErrorOut, SearchOut
+from api.url_fetch import fetch_image_url, is_url
 from retrieval.search import MAX_K
 
 router = APIRouter(tags=["search"], dependencies=Authorized)
@@ -38,13 +39,16 @@ UPLOAD_BODY = {
 }
 
 
-@router.get("/search", response_model=SearchOut, responses=ERRORS,
-            summary="Nearest neighbours of an indexed image (by id or corpus path)")
-def search_indexed(
+@router.get("/search", response_model=SearchOut, responses={**ERRORS, 413: {"model": ErrorOut},
+                                                           415: {"model": ErrorOut}, 504: {"model": ErrorOut}},
+            summary="Nearest neighbours of an indexed image (by id or corpus path) or of an image URL")
+async def search_indexed(
     handle: ReaderDep,
+    state: StateDep,
     settings: SettingsDep,
     image: Annotated[str, Query(min_length=1, max_length=service.MAX_REF_CHARS,
-                                description="An image id or a path relative to the corpus root.",
+                                description="An image id, a path relative to the corpus root, or (only when "
+                                            "the server runs with --allow-url-queries) an http(s) URL.",
                                 examples=["42", "holiday/beach.jpg"])],
     k: K = 10,
     nprobe: NProbe = None,
@@ -53,14 +57,30 @@ def search_indexed(
     collapse_duplicates: Collapse = False,
     collapse_threshold: CollapseAt = None,
 ) -> SearchOut:
-    # A sync route: FastAPI runs it in a worker thread, so FAISS and SQLite never block the loop.
-    row = service.resolve_ref(handle, image)
-    vector = handle.reader.vectors.read([row.id])[0]
     threshold = (collapse_threshold or settings.duplicate_threshold) if collapse_duplicates else None
-    hits = service.search_vector(handle, vector, service.fetch_depth(k, collapse_duplicates), nprobe,
-                                 row.id if exclude_self else None)
-    return SearchOut(query=f"id:{row.id}" if image.isdigit() else row.path, answered_from="stored vector", k=k,
-                     results=service.finish(handle, hits, k, min_score, threshold))
+    if is_url(image):
+        if not settings.allow_url_queries:
+            raise HTTPException(400, "URL queries are disabled; start the server with --allow-url-queries")
+        data = await run_in_threadpool(fetch_image_url, image, settings.max_upload_bytes, settings.url_timeout_s,
+                                       settings.url_allow_private)
+        vector = await service.embed_upload(state, handle, data)
+
+        def run_url() -> SearchOut:
+            hits = service.search_vector(handle, vector, service.fetch_depth(k, collapse_duplicates), nprobe, None)
+            return SearchOut(query="url", answered_from="embedded URL", k=k,
+                             results=service.finish(handle, hits, k, min_score, threshold))
+
+        return await run_in_threadpool(run_url)
+
+    def run() -> SearchOut:  # FAISS and SQLite run in a worker thread, never on the event loop
+        row = service.resolve_ref(handle, image)
+        vector = handle.reader.vectors.read([row.id])[0]
+        hits = service.search_vector(handle, vector, service.fetch_depth(k, collapse_duplicates), nprobe,
+                                     row.id if exclude_self else None)
+        return SearchOut(query=f"id:{row.id}" if image.isdigit() else row.path, answered_from="stored vector", k=k,
+                         results=service.finish(handle, hits, k, min_score, threshold))
+
+    return await run_in_threadpool(run)
 
 
 @router.post("/search", response_model=SearchOut, responses=UPLOAD_ERRORS, openapi_extra=UPLOAD_BODY,

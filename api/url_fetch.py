@@ -1,0 +1,75 @@
+"""Fetch a query image by URL, for servers started with --allow-url-queries (off by default: SSRF).
+
+Guards: http and https only; the host must not resolve to a loopback, private, link-local,
+multicast or reserved address (unless RETRIEVAL_URL_ALLOW_PRIVATE is set, e.g. for an intranet);
+redirects are not followed (they could lead to another scheme or an internal host); the body is
+read in chunks up to the upload limit (413 beyond); the whole fetch has a deadline.
+Known limit: the address is checked before the request and resolved again by the HTTP client, so
+a DNS answer that changes in between (rebinding) is not caught; put a proxy in front if that matters.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from urllib.parse import urlsplit
+
+from fastapi import HTTPException, status
+
+
+def is_url(ref: str) -> bool:
+    return ref.lower().startswith(("http://", "https://")) or "://" in ref[:16]
+
+
+def _check_host(host: str, port: int, allow_private: bool) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL's host cannot be resolved") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not allow_private and (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast
+                                  or addr.is_reserved or addr.is_unspecified):
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL points to a private or local address")
+
+
+def fetch_image_url(url: str, max_bytes: int, timeout_s: float, allow_private: bool) -> bytes:
+    """The bytes at `url`, or an HTTPException with a stable detail. Runs in a worker thread."""
+    import httpx
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "only http and https URLs are accepted")
+    if not parts.hostname:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL has no host")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL has an invalid port") from None
+    _check_host(parts.hostname, port, allow_private)
+    deadline = time.monotonic() + timeout_s
+    try:
+        with httpx.Client(follow_redirects=False, timeout=timeout_s, trust_env=False) as client:
+            with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
+                if response.is_redirect:
+                    raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL redirects; redirects are not followed")
+                if response.status_code != 200:
+                    raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                        f"the URL answered HTTP {response.status_code}")
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
+                chunks, size = [], 0
+                for chunk in response.iter_bytes(65_536):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
+                    if time.monotonic() > deadline:
+                        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, "fetching the URL timed out")
+                    chunks.append(chunk)
+    except httpx.TimeoutException:
+        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, "fetching the URL timed out") from None
+    except httpx.HTTPError:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL cannot be fetched") from None
+    return b"".join(chunks)

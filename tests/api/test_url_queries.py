@@ -1,0 +1,111 @@
+"""image=URL queries: off by default, http(s) only, no private hosts, no redirects, size and time limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from tests.api.conftest import Indexed
+
+BIG = 200_000
+
+
+@pytest.fixture(scope="module")
+def image_server(indexed: Indexed) -> Iterator[str]:
+    payload = (indexed.corpus / "dup" / "orig.jpg").read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/img.jpg":
+                self._send(200, payload)
+            elif self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/passwd")
+                self.end_headers()
+            elif self.path == "/big":
+                self._send(200, b"\xff\xd8\xff" + b"0" * BIG)
+            elif self.path == "/chunked-big":
+                self.send_response(200)
+                self.end_headers()  # no content-length: the client must count while reading
+                for _ in range(BIG // 10_000 + 1):
+                    self.wfile.write(b"0" * 10_000)
+            elif self.path == "/slow":
+                time.sleep(3)
+                self._send(200, payload)
+            elif self.path == "/text":
+                self._send(200, b"hello, not an image")
+            else:
+                self._send(404, b"missing")
+
+        def _send(self, code: int, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url_client(indexed: Indexed) -> Iterator[TestClient]:
+    settings = indexed.settings(allow_url_queries=True, url_allow_private=True, max_upload_bytes=100_000,
+                                url_timeout_s=1.0)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def test_url_queries_are_off_by_default(client: TestClient, image_server: str) -> None:
+    r = client.get("/search", params={"image": f"{image_server}/img.jpg"})
+    assert r.status_code == 400
+    assert r.json()["detail"] == "URL queries are disabled; start the server with --allow-url-queries"
+
+
+def test_private_addresses_are_refused_unless_allowed(indexed: Indexed, image_server: str) -> None:
+    with TestClient(create_app(indexed.settings(allow_url_queries=True))) as c:
+        r = c.get("/search", params={"image": f"{image_server}/img.jpg"})
+    assert r.status_code == 400
+    assert r.json()["detail"] == "the URL points to a private or local address"
+
+
+def test_url_query_embeds_the_fetched_image(url_client: TestClient, image_server: str, indexed: Indexed) -> None:
+    r = url_client.get("/search", params={"image": f"{image_server}/img.jpg", "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["answered_from"] == "embedded URL"
+    # The same bytes as dup/orig.jpg (dup/copy.jpg, a re-encode, may tie with it at the top).
+    scores = {hit["id"]: hit["score"] for hit in body["results"][:2]}
+    assert scores.get(indexed.ids["dup/orig.jpg"], 0) > 0.9999
+
+
+@pytest.mark.parametrize("path, code, detail", [
+    ("/redirect", 400, "the URL redirects; redirects are not followed"),
+    ("/big", 413, "upload too large: the limit is 100000 bytes"),
+    ("/chunked-big", 413, "upload too large: the limit is 100000 bytes"),
+    ("/slow", 504, "fetching the URL timed out"),
+    ("/text", 415, "not an image: the upload is in no image format the server can read"),
+    ("/nothing", 400, "the URL answered HTTP 404"),
+])
+def test_url_fetch_limits(url_client: TestClient, image_server: str, path: str, code: int, detail: str) -> None:
+    r = url_client.get("/search", params={"image": f"{image_server}{path}"})
+    assert r.status_code == code, r.text
+    assert r.json()["detail"] == detail
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x.jpg", "file:///etc/passwd", "gopher://127.0.0.1:70/"])
+def test_only_http_and_https(url_client: TestClient, url: str) -> None:
+    r = url_client.get("/search", params={"image": url})
+    assert r.status_code == 400
+    assert r.json()["detail"] == "only http and https URLs are accepted"
