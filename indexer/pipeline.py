@@ -72,8 +72,12 @@ def default_workers(device: str) -> int:
     cpus = os.cpu_count() or 1
     if device.startswith("cuda"):
         return min(cpus, 16)
-    # On CPU the model needs the cores too; one decoder per two cores keeps both busy.
-    return max(1, min(cpus // 2, 8))
+    # On CPU the model's intra-op threads already use every core, and a decode process that
+    # preempts one of them stalls the whole parallel region: on 2 cores, ViT-S/14 embedded 6.1 img/s
+    # with decoding in the main process, 4.1 with one decode worker and 3.7 with two
+    # (benchmarks/embed_throughput.py). Decoding (draft JPEG) is ~8% of the work, so only larger
+    # machines get workers, about one per 8 cores.
+    return 0 if cpus <= 4 else max(1, cpus // 8)
 
 
 class _DecodeDataset:
@@ -293,11 +297,26 @@ def _fail_running(store: Store, exc: BaseException) -> None:
 
 def _embed_all(opts: IndexOptions, root: str, items: list[WorkItem], embedder: Any, store: Store,
                timings: dict[str, float]) -> BatchCounts:
+    import torch
+
+    s = opts.settings
+    workers = s.workers if s.workers is not None else default_workers(embedder.device)
+    threads = torch.get_num_threads()
+    if embedder.device == "cpu" and workers:
+        # Leave the decode workers their cores, so they never preempt the model's threads.
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
+    try:
+        return _embed_loop(opts, root, items, embedder, store, timings, workers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: Any, store: Store,
+                timings: dict[str, float], workers: int) -> BatchCounts:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     s = opts.settings
-    workers = s.workers if s.workers is not None else default_workers(embedder.device)
     dataset = _DecodeDataset(root, items, embedder.preprocess, s.max_pixels)
     loader = DataLoader(
         dataset, batch_size=s.batch_size, num_workers=workers, collate_fn=_collate,
