@@ -14,6 +14,8 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import BodyLimitMiddleware, install_error_handlers
+from api.metrics import Metrics
+from api.metrics import router as metrics_router
 from api.routers import health, images, search
 from api.settings import ApiSettings
 from api.state import AppState
@@ -51,12 +53,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(search.router)
     app.include_router(images.router)
+    app.include_router(metrics_router)
+    app.state.metrics = Metrics(lambda: app.state.retrieval)
 
     @app.middleware("http")
     async def log_requests(request: Request, call_next):  # noqa: ANN001, ANN202
         start = time.perf_counter()
         response = await call_next(request)
         elapsed_ms = (time.perf_counter() - start) * 1000
+        app.state.metrics.observe(request, response.status_code, elapsed_ms / 1000)
         response.headers["Server-Timing"] = f"total;dur={elapsed_ms:.1f}"
         logger.info("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code, elapsed_ms)
         return response
