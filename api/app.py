@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import BodyLimitMiddleware, install_error_handlers
 from api.metrics import Metrics
 from api.metrics import router as metrics_router
-from api.routers import health, images, search
+from api.routers import curation, health, images, search
 from api.settings import ApiSettings
 from api.state import AppState
 
@@ -53,6 +53,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(search.router)
     app.include_router(images.router)
+    app.include_router(curation.router)
     app.include_router(metrics_router)
     app.state.metrics = Metrics(lambda: app.state.retrieval)
 

@@ -101,3 +101,69 @@ class StatsOut(BaseModel):
     loaded_at: datetime
     reloads: int
     batching: dict[str, Any]
+
+
+class GroupMemberOut(BaseModel):
+    image_id: int | None = Field(..., description="null for a reference-set file (relative dedup).")
+    path: str
+    is_reference: bool
+    action: Literal["keep", "remove"]
+    similarity: float = Field(..., description="Exact cosine to the group's representative.")
+    reason: str = Field(..., description="exact, phash, embedding, reference or representative.")
+    thumbnail_url: str | None
+
+
+class DuplicateGroupOut(BaseModel):
+    number: int
+    size: int
+    representative_id: int | None
+    reasons: list[str]
+    weakest_edge: float = Field(..., description="Lowest similarity of the edges that joined the group.")
+    min_pairwise: float = Field(..., description="Lowest similarity between any two members.")
+    touches_reference: bool
+    members: list[GroupMemberOut]
+
+
+class DuplicateGroupsOut(BaseModel):
+    run_id: int
+    mode: str
+    params: dict[str, Any]
+    counts: dict[str, Any] | None
+    finished_at: datetime | None
+    page: int
+    per_page: int
+    total_groups: int
+    groups: list[DuplicateGroupOut]
+
+
+class ClusterSummaryOut(BaseModel):
+    cluster: int
+    size: int
+    url: str
+
+
+class ClustersOut(BaseModel):
+    run_id: int
+    k: int
+    n_images: int
+    finished_at: datetime | None
+    page: int
+    per_page: int
+    clusters: list[ClusterSummaryOut] = Field(..., description="Largest clusters first.")
+
+
+class ClusterMemberOut(BaseModel):
+    id: int
+    path: str
+    distance: float = Field(..., description="1 - cosine to the centroid.")
+    rank: int = Field(..., description="0 = nearest the centroid.")
+    thumbnail_url: str
+
+
+class ClusterOut(BaseModel):
+    run_id: int
+    cluster: int
+    size: int
+    page: int
+    per_page: int
+    members: list[ClusterMemberOut] = Field(..., description="Nearest the centroid first.")

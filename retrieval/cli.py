@@ -237,6 +237,11 @@ def serve(
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
 
 
+from retrieval.curation.commands import register as _register_curation  # noqa: E402 - light: imports lazily
+
+_register_curation(app)
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

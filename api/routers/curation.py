@@ -1,0 +1,108 @@
+"""Duplicate groups and clusters, served from what `retrieval dedup` and `retrieval cluster` stored.
+
+GET /duplicates and GET /clusters answer from the latest completed run; no run yet is a 404 that
+says which command makes one. Pages are bounded; members come nearest-the-centroid first.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, status
+from sqlalchemy import func, select
+
+from api.deps import Authorized, ReaderDep
+from api.schemas import (ClusterMemberOut, ClusterOut, ClustersOut, ClusterSummaryOut, DuplicateGroupOut,
+                         DuplicateGroupsOut, ErrorOut, GroupMemberOut)
+from retrieval.store import ClusterAssignment, ClusterRun, DedupRun, DuplicateGroup, DuplicateMember, Image
+
+router = APIRouter(tags=["curation"], dependencies=Authorized)
+
+ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+Page = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number.")]
+PerPage = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
+
+
+def _latest_dedup_run(session, mode: str) -> DedupRun:  # noqa: ANN001
+    run = session.scalar(select(DedupRun).where(DedupRun.status == "completed", DedupRun.mode == mode)
+                         .order_by(DedupRun.id.desc()).limit(1))
+    if run is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no dedup run yet: run `retrieval dedup` on this index")
+    return run
+
+
+@router.get("/duplicates", response_model=DuplicateGroupsOut, responses=ERRORS,
+            summary="Duplicate groups of the latest `retrieval dedup` run, largest first")
+def duplicate_groups(
+    handle: ReaderDep,
+    page: Page = 1,
+    per_page: PerPage = 50,
+    mode: Annotated[str, Query(pattern="^(self|relative)$", description="self (within the corpus) or relative (against a reference set).")] = "self",
+    min_size: Annotated[int, Query(ge=2, le=1_000_000, description="Only groups with at least this many members.")] = 2,
+) -> DuplicateGroupsOut:
+    with handle.reader.store.session() as s:
+        run = _latest_dedup_run(s, mode)
+        where = (DuplicateGroup.run_id == run.id, DuplicateGroup.size >= min_size)
+        total = s.scalar(select(func.count(DuplicateGroup.id)).where(*where)) or 0
+        groups = list(s.scalars(select(DuplicateGroup).where(*where).order_by(DuplicateGroup.number)
+                                .offset((page - 1) * per_page).limit(per_page)))
+        members: dict[int, list[DuplicateMember]] = {g.id: [] for g in groups}
+        if groups:
+            for m in s.scalars(select(DuplicateMember).where(DuplicateMember.group_id.in_(list(members)))
+                               .order_by(DuplicateMember.group_id, DuplicateMember.similarity.desc())):
+                members[m.group_id].append(m)
+        live = set(s.scalars(select(Image.id).where(Image.id.in_(
+            [m.image_id for ms in members.values() for m in ms if m.image_id is not None])))) if groups else set()
+    return DuplicateGroupsOut(
+        run_id=run.id, mode=run.mode, params=run.params, counts=run.counts, finished_at=run.finished_at,
+        page=page, per_page=per_page, total_groups=total,
+        groups=[DuplicateGroupOut(
+            number=g.number, size=g.size, representative_id=g.representative_id,
+            reasons=[r for r in g.reasons.split(",") if r], weakest_edge=g.weakest_edge, min_pairwise=g.min_pairwise,
+            touches_reference=g.touches_reference,
+            members=[GroupMemberOut(
+                image_id=m.image_id, path=m.path if not m.is_reference else m.path.rsplit("/", 1)[-1],
+                is_reference=m.is_reference, action=m.action, similarity=m.similarity, reason=m.reason,
+                thumbnail_url=f"/images/{m.image_id}/thumbnail" if m.image_id in live else None)
+                for m in members[g.id]],
+        ) for g in groups],
+    )
+
+
+def _latest_cluster_run(session) -> ClusterRun:  # noqa: ANN001
+    run = session.scalar(select(ClusterRun).where(ClusterRun.status == "completed")
+                         .order_by(ClusterRun.id.desc()).limit(1))
+    if run is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no clustering run yet: run `retrieval cluster` on this index")
+    return run
+
+
+@router.get("/clusters", response_model=ClustersOut, responses=ERRORS,
+            summary="Clusters of the latest `retrieval cluster` run, largest first")
+def clusters(handle: ReaderDep, page: Page = 1, per_page: PerPage = 100) -> ClustersOut:
+    with handle.reader.store.session() as s:
+        run = _latest_cluster_run(s)
+    sizes = list(enumerate(run.sizes or []))
+    sizes.sort(key=lambda cs: (-cs[1], cs[0]))
+    chunk = sizes[(page - 1) * per_page: page * per_page]
+    return ClustersOut(run_id=run.id, k=run.k, n_images=run.n_images, finished_at=run.finished_at, page=page,
+                       per_page=per_page,
+                       clusters=[ClusterSummaryOut(cluster=c, size=n, url=f"/clusters/{c}") for c, n in chunk])
+
+
+@router.get("/clusters/{cluster}", response_model=ClusterOut, responses=ERRORS,
+            summary="Members of one cluster, nearest the centroid first")
+def cluster_members(handle: ReaderDep, cluster: Annotated[int, Path(ge=0, le=10_000_000)],
+                    page: Page = 1, per_page: PerPage = 100) -> ClusterOut:
+    with handle.reader.store.session() as s:
+        run = _latest_cluster_run(s)
+        if cluster >= run.k:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such cluster in the latest clustering run")
+        rows = s.execute(
+            select(ClusterAssignment, Image.path).join(Image, Image.id == ClusterAssignment.image_id)
+            .where(ClusterAssignment.run_id == run.id, ClusterAssignment.cluster == cluster)
+            .order_by(ClusterAssignment.rank).offset((page - 1) * per_page).limit(per_page)).all()
+    size = (run.sizes or [0] * run.k)[cluster]
+    return ClusterOut(run_id=run.id, cluster=cluster, size=size, page=page, per_page=per_page,
+                      members=[ClusterMemberOut(id=a.image_id, path=path, distance=round(a.distance, 6), rank=a.rank,
+                                                thumbnail_url=f"/images/{a.image_id}/thumbnail") for a, path in rows])

@@ -1,0 +1,176 @@
+"""`retrieval cluster`: spherical k-means (FAISS) over all stored embeddings, stored per run.
+
+Training uses at most k * MAX_POINTS_PER_CENTROID vectors (a seeded sample, read by id from the
+memory-mapped store), then every image is assigned to its nearest centroid in bounded batches.
+Default k = round(sqrt(N)), capped at 100,000 (the paper's count for 1.2B images).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from retrieval.curation.dedup import fingerprint
+from retrieval.errors import RetrievalError
+from retrieval.search import IndexReader
+from retrieval.store import ClusterAssignment, ClusterRun, Image, utcnow
+
+logger = logging.getLogger(__name__)
+
+MAX_K = 100_000
+MAX_POINTS_PER_CENTROID = 256
+ASSIGN_BATCH = 65_536
+
+
+def default_k(n: int) -> int:
+    return max(1, min(MAX_K, round(math.sqrt(n))))
+
+
+@dataclass
+class ClusterOutcome:
+    run_id: int
+    k: int
+    n_images: int
+    reused: bool
+    sizes: list[int]
+
+
+def spherical_kmeans(train: np.ndarray, k: int, niter: int = 20, seed: int = 0) -> np.ndarray:
+    """Unit-norm centroids of `train` (float32, L2-normalised rows)."""
+    import faiss
+
+    km = faiss.Kmeans(train.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=False,
+                      max_points_per_centroid=MAX_POINTS_PER_CENTROID, min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(train, dtype=np.float32))
+    c = km.centroids.astype(np.float32)
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def assign(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster, cosine distance) of each row: the centroid of highest cosine, exact."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    sims, labels = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return labels[:, 0].astype(np.int64), (1.0 - sims[:, 0]).astype(np.float32)
+
+
+def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, seed: int = 0,
+                   force: bool = False, progress: bool = False) -> ClusterOutcome:
+    from tqdm import tqdm
+
+    with reader.store.session() as s:
+        ids = np.fromiter(s.scalars(select(Image.id).order_by(Image.id)), dtype=np.int64)
+    n = len(ids)
+    if n == 0:
+        raise RetrievalError("the index holds no embeddings; run `retrieval index CORPUS` first")
+    k = default_k(n) if k is None else k
+    if k < 1:
+        raise RetrievalError(f"-k must be at least 1, got {k}")
+    if k > n:
+        raise RetrievalError(f"-k {k} is larger than the number of indexed images ({n})")
+    params = {"k": k, "niter": niter, "seed": seed, "spherical": True}
+    fp = fingerprint(reader, params)
+    if not force:
+        with reader.store.session() as s:
+            old = s.scalar(select(ClusterRun).where(ClusterRun.fingerprint == fp, ClusterRun.status == "completed")
+                           .order_by(ClusterRun.id.desc()).limit(1))
+        if old is not None:
+            return ClusterOutcome(old.id, old.k, old.n_images, True, list(old.sizes or []))
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(ids, size=min(n, k * MAX_POINTS_PER_CENTROID), replace=False))
+    centroids = spherical_kmeans(reader.vectors.read(sample), k, niter, seed)
+    labels, dists = [], []
+    for start in tqdm(range(0, n, ASSIGN_BATCH), desc="assigning", disable=not progress):
+        lab, dist = assign(reader.vectors.read(ids[start : start + ASSIGN_BATCH]), centroids)
+        labels.append(lab)
+        dists.append(dist)
+    label, dist = np.concatenate(labels), np.concatenate(dists)
+    order = np.lexsort((ids, dist, label))  # by cluster, nearest first
+    rank = np.empty(n, np.int64)
+    starts = np.searchsorted(label[order], np.arange(k))
+    rank[order] = np.arange(n) - np.repeat(starts, np.bincount(label, minlength=k))
+    sizes = np.bincount(label, minlength=k).tolist()
+    with reader.store.session() as s, s.begin():
+        run = ClusterRun(status="running", k=k, n_images=n, fingerprint=fp, params=params)
+        s.add(run)
+        s.flush()
+        run_id = run.id
+    centroid_file = reader.layout.root / "clusters" / f"run{run_id}_centroids.npy"
+    centroid_file.parent.mkdir(parents=True, exist_ok=True)
+    np.save(centroid_file, centroids)
+    with reader.store.session() as s, s.begin():
+        for start in range(0, n, 50_000):
+            sl = slice(start, start + 50_000)
+            s.execute(ClusterAssignment.__table__.insert(), [
+                {"run_id": run_id, "image_id": int(i), "cluster": int(c), "distance": float(d), "rank": int(r)}
+                for i, c, d, r in zip(ids[sl], label[sl], dist[sl], rank[sl])])
+        row = s.get(ClusterRun, run_id)
+        assert row is not None
+        row.status, row.finished_at, row.sizes = "completed", utcnow(), sizes
+        row.params = {**params, "centroids": str(centroid_file)}
+    return ClusterOutcome(run_id, k, n, False, sizes)
+
+
+def load_centroids(reader: IndexReader, run_id: int) -> np.ndarray:
+    with reader.store.session() as s:
+        run = s.get(ClusterRun, run_id)
+    if run is None or run.status != "completed":
+        raise RetrievalError(f"no completed clustering run {run_id}; run `retrieval cluster` first")
+    return np.load(run.params["centroids"])
+
+
+def latest_run(reader: IndexReader) -> int | None:
+    with reader.store.session() as s:
+        return s.scalar(select(ClusterRun.id).where(ClusterRun.status == "completed").order_by(ClusterRun.id.desc()))
+
+
+def members(reader: IndexReader, run_id: int, cluster: int, limit: int | None = None) -> list[tuple[int, str, float]]:
+    """(image id, path, distance) of one cluster, nearest the centroid first."""
+    with reader.store.session() as s:
+        q = (select(ClusterAssignment.image_id, Image.path, ClusterAssignment.distance)
+             .join(Image, Image.id == ClusterAssignment.image_id)
+             .where(ClusterAssignment.run_id == run_id, ClusterAssignment.cluster == cluster)
+             .order_by(ClusterAssignment.rank))
+        if limit:
+            q = q.limit(limit)
+        return [(int(a), b, float(c)) for a, b, c in s.execute(q).all()]
+
+
+def write_cluster_report(reader: IndexReader, outcome: ClusterOutcome, out_dir: Path, max_pixels: int,
+                         per_cluster: int = 12, progress: bool = False) -> Path:
+    """clusters.json (sizes, nearest members) and clusters.html (a mosaic per cluster, largest first)."""
+    from retrieval.curation.report import Thumbnailer, write_grid_report
+    from retrieval.layout import atomic_write_bytes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thumbs = Thumbnailer(out_dir, max_pixels)
+    items, listing = [], []
+    for c in sorted(range(outcome.k), key=lambda c: -outcome.sizes[c]):
+        near = members(reader, outcome.run_id, c, per_cluster)
+        listing.append({"cluster": c, "size": outcome.sizes[c], "nearest": [{"image_id": i, "path": p,
+                                                                               "distance": round(d, 6)}
+                                                                              for i, p, d in near]})
+        items.append({"id": c, "title": f"cluster {c}: {outcome.sizes[c]} images",
+                      "detail": "nearest the centroid first; score = cosine distance",
+                      "cells": [{"src": thumbs.src(f"i{i}", reader.corpus_root / p), "path": p, "score": d}
+                                for i, p, d in near]})
+    thumbs.write_all(progress)
+    doc = {"schema": "retrieval.clusters", "schema_version": 1, "run_id": outcome.run_id, "k": outcome.k,
+           "n_images": outcome.n_images, "clusters": listing}
+    atomic_write_bytes(out_dir / "clusters.json", json.dumps(doc, indent=1).encode())
+    summary: dict[str, Any] = {"run": outcome.run_id, "k": outcome.k, "images": outcome.n_images,
+                               "largest cluster": max(outcome.sizes), "smallest cluster": min(outcome.sizes),
+                               "empty clusters": sum(1 for x in outcome.sizes if x == 0)}
+    path = out_dir / "clusters.html"
+    write_grid_report(path, f"Clusters (run {outcome.run_id})", summary, items,
+                      "Spherical k-means over the stored embeddings; each mosaic shows the members nearest the centroid.")
+    return path

@@ -1,0 +1,176 @@
+"""`retrieval curate`: retrieval-based curation from a query folder (DINOv2 paper, A.3).
+
+* sample: the k nearest corpus images of every query (paper: 4); an image retrieved by several
+  queries counts once and the collisions are reported;
+* cluster: for small query sets, from every cluster (of a `retrieval cluster` run) holding more
+  than `min_queries` query images, sample up to M images (paper: 10,000), at most `max_images`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from retrieval.curation.graph import is_exact_index, search_exact_topk
+from retrieval.errors import RetrievalError
+from retrieval.search import IndexReader
+from retrieval.store import ClusterAssignment, CurationItem, CurationRun, Image, utcnow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CurateOptions:
+    queries: Path
+    mode: str = "sample"
+    k: int = 4
+    per_cluster: int = 10_000
+    min_queries: int = 3
+    max_images: int = 1_000_000
+    cluster_run: int | None = None
+    seed: int = 0
+    progress: bool = False
+    max_pixels: int = 89_478_485
+    batch_size: int = 32
+    workers: int = 0
+
+
+@dataclass
+class CurateOutcome:
+    run_id: int
+    counts: dict[str, Any]
+    items: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def sample_based(query_paths: list[str], sims: np.ndarray, nbrs: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Unique images from per-query top-k lists, each with its best query and how often it was retrieved."""
+    best: dict[int, dict[str, Any]] = {}
+    retrieved = 0
+    for q, (row_s, row_n) in enumerate(zip(sims, nbrs)):
+        for s, i in zip(row_s.tolist(), row_n.tolist()):
+            if i < 0:
+                continue
+            retrieved += 1
+            item = best.get(i)
+            if item is None:
+                best[i] = {"image_id": i, "how": "sample", "query": query_paths[q], "score": float(s), "times_retrieved": 1}
+            else:
+                item["times_retrieved"] += 1
+                if s > item["score"]:
+                    item["query"], item["score"] = query_paths[q], float(s)
+    items = sorted(best.values(), key=lambda d: (-d["score"], d["image_id"]))
+    counts = {"retrieved": retrieved, "unique_images": len(items), "collisions": retrieved - len(items),
+              "images_retrieved_more_than_once": sum(1 for d in items if d["times_retrieved"] > 1)}
+    return items, counts
+
+
+def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
+    from retrieval.curation.folders import embed_folder
+
+    if opts.mode not in ("sample", "cluster"):
+        raise RetrievalError(f"--mode must be sample or cluster, got {opts.mode!r}")
+    if opts.k < 1 or opts.per_cluster < 1 or opts.max_images < 1:
+        raise RetrievalError("-k, --per-cluster and --max-images must be at least 1")
+    n = reader.store.count_images()
+    if n == 0:
+        raise RetrievalError("the index holds no embeddings; run `retrieval index CORPUS` first")
+    cluster_run = None
+    if opts.mode == "cluster":
+        from retrieval.curation.clusters import latest_run, load_centroids
+
+        cluster_run = opts.cluster_run or latest_run(reader)
+        if cluster_run is None:
+            raise RetrievalError("--mode cluster needs a clustering run; run `retrieval cluster` first")
+        centroids = load_centroids(reader, cluster_run)
+    q = embed_folder(opts.queries, reader.embedder(), opts.max_pixels, opts.batch_size, opts.workers,
+                     opts.progress, what="query")
+    if not q.paths:
+        raise RetrievalError(f"no usable query image in {opts.queries} ({len(q.failures)} failed)")
+    counts: dict[str, Any] = {"queries": len(q.paths), "queries_failed": len(q.failures), "images": n}
+    if opts.mode == "sample":
+        k = min(opts.k, n)
+        sims, nbrs = search_exact_topk(reader.index, q.vectors, None, k, reader.vectors.read,
+                                       is_exact_index(reader.index))
+        items, c = sample_based(q.paths, sims, nbrs)
+        items = items[: opts.max_images]
+        counts.update(c, k=k)
+    else:
+        from retrieval.curation.clusters import assign
+
+        labels, _ = assign(q.vectors, centroids)
+        per = np.bincount(labels, minlength=len(centroids))
+        chosen = [int(c) for c in np.argsort(-per, kind="stable") if per[c] > opts.min_queries]
+        rng = np.random.default_rng(opts.seed)
+        items = []
+        with reader.store.session() as s:
+            for c in chosen:
+                ids = np.array(s.scalars(select(ClusterAssignment.image_id).where(
+                    ClusterAssignment.run_id == cluster_run, ClusterAssignment.cluster == c)
+                    .order_by(ClusterAssignment.image_id)).all(), dtype=np.int64)
+                take = ids if len(ids) <= opts.per_cluster else np.sort(rng.choice(ids, opts.per_cluster, replace=False))
+                items += [{"image_id": int(i), "how": "cluster", "cluster": c, "query": None, "score": None,
+                           "times_retrieved": int(per[c])} for i in take]
+        capped = len(items) > opts.max_images
+        items = items[: opts.max_images]
+        counts.update(clusters_with_queries=int((per > 0).sum()), clusters_selected=len(chosen),
+                      unique_images=len(items), capped=capped)
+    with reader.store.session() as s:
+        paths = dict(s.execute(select(Image.id, Image.path).where(Image.id.in_([d["image_id"] for d in items]))).all())
+    for d in items:
+        d["path"] = paths.get(d["image_id"], "")
+    params = {"mode": opts.mode, "queries": str(Path(opts.queries).resolve()), "k": opts.k,
+              "per_cluster": opts.per_cluster, "min_queries": opts.min_queries, "max_images": opts.max_images,
+              "seed": opts.seed}
+    with reader.store.session() as s, s.begin():
+        run = CurationRun(status="completed", mode=opts.mode, params=params, counts=counts, query_failures=q.failures,
+                          cluster_run_id=cluster_run, finished_at=utcnow())
+        s.add(run)
+        s.flush()
+        s.add_all([CurationItem(run_id=run.id, image_id=d["image_id"], path=d["path"], how=d["how"], query=d["query"],
+                                score=d["score"], times_retrieved=d["times_retrieved"], cluster=d.get("cluster"))
+                   for d in items])
+        run_id = run.id
+    return CurateOutcome(run_id, counts, items, q.failures)
+
+
+def write_curation_report(reader: IndexReader, outcome: CurateOutcome, out_dir: Path, max_pixels: int,
+                          progress: bool = False, max_rows: int = 2000) -> dict[str, Path]:
+    """curated.txt, manifest.csv, manifest.json and curation.html (rows of up to 12 images per query or cluster)."""
+    from retrieval.curation.report import Thumbnailer, write_grid_report, write_text_lines
+    from retrieval.layout import atomic_write_bytes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {n: out_dir / n for n in ("curated.txt", "manifest.csv", "manifest.json", "curation.html")}
+    write_text_lines(files["curated.txt"], (d["path"] for d in outcome.items))
+    with open(files["manifest.csv"], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "image_id", "how", "query", "score", "times_retrieved", "cluster"])
+        for d in outcome.items:
+            w.writerow([d["path"], d["image_id"], d["how"], d["query"] or "",
+                        "" if d["score"] is None else f"{d['score']:.6f}", d["times_retrieved"],
+                        "" if d.get("cluster") is None else d["cluster"]])
+    atomic_write_bytes(files["manifest.json"], json.dumps({
+        "schema": "retrieval.curation", "schema_version": 1, "run_id": outcome.run_id, "counts": outcome.counts,
+        "query_failures": outcome.failures, "items": outcome.items}, indent=1).encode())
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for d in outcome.items:
+        key = f"query {d['query']}" if d["how"] == "sample" else f"cluster {d['cluster']}"
+        rows.setdefault(key, []).append(d)
+    thumbs = Thumbnailer(out_dir, max_pixels)
+    items = [{"id": i, "title": key, "detail": f"{len(ds)} images",
+              "cells": [{"src": thumbs.src(f"i{d['image_id']}", reader.corpus_root / d["path"]), "path": d["path"],
+                         "score": d["score"], "reason": f"retrieved {d['times_retrieved']}x" if d["how"] == "sample"
+                         else None} for d in ds[:12]]}
+             for i, (key, ds) in enumerate(list(rows.items())[:max_rows])]
+    thumbs.write_all(progress)
+    write_grid_report(files["curation.html"], f"Curation (run {outcome.run_id})", outcome.counts, items,
+                      "Each row: the curated images a query retrieved (best query per image) or a sampled cluster.")
+    return files

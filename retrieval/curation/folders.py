@@ -1,0 +1,81 @@
+"""Embed a folder that is not part of the corpus (reference set, query set), recording broken files.
+
+Reuses the indexer's scanner and decoder; files are decoded in DataLoader workers and embedded
+in batches, exactly as the indexer does, so the vectors are comparable with the stored ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer.decode import DecodeResult, WorkItem, decode_one
+from indexer.scan import scan_corpus
+from retrieval.errors import RetrievalError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FolderEmbedding:
+    """Vectors of the usable files of a folder, in scan order, and the failures with reasons."""
+
+    root: Path
+    paths: list[str] = field(default_factory=list)  # relative to root
+    vectors: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
+    sha256: list[str] = field(default_factory=list)
+    phash: list[int] = field(default_factory=list)  # unsigned 64-bit
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+class _Items:
+    def __init__(self, root: str, items: list[WorkItem], config: Any, max_pixels: int):
+        self.root, self.items, self.config, self.max_pixels = root, items, config, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> DecodeResult:
+        return decode_one(self.root, self.items[i], self.config, self.max_pixels)
+
+
+def _collate(results: list[DecodeResult]) -> list[DecodeResult]:
+    return results
+
+
+def embed_folder(folder: Path, embedder: Any, max_pixels: int, batch_size: int = 32, workers: int = 0,
+                 progress: bool = False, what: str = "folder") -> FolderEmbedding:
+    """Embed every image under `folder`; unreadable or broken files are recorded, never fatal."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RetrievalError(f"{what} folder {folder} does not exist or is not a folder")
+    entries = list(scan_corpus(folder))
+    out = FolderEmbedding(root=folder.resolve())
+    items = [WorkItem(path=e.path, size=e.size, mtime_ns=e.mtime_ns) for e in entries]
+    loader = DataLoader(_Items(str(folder.resolve()), items, embedder.preprocess, max_pixels), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate)
+    parts: list[np.ndarray] = []
+    with tqdm(total=len(items), unit="img", desc=f"embedding {what}", disable=not progress) as bar:
+        for results in loader:
+            good = [r for r in results if r.failure_reason is None and r.pixels is not None]
+            for r in results:
+                if r.failure_reason is not None:
+                    out.failures.append({"path": r.item.path, "kind": r.failure_kind or "corrupt",
+                                         "reason": r.failure_reason})
+            if good:
+                parts.append(embedder.embed(np.stack([r.pixels for r in good])))
+                out.paths += [r.item.path for r in good]
+                out.sha256 += [r.sha256 or "" for r in good]
+                out.phash += [r.phash for r in good]
+            bar.update(len(results))
+    out.vectors = np.concatenate(parts) if parts else np.empty((0, embedder.dim), np.float32)
+    for f in out.failures:
+        logger.warning("%s file %s skipped: %s", what, f["path"], f["reason"])
+    return out

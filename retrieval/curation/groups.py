@@ -1,0 +1,180 @@
+"""From graph edges to reviewed duplicate groups: components, keep policy, chain safety, scores.
+
+Nodes are positions: 0..n-1 are corpus images, n..n+m-1 reference files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from retrieval.curation.graph import Edges
+from retrieval.curation.hashing import hamming
+from retrieval.curation.policy import Candidate, choose
+from retrieval.curation.unionfind import DisjointSet
+
+PAIRWISE_BLOCK = 4096
+
+
+@dataclass
+class Nodes:
+    """Facts about every node; arrays indexed by position."""
+
+    image_id: np.ndarray  # -1 for references
+    path: list[str]
+    sha256: np.ndarray
+    phash: np.ndarray  # signed int64
+    width: np.ndarray
+    height: np.ndarray
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    is_ref: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+    def candidate(self, p: int) -> Candidate:
+        return Candidate(int(self.image_id[p]), self.path[p], int(self.size[p]), int(self.width[p]),
+                         int(self.height[p]), int(self.mtime_ns[p]))
+
+
+@dataclass
+class Member:
+    pos: int
+    action: str  # keep or remove
+    similarity: float  # exact cosine to the representative (to the nearest reference in reference groups)
+    reason: str  # representative, exact, phash, embedding, reference
+
+
+@dataclass
+class Group:
+    members: list[Member]
+    representative: int | None  # position; None when a reference wins
+    weakest_edge: float
+    min_pairwise: float
+    touches_reference: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def components(n_nodes: int, edges: Edges) -> list[np.ndarray]:
+    ds = DisjointSet(n_nodes)
+    ds.union_many(edges.src, edges.dst)
+    return ds.components(min_size=2)
+
+
+def weakest_edge(nodes: np.ndarray, edges: Edges) -> float:
+    """The bottleneck of the group: the lowest similarity on its maximum spanning tree."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    if len(nodes) < 2 or not len(edges):
+        return 1.0
+    local = {int(p): i for i, p in enumerate(nodes)}
+    a = np.array([local[int(x)] for x in edges.src])
+    b = np.array([local[int(x)] for x in edges.dst])
+    w = 2.0 - edges.sim.astype(np.float64)  # positive weights; the minimum tree of 2-s is the maximum tree of s
+    mst = minimum_spanning_tree(coo_matrix((w, (a, b)), shape=(len(nodes), len(nodes))))
+    return float(2.0 - mst.data.max()) if mst.nnz else 1.0
+
+
+def min_pairwise(vectors: np.ndarray) -> float:
+    """Lowest cosine between any two rows, in blocks so a big group stays in bounded memory."""
+    if len(vectors) < 2:
+        return 1.0
+    low = np.inf
+    for start in range(0, len(vectors), PAIRWISE_BLOCK):
+        block = vectors[start : start + PAIRWISE_BLOCK] @ vectors.T
+        for i in range(len(block)):
+            block[i, start + i] = np.inf
+        low = min(low, float(block.min()))
+    return min(low, 1.0)
+
+
+def _member_reason(nodes: Nodes, p: int, rep: int, phash_distance: int) -> str:
+    if nodes.sha256[p] == nodes.sha256[rep]:
+        return "exact"
+    if phash_distance >= 0 and hamming(int(nodes.phash[p]), int(nodes.phash[rep])) <= phash_distance:
+        return "phash"
+    return "embedding"
+
+
+def _sub_edges(edges: Edges, keep: np.ndarray) -> Edges:
+    mask = np.isin(edges.src, keep) & np.isin(edges.dst, keep)
+    return Edges(edges.src[mask], edges.dst[mask], edges.sim[mask])
+
+
+def build_groups(nodes: Nodes, edges: Edges, vectors_of: Callable[[np.ndarray], np.ndarray], policy: str,
+                 phash_distance: int, max_group_diameter: float | None = None,
+                 exact_links: set[tuple[int, int]] | None = None) -> list[Group]:
+    """Components of the graph, each split until every member is within the diameter of its representative."""
+    edges = edges.canonical()
+    comps = components(len(nodes), edges)
+    if not comps:
+        return []
+    labels = np.full(len(nodes), -1, dtype=np.int64)
+    for i, c in enumerate(comps):
+        labels[c] = i
+    order = np.argsort(labels[edges.src], kind="stable")
+    edge_labels = labels[edges.src][order]
+    bounds = np.searchsorted(edge_labels, np.arange(len(comps) + 1))
+    groups: list[Group] = []
+    for i, comp in enumerate(comps):
+        sel = order[bounds[i] : bounds[i + 1]]
+        todo = [(np.sort(comp), Edges(edges.src[sel], edges.dst[sel], edges.sim[sel]))]
+        while todo:
+            members, sub = todo.pop()
+            group, rest = _one_group(nodes, members, sub, vectors_of, policy, phash_distance, max_group_diameter,
+                                     exact_links or set())
+            if group.members:
+                groups.append(group)
+            if len(rest):
+                rest_edges = _sub_edges(sub, rest)
+                for c in components(len(nodes), rest_edges) if len(rest_edges) else []:
+                    todo.append((np.sort(c), _sub_edges(rest_edges, c)))
+    groups.sort(key=lambda g: (-len(g.members), min(m.pos for m in g.members)))
+    return groups
+
+
+def _one_group(nodes: Nodes, members: np.ndarray, sub: Edges, vectors_of: Callable[[np.ndarray], np.ndarray],
+               policy: str, phash_distance: int, max_diameter: float | None,
+               exact_links: set[tuple[int, int]]) -> tuple[Group, np.ndarray]:
+    vecs = vectors_of(members)
+    refs = members[nodes.is_ref[members]]
+    touches = len(refs) > 0
+    if touches:
+        ref_rows = np.flatnonzero(nodes.is_ref[members])
+        sims = np.minimum((vecs @ vecs[ref_rows].T).max(axis=1), 1.0)
+        rep = None
+    else:
+        rep = choose([nodes.candidate(int(p)) for p in members], policy)
+        rep_pos = int(members[[nodes.image_id[p] == rep.id for p in members].index(True)])
+        sims = np.minimum(vecs @ vecs[int(np.flatnonzero(members == rep_pos)[0])], 1.0)
+        rep = rep_pos
+    rest = np.empty(0, np.int64)
+    if max_diameter is not None:
+        far = (1.0 - sims) > max_diameter
+        if touches:
+            far &= ~nodes.is_ref[members]
+        else:
+            far &= members != rep
+        rest, members, vecs, sims = members[far], members[~far], vecs[~far], sims[~far]
+        sub = _sub_edges(sub, members)
+    out: list[Member] = []
+    for p, s in zip(members.tolist(), sims.tolist()):
+        if nodes.is_ref[p]:
+            out.append(Member(p, "keep", 1.0, "reference"))
+        elif touches:
+            out.append(Member(p, "remove", float(s), "reference"))
+        elif p == rep:
+            out.append(Member(p, "keep", 1.0, "representative"))
+        else:
+            linked = (min(p, rep), max(p, rep)) in exact_links
+            out.append(Member(p, "remove", float(s), "exact" if linked else _member_reason(nodes, p, rep, phash_distance)))
+    if len(out) < 2:  # everything else split off: a single image is not a group
+        out = []
+    group = Group(members=out, representative=rep, weakest_edge=weakest_edge(members, sub) if out else 1.0,
+                  min_pairwise=min_pairwise(vecs) if out else 1.0, touches_reference=touches,
+                  reasons=sorted({m.reason for m in out if m.action == "remove"}))
+    return group, rest

@@ -1,0 +1,122 @@
+"""Exact and near-exact duplicates from what the indexer stored: sha256, decoded pixels, pHash.
+
+* exact bytes: equal sha256;
+* identical pixels (a PNG and a lossless re-save, different metadata): only images that already
+  share pHash and size can have identical pixels, so only those are decoded and hashed;
+* near-exact: 64-bit DCT pHash within a Hamming radius, by FAISS binary range search in batches
+  (exact, bounded memory). The paper uses a PCA hash at this stage; pHash is what we store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.curation.graph import Edges
+
+logger = logging.getLogger(__name__)
+
+# Default pHash radius. imagededup defaults to 10 for its 64-bit pHash; we take 8. Re-encoding and
+# resizing move the hash by 0-4 bits, while plain or gradient images that merely share a layout
+# start to collide around 10. This stage has no embedding check behind it, so the conservative
+# side is right; `retrieval calibrate` prints the measured distances per transform.
+DEFAULT_PHASH_DISTANCE = 8
+PHASH_BATCH = 65_536
+
+
+def group_edges(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A star of edges (first id -> each other id) for every run of equal keys."""
+    order = np.lexsort((ids, keys))
+    k, i = keys[order], ids[order]
+    starts = np.r_[True, k[1:] != k[:-1]]
+    head = np.maximum.accumulate(np.where(starts, np.arange(len(k)), 0))
+    first = i[head]
+    mask = ~starts
+    return first[mask], i[mask]
+
+
+def sha256_edges(ids: np.ndarray, sha256: np.ndarray) -> Edges:
+    """Edges between images with identical bytes."""
+    if len(ids) == 0:
+        return Edges.empty()
+    _, codes = np.unique(sha256, return_inverse=True)
+    a, b = group_edges(codes.astype(np.int64), ids)
+    return Edges(a, b, np.ones(len(a), np.float32))
+
+
+def phash_codes(phash_signed: np.ndarray) -> np.ndarray:
+    """Signed int64 pHash values (as stored) -> (n, 8) uint8 big-endian codes for FAISS binary indexes."""
+    return np.ascontiguousarray(np.asarray(phash_signed, dtype=np.int64).astype(">i8").view(np.uint8).reshape(-1, 8))
+
+
+def phash_edges(ids: np.ndarray, phash_signed: np.ndarray, max_distance: int, batch: int = PHASH_BATCH,
+                progress: bool = False) -> Edges:
+    """Pairs whose pHash Hamming distance is <= max_distance (exact)."""
+    import faiss
+    from tqdm import tqdm
+
+    if len(ids) < 2 or max_distance < 0:
+        return Edges.empty()
+    codes = phash_codes(phash_signed)
+    index = faiss.IndexBinaryFlat(64)
+    index.add(codes)
+    src, dst = [], []
+    for start in tqdm(range(0, len(ids), batch), desc="pHash", unit="batch", disable=not progress):
+        # range_search keeps distances < radius
+        lims, _, labels = index.range_search(codes[start : start + batch], max_distance + 1)
+        counts = np.diff(lims).astype(np.int64)
+        labels = labels.astype(np.int64)
+        rows = np.repeat(np.arange(start, start + len(counts)), counts)
+        keep = labels > rows
+        src.append(ids[rows[keep]])
+        dst.append(ids[labels[keep]])
+    a = np.concatenate(src) if src else np.empty(0, np.int64)
+    b = np.concatenate(dst) if dst else np.empty(0, np.int64)
+    return Edges(a, b, np.ones(len(a), np.float32)).canonical()
+
+
+def hamming(a: int, b: int) -> int:
+    return bin((a ^ b) & ((1 << 64) - 1)).count("1")
+
+
+def pixel_digest(path: Path, max_pixels: int) -> str | None:
+    """sha256 of the decoded RGB pixels and size, or None when the file cannot be decoded now."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                return None
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
+            h = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode())
+            h.update(rgb.tobytes())
+            return h.hexdigest()
+    except Exception:  # noqa: BLE001 - a file changed or broken since indexing is simply not matched
+        return None
+
+
+def pixel_edges(root: Path, ids: np.ndarray, paths: list[str], sha256: np.ndarray, phash_signed: np.ndarray,
+                width: np.ndarray, height: np.ndarray, max_pixels: int) -> Edges:
+    """Edges between images with different bytes but identical decoded pixels."""
+    key = np.stack([phash_signed, width.astype(np.int64), height.astype(np.int64)], axis=1)
+    _, codes, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    codes = codes.reshape(-1)
+    candidates = np.flatnonzero(counts[codes] > 1)
+    if len(candidates) == 0:
+        return Edges.empty()
+    # Candidates with a unique sha within their key need decoding; byte-identical ones are already linked.
+    digests: dict[int, str] = {}
+    for pos in candidates:
+        d = pixel_digest(root / paths[pos], max_pixels)
+        if d is not None:
+            digests[int(pos)] = d
+    if not digests:
+        return Edges.empty()
+    pos = np.array(sorted(digests))
+    _, dcodes = np.unique([digests[p] for p in pos], return_inverse=True)
+    a, b = group_edges(dcodes.astype(np.int64), ids[pos])
+    same_bytes = sha256[np.searchsorted(ids, a)] == sha256[np.searchsorted(ids, b)]
+    return Edges(a[~same_bytes], b[~same_bytes], np.ones(int((~same_bytes).sum()), np.float32))

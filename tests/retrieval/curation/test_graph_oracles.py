@@ -1,0 +1,149 @@
+"""Oracle tests on seeded synthetic vectors: union-find, the k-NN graph, groups and chain safety."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval import ann
+from retrieval.curation.graph import Edges, brute_force_edges, knn_edges
+from retrieval.curation.groups import Nodes, build_groups, components
+from retrieval.curation.hashing import phash_codes, phash_edges, hamming
+from retrieval.curation.unionfind import DisjointSet
+
+
+def planted_vectors(n: int, dim: int, n_groups: int, per_group: int, noise: float, seed: int) -> np.ndarray:
+    """Random unit vectors; the first n_groups * per_group rows form tight groups (copies with noise)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    for g in range(n_groups):
+        base = x[g * per_group]
+        for j in range(1, per_group):
+            x[g * per_group + j] = base + rng.normal(0, noise, dim)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _canon(labels: np.ndarray) -> set[frozenset[int]]:
+    out: dict[int, set[int]] = {}
+    for i, l in enumerate(labels):
+        out.setdefault(int(l), set()).add(i)
+    return {frozenset(s) for s in out.values()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_union_find_equals_scipy_connected_components(seed: int) -> None:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(seed)
+    n, m = 2000, 1500
+    a, b = rng.integers(0, n, m), rng.integers(0, n, m)
+    ds = DisjointSet(n)
+    ds.union_many(a, b)
+    _, labels = connected_components(coo_matrix((np.ones(m), (a, b)), shape=(n, n)), directed=False)
+    assert _canon(ds.labels()) == _canon(labels)
+    comps = ds.components(min_size=2)
+    assert {frozenset(c.tolist()) for c in comps} == {s for s in _canon(labels) if len(s) >= 2}
+    assert [len(c) for c in comps] == sorted((len(c) for c in comps), reverse=True)
+
+
+def _index(x: np.ndarray, ids: np.ndarray, factory: str) -> object:
+    spec = ann.IndexSpec(kind="custom", factory=factory, n=len(x), dim=x.shape[1])
+    index = ann.new_index(spec)
+    index.train(x)
+    ann.add(index, ids, x)
+    return index
+
+
+@pytest.mark.parametrize("factory", ["IDMap2,Flat", "IVF16,PQ8"])
+def test_knn_graph_edges_equal_brute_force(factory: str) -> None:
+    n, dim = 1200, 32
+    x = planted_vectors(n, dim, n_groups=40, per_group=4, noise=0.08, seed=3)
+    ids = np.arange(n, dtype=np.int64) * 3 + 5  # sparse ids, like an index after deletions
+    rows = {int(i): r for r, i in enumerate(ids)}
+    read = lambda q: x[[rows[int(i)] for i in q]]  # noqa: E731
+    index = _index(x, ids, factory)
+    ann.set_nprobe(index, 16)  # all lists: candidates are complete, scores are re-ranked exactly
+    for k, threshold in [(64, 0.8), (2, 0.8), (5, 0.5)]:
+        got = knn_edges(index, ids, read, k, threshold, batch=256)
+        want = brute_force_edges(ids, x, threshold, k=k)
+        assert len(want) > 0
+        assert set(zip(got.src.tolist(), got.dst.tolist())) == set(zip(want.src.tolist(), want.dst.tolist()))
+        np.testing.assert_allclose(got.sim, want.sim, atol=1e-5)
+    # k >= group size - 1: the k-NN graph holds every pair above the threshold
+    got = knn_edges(index, ids, read, 64, 0.8)
+    every = brute_force_edges(ids, x, 0.8)
+    assert set(zip(got.src.tolist(), got.dst.tolist())) == set(zip(every.src.tolist(), every.dst.tolist()))
+
+
+def _nodes(n: int, n_ref: int = 0, width: np.ndarray | None = None) -> Nodes:
+    total = n + n_ref
+    return Nodes(image_id=np.r_[np.arange(n), -np.ones(n_ref, np.int64)], path=[f"p{i:04d}.jpg" for i in range(total)],
+                 sha256=np.array([f"s{i}" for i in range(total)], dtype=object),
+                 phash=np.arange(total, dtype=np.int64) * 0x0F0F0F0F0F0F0F, width=width if width is not None else np.full(total, 100),
+                 height=np.full(total, 100), size=np.full(total, 1000), mtime_ns=np.arange(total),
+                 is_ref=np.r_[np.zeros(n, bool), np.ones(n_ref, bool)])
+
+
+def test_groups_equal_brute_force_components_and_policy_picks_representative() -> None:
+    n = 300
+    x = planted_vectors(n, 16, n_groups=30, per_group=3, noise=0.05, seed=4)
+    ids = np.arange(n)
+    edges = brute_force_edges(ids, x, 0.9)
+    width = np.random.default_rng(0).integers(50, 500, n)
+    groups = build_groups(_nodes(n, width=width), edges, lambda p: x[p], "highest-resolution", phash_distance=-1)
+    want = {frozenset(c.tolist()) for c in components(n, edges)}
+    assert {frozenset(m.pos for m in g.members) for g in groups} == want
+    for g in groups:
+        kept = [m.pos for m in g.members if m.action == "keep"]
+        assert kept == [max((m.pos for m in g.members), key=lambda p: (width[p], -p))]
+        assert all(m.reason == "embedding" for m in g.members if m.action == "remove")
+
+
+def test_relative_dedup_removes_whole_components_touching_a_reference() -> None:
+    # chain 0-1-2-3 touches reference 6 through node 3 only; 4-5 does not touch a reference
+    n, n_ref = 6, 1
+    edges = Edges(np.array([0, 1, 2, 4, 3]), np.array([1, 2, 3, 5, 6]), np.full(5, 0.95, np.float32))
+    x = planted_vectors(7, 8, 0, 0, 0, seed=5)
+    groups = build_groups(_nodes(n, n_ref), edges, lambda p: x[p], "first", phash_distance=-1)
+    ref_groups = [g for g in groups if g.touches_reference]
+    assert len(ref_groups) == 1
+    g = ref_groups[0]
+    assert {m.pos: m.action for m in g.members} == {0: "remove", 1: "remove", 2: "remove", 3: "remove", 6: "keep"}
+    assert g.representative is None and all(m.reason == "reference" for m in g.members)
+    other = [g for g in groups if not g.touches_reference][0]
+    assert {m.pos: m.action for m in other.members} == {4: "keep", 5: "remove"}
+
+
+def test_chain_safety_reports_and_splits_chained_groups() -> None:
+    # a -> b -> c where a and c are dissimilar: one component, weak min pairwise similarity
+    a = np.array([1.0, 0.0, 0.0], np.float32)
+    c = np.array([0.0, 1.0, 0.0], np.float32)
+    b = (a + c) / np.linalg.norm(a + c)
+    x = np.stack([a, b, c])
+    edges = brute_force_edges(np.arange(3), x, 0.7)
+    assert len(edges) == 2
+    [g] = build_groups(_nodes(3), edges, lambda p: x[p], "first", phash_distance=-1)
+    assert len(g.members) == 3
+    assert g.weakest_edge == pytest.approx(np.sqrt(0.5), abs=1e-5)
+    assert g.min_pairwise == pytest.approx(0.0, abs=1e-6)
+    # with a diameter of 0.35 (cos >= 0.65 to the representative 0) node 2 is split off and, alone, is no group
+    [g] = build_groups(_nodes(3), edges, lambda p: x[p], "first", phash_distance=-1, max_group_diameter=0.35)
+    assert {m.pos for m in g.members} == {0, 1}
+    assert g.min_pairwise == pytest.approx(np.sqrt(0.5), abs=1e-5)
+
+
+def test_phash_edges_equal_brute_force_hamming() -> None:
+    rng = np.random.default_rng(6)
+    base = rng.integers(-(1 << 63), (1 << 63) - 1, 300, dtype=np.int64)
+    # plant near copies: flip 0..6 bits of the first 40 hashes
+    copies = base[:40].copy()
+    for i in range(40):
+        for bit in rng.choice(64, size=i % 7, replace=False):
+            copies[i] ^= np.int64(1) << np.int64(bit) if bit < 63 else np.int64(-(1 << 63))
+    h = np.r_[base, copies]
+    ids = np.arange(len(h), dtype=np.int64)
+    got = phash_edges(ids, h, 5, batch=64)
+    want = {(i, j) for i in range(len(h)) for j in range(i + 1, len(h)) if hamming(int(h[i]), int(h[j])) <= 5}
+    assert set(zip(got.src.tolist(), got.dst.tolist())) == want and len(want) >= 30
+    assert phash_codes(np.array([1], np.int64)).tolist() == [[0, 0, 0, 0, 0, 0, 0, 1]]
