@@ -196,7 +196,9 @@ async def embed_upload(state: AppState, handle: ReaderHandle, data: bytes) -> np
         pixels = await run_in_threadpool(prepare)
     except ImageDecodeError as exc:
         raise decode_error(exc) from None
-    vector = await state.batcher.embed(fn, pixels)
-    if vector.shape[-1] != handle.reader.dim:
+    if embedder.fingerprint != handle.reader.meta.get("model_fingerprint"):
+        # The reader this request holds was built with another model than the one now loaded
+        # (a re-index with a new model happened meanwhile): its vectors are not comparable.
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the index changed its model; try again")
+    vector = await state.batcher.embed(fn, pixels)
     return vector

@@ -8,6 +8,7 @@ started with (see `acquire`), and a retired reader is closed when its last reque
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from api.settings import ApiSettings
 from retrieval.errors import ModelLoadError, RetrievalError
 from retrieval.layout import IndexLayout
 from retrieval.search import IndexReader
-from retrieval.store import IndexRun
+from retrieval.store import IndexRun, Meta
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,10 @@ logger = logging.getLogger(__name__)
 class ReaderHandle:
     """An IndexReader with a count of requests using it, closed once retired and idle."""
 
-    def __init__(self, reader: IndexReader, run_id: int | None, loaded_at: float):
+    def __init__(self, reader: IndexReader, version: tuple[int | None, str | None], loaded_at: float):
         self.reader = reader
-        self.run_id = run_id
+        self.version = version
+        self.run_id = version[0]
         self.loaded_at = loaded_at
         self.users = 0
         self.retired = False
@@ -62,9 +64,17 @@ class ReaderHandle:
             self.reader.close()
 
 
-def latest_completed_run(reader: IndexReader) -> int | None:
+def index_version(reader: IndexReader) -> tuple[int | None, str | None]:
+    """(latest completed index run, when the FAISS file was last written).
+
+    The second part changes when `retrieval dedup --apply` drops images from the index without an
+    index run; either change makes the server reopen the index.
+    """
     with reader.store.session() as s:
-        return s.scalar(select(func.max(IndexRun.id)).where(IndexRun.status == "completed"))
+        run_id = s.scalar(select(func.max(IndexRun.id)).where(IndexRun.status == "completed"))
+        meta = s.get(Meta, "index")
+    spec = json.loads(meta.value) if meta is not None else None
+    return run_id, (spec or {}).get("params", {}).get("built_at")
 
 
 class AppState:
@@ -84,12 +94,12 @@ class AppState:
     def _open(self) -> ReaderHandle:
         reader = IndexReader(self.layout, self.settings.db_url, mmap=True)
         try:
-            run_id = latest_completed_run(reader)
+            version = index_version(reader)
             _ = reader.index  # load FAISS now, not in the first request
         except BaseException:
             reader.close()
             raise
-        return ReaderHandle(reader, run_id, time.time())
+        return ReaderHandle(reader, version, time.time())
 
     def load(self) -> None:
         """Open the index and the model (startup; raises when there is no usable index)."""
@@ -132,11 +142,11 @@ class AppState:
             self._last_check = now
             current = self.handle
             try:
-                latest = latest_completed_run(current.reader)
+                latest = index_version(current.reader)
             except Exception:  # noqa: BLE001 - a busy or vanished DB must not fail the request
                 logger.warning("could not check for a new index run", exc_info=True)
                 return False
-            if latest is None or latest == current.run_id:
+            if latest[0] is None or latest == current.version:
                 return False
             try:
                 fresh = self._open()

@@ -28,10 +28,23 @@ def _check_host(host: str, port: int, allow_private: bool) -> None:
     except (socket.gaierror, UnicodeError):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL's host cannot be resolved") from None
     for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not allow_private and (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast
-                                  or addr.is_reserved or addr.is_unspecified):
+        if not allow_private and not _is_public(ipaddress.ip_address(info[4][0].split("%")[0])):
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL points to a private or local address")
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally routable, also for IPv4 wrapped in IPv6 (mapped, NAT64, 6to4) and CGNAT (100.64/10)."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return _is_public(addr.ipv4_mapped)
+        if addr in _NAT64:
+            return _is_public(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+        if addr.sixtofour is not None:
+            return _is_public(addr.sixtofour)
+    return addr.is_global and not addr.is_multicast
 
 
 def fetch_image_url(url: str, max_bytes: int, timeout_s: float, allow_private: bool) -> bytes:
@@ -61,7 +74,7 @@ def fetch_image_url(url: str, max_bytes: int, timeout_s: float, allow_private: b
                 if declared and declared.isdigit() and int(declared) > max_bytes:
                     raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
                 chunks, size = [], 0
-                for chunk in response.iter_bytes(65_536):
+                for chunk in response.iter_raw():  # yields as data arrives: a slow drip meets the deadline
                     size += len(chunk)
                     if size > max_bytes:
                         raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")

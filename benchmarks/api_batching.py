@@ -61,9 +61,13 @@ async def _load(url: str, clients: int, seconds: float, make_request) -> dict[st
         nonlocal errors
         while time.perf_counter() < stop:
             t = time.perf_counter()
-            r = await make_request(client)
-            if r.status_code != 200:
+            try:
+                ok = (await make_request(client)).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if not ok:
                 errors += 1
+                continue
             latencies.append(time.perf_counter() - t)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -104,3 +105,27 @@ def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: 
         format=decoded.format,
         phash=phash,
     )
+
+
+class DecodeDataset:
+    """Map-style dataset: index -> DecodeResult. Picklable, so DataLoader workers can run it."""
+
+    def __init__(self, root: str, items: list[WorkItem], config: PreprocessConfig, max_pixels: int):
+        self.root, self.items, self.config, self.max_pixels = root, items, config, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> DecodeResult:
+        return decode_one(self.root, self.items[i], self.config, self.max_pixels)
+
+
+def collate_results(results: list[DecodeResult]) -> tuple[list[DecodeResult], Any]:
+    """Stack pixels into one uint8 tensor (pinned by the DataLoader on GPU); results keep metadata."""
+    import torch
+
+    pixels = [r.pixels for r in results if r.embeddable]
+    batch = torch.from_numpy(np.stack(pixels)) if pixels else None
+    for r in results:
+        r.pixels = None  # the data travels once, in `batch`
+    return results, batch

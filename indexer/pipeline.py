@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +16,16 @@ from typing import Any
 import numpy as np
 from sqlalchemy import delete, text
 
-from indexer.decode import DecodeResult, WorkItem, decode_one
+from indexer.decode import DecodeDataset, WorkItem, collate_results
 from indexer.plan import Plan, make_plan
 from indexer.scan import IMAGE_EXTENSIONS, scan_corpus
 from indexer.writer import BatchCounts, remove_images, write_batch
+from retrieval import ann
 from retrieval.errors import CorpusError, IndexMismatchError
 from retrieval.layout import IndexLayout, IndexLock
-from retrieval.preprocess import PreprocessConfig
-from retrieval.settings import DEFAULT_MODEL, Settings
-from retrieval.store import Failure, Image, IndexRun, Meta, Store, utcnow
+from retrieval.settings import Settings
+from retrieval.store import (ClusterAssignment, ClusterRun, CurationItem, CurationRun, DedupRun, DuplicateGroup,
+                             DuplicateMember, Failure, Image, IndexRun, Meta, Store, utcnow)
 from retrieval.sync import SyncOptions, sync_index
 from retrieval.vectors import VectorStore
 
@@ -80,33 +80,16 @@ def default_workers(device: str) -> int:
     return 0 if cpus <= 4 else max(1, cpus // 8)
 
 
-class _DecodeDataset:
-    """Map-style dataset: index -> DecodeResult. Picklable, so DataLoader workers can run it."""
-
-    def __init__(self, root: str, items: list[WorkItem], config: PreprocessConfig, max_pixels: int):
-        self.root, self.items, self.config, self.max_pixels = root, items, config, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> DecodeResult:
-        return decode_one(self.root, self.items[i], self.config, self.max_pixels)
-
-
-def _collate(results: list[DecodeResult]) -> tuple[list[DecodeResult], Any]:
-    """Stack pixels into one uint8 tensor (pinned by the DataLoader on GPU); results keep metadata."""
-    import torch
-
-    pixels = [r.pixels for r in results if r.embeddable]
-    batch = torch.from_numpy(np.stack(pixels)) if pixels else None
-    for r in results:
-        r.pixels = None  # the data travels once, in `batch`
-    return results, batch
-
-
 def _reset_index(layout: IndexLayout, store: Store) -> None:
-    """--rebuild: forget images, failures and meta (run history stays), drop vectors and index."""
+    """--rebuild: forget images, failures, meta and curation runs (index run history stays).
+
+    Image ids restart at 1, so stored dedup, clustering and curation runs would point at other
+    images: they go too (their reports on disk stay).
+    """
     with store.session() as s, s.begin():
+        for table in (DuplicateMember, DuplicateGroup, DedupRun, ClusterAssignment, ClusterRun, CurationItem,
+                      CurationRun):
+            s.execute(delete(table))
         s.execute(delete(Image))
         s.execute(delete(Failure))
         s.execute(delete(Meta))
@@ -143,11 +126,12 @@ def _check_model(store: Store, embedder: Any) -> None:
         )
 
 
-def _load_model_if_needed(opts: IndexOptions, store: Store, plan: Plan) -> Any:
+def _load_model_if_needed(opts: IndexOptions, store: Store, plan: Plan, previous_ref: str | None) -> Any:
+    """The embedder, unless nothing needs embedding. Without --model: the model the index was built with."""
     from retrieval.model import load_embedder
 
     s = opts.settings
-    stored_ref = store.get_meta("model_ref")
+    stored_ref = store.get_meta("model_ref") or previous_ref
     explicit = "model" in s.model_fields_set
     model_ref = s.model if (explicit or stored_ref is None) else stored_ref
     if not plan.todo and not (explicit and stored_ref not in (None, model_ref)):
@@ -172,6 +156,7 @@ def run_index(opts: IndexOptions) -> IndexSummary:
         store = Store(s.db_url or layout.default_db_url())
         try:
             _close_killed_runs(store)
+            previous_ref = store.get_meta("model_ref")  # --rebuild keeps the model unless --model says otherwise
             if opts.rebuild:
                 _reset_index(layout, store)
             root = _check_corpus(corpus, store)
@@ -189,7 +174,11 @@ def run_index(opts: IndexOptions) -> IndexSummary:
                 )
 
             t = time.perf_counter()
-            embedder = _load_model_if_needed(opts, store, plan)
+            embedder = _load_model_if_needed(opts, store, plan, previous_ref)
+            dim = store.get_meta("dim") or (embedder.dim if embedder else None)
+            if opts.index_factory not in (None, "auto") and dim:
+                # Refuse a bad factory string before spending time on embedding.
+                ann.new_index(ann.IndexSpec(kind="custom", factory=opts.index_factory, n=0, dim=dim))
             timings["model_load_s"] = time.perf_counter() - t
             summary = IndexSummary(corpus=root, index_dir=str(layout.root.resolve()),
                                    unchanged=plan.unchanged, known_failures=plan.known_failures,
@@ -317,13 +306,13 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
     from tqdm import tqdm
 
     s = opts.settings
-    dataset = _DecodeDataset(root, items, embedder.preprocess, s.max_pixels)
+    dataset = DecodeDataset(root, items, embedder.preprocess, s.max_pixels)
     loader = DataLoader(
-        dataset, batch_size=s.batch_size, num_workers=workers, collate_fn=_collate,
+        dataset, batch_size=s.batch_size, num_workers=workers, collate_fn=collate_results,
         pin_memory=embedder.device.startswith("cuda"),
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )
-    vectors = VectorStore(Path(s.index_dir) / "vectors.f16", embedder.dim)
+    vectors = VectorStore(IndexLayout(Path(s.index_dir)).vectors_path, embedder.dim)
     total = BatchCounts()
     wait = embed = write = 0.0
     loop_start = time.perf_counter()

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from indexer.decode import WorkItem
 from indexer.scan import ScanEntry
-from retrieval.store import Failure, Image, Store
+from retrieval.store import Failure, Image, Store, chunked
 
 ALWAYS_RETRY = frozenset({"unreadable", "vanished", "io_error"})
 
@@ -71,12 +71,11 @@ def make_plan(store: Store, entries: Iterable[ScanEntry], retry_failed: bool = F
     return plan
 
 
-def _with_known_hashes(store: Store, items: list[WorkItem], chunk: int = 10_000) -> list[WorkItem]:
+def _with_known_hashes(store: Store, items: list[WorkItem]) -> list[WorkItem]:
     """Attach the stored sha256 to changed files (only those: the corpus-wide map would cost RAM)."""
     out: list[WorkItem] = []
     with store.session() as s:
-        for start in range(0, len(items), chunk):
-            part = items[start : start + chunk]
+        for part in chunked(items):
             known = dict(s.execute(select(Image.id, Image.sha256).where(Image.id.in_([i.image_id for i in part]))).all())
             out.extend(WorkItem(i.path, i.size, i.mtime_ns, i.image_id, known.get(i.image_id)) for i in part)
     return out

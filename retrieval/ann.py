@@ -116,7 +116,12 @@ def gpu_count() -> int:
 def new_index(spec: IndexSpec) -> Any:
     import faiss
 
-    index = faiss.index_factory(spec.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        index = faiss.index_factory(spec.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        text = str(exc).strip().splitlines()[-1] if str(exc).strip() else "rejected by FAISS"
+        reason = text.rsplit("failed: ", 1)[-1].rsplit("Error: ", 1)[-1]  # drop FAISS's C++ location prefix
+        raise RetrievalError(f"invalid index factory {spec.factory!r} for {spec.dim}-d vectors: {reason}") from None
     if not _has_native_ids(index):
         index = faiss.IndexIDMap2(index)
     ivf = _ivf_or_none(index)

@@ -27,9 +27,19 @@ class _Group(TyperGroup):
         except RetrievalError as exc:
             typer.echo(f"Error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except _database_errors() as exc:
+            first = str(getattr(exc, "orig", exc)).splitlines()[0]
+            typer.echo(f"Error: database error: {first}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("Interrupted. Run the same command again to resume where it stopped.", err=True)
             raise typer.Exit(130) from None
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """SQLAlchemy's operational errors (locked, disk full, unreachable server), imported only if loaded."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    return (sa_exc.OperationalError,) if sa_exc is not None else ()
 
 
 app = typer.Typer(
@@ -79,7 +89,7 @@ def index(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decode worker processes; 0 decodes in the main process [default: from the CPU count]."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject images with more pixels (decompression bombs) [default: 89478485]."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="RAM for the FAISS index, e.g. 2GB [default: 4GB]."),
-    index_factory: Optional[str] = typer.Option(None, "--index-factory", help="FAISS factory string to use instead of the automatic choice, e.g. 'IVF1024,PQ32'."),
+    index_factory: Optional[str] = typer.Option(None, "--index-factory", help="FAISS factory string to use instead of the automatic choice, e.g. 'IVF1024,PQ32'; later runs keep it until 'auto'."),
     exact_threshold: Optional[int] = typer.Option(None, "--exact-threshold", help="Below this many images the index is exact [default: 50000]."),
     recall_target: Optional[float] = typer.Option(None, "--recall-target", help="recall@10 vs exact search that nprobe is tuned for [default: 0.95]."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Forget the existing index and embed everything again (after changing the model)."),

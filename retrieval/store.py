@@ -10,7 +10,7 @@ import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from sqlalchemy import (
     JSON,
@@ -191,6 +191,16 @@ class Store:
             if completed:
                 q = q.where(IndexRun.status == "completed")
             return s.scalar(q)
+
+
+SQL_IN_CHUNK = 10_000  # SQLite allows at most 32,766 bound variables per statement
+
+
+def chunked(values: Iterable[Any], size: int = SQL_IN_CHUNK) -> Iterator[list[Any]]:
+    """Split `values` for `column.in_(...)` so no statement exceeds SQLite's variable limit."""
+    values = list(values)
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def to_signed64(value: int) -> int:

@@ -131,7 +131,11 @@ def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: Sy
         with store.session() as s, s.begin():
             store.set_meta(s, index=None)
         return SyncResult(spec=None)
-    desired = ann.choose_index_spec(len(ids), vectors.dim, opts.memory_budget, opts.exact_threshold, opts.factory)
+    factory = opts.factory
+    if factory is None and old_spec is not None and old_spec.kind == "custom":
+        factory = old_spec.factory  # a custom factory sticks (also through `dedup --apply`) until "auto"
+    desired = ann.choose_index_spec(len(ids), vectors.dim, opts.memory_budget, opts.exact_threshold,
+                                    None if factory == "auto" else factory)
     reason = _needs_rebuild(old_spec, desired, opts)
     if reason is None and not layout.faiss_path.exists():
         reason = "index file missing"

@@ -14,13 +14,22 @@ from sqlalchemy import func, select
 from api.deps import Authorized, ReaderDep
 from api.schemas import (ClusterMemberOut, ClusterOut, ClustersOut, ClusterSummaryOut, DuplicateGroupOut,
                          DuplicateGroupsOut, ErrorOut, GroupMemberOut)
-from retrieval.store import ClusterAssignment, ClusterRun, DedupRun, DuplicateGroup, DuplicateMember, Image
+from retrieval.store import (ClusterAssignment, ClusterRun, DedupRun, DuplicateGroup, DuplicateMember, Image,
+                             chunked)
 
 router = APIRouter(tags=["curation"], dependencies=Authorized)
 
 ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 Page = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number.")]
 PerPage = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
+
+
+def _public_params(params: dict) -> dict:
+    """Run parameters without server paths (the reference folder is shown by its name only)."""
+    out = dict(params)
+    if out.get("against"):
+        out["against"] = str(out["against"]).rstrip("/").rsplit("/", 1)[-1]
+    return out
 
 
 def _latest_dedup_run(session, mode: str) -> DedupRun:  # noqa: ANN001
@@ -51,10 +60,10 @@ def duplicate_groups(
             for m in s.scalars(select(DuplicateMember).where(DuplicateMember.group_id.in_(list(members)))
                                .order_by(DuplicateMember.group_id, DuplicateMember.similarity.desc())):
                 members[m.group_id].append(m)
-        live = set(s.scalars(select(Image.id).where(Image.id.in_(
-            [m.image_id for ms in members.values() for m in ms if m.image_id is not None])))) if groups else set()
+        live = {i for part in chunked(m.image_id for ms in members.values() for m in ms if m.image_id is not None)
+                for i in s.scalars(select(Image.id).where(Image.id.in_(part)))}
     return DuplicateGroupsOut(
-        run_id=run.id, mode=run.mode, params=run.params, counts=run.counts, finished_at=run.finished_at,
+        run_id=run.id, mode=run.mode, params=_public_params(run.params), counts=run.counts, finished_at=run.finished_at,
         page=page, per_page=per_page, total_groups=total,
         groups=[DuplicateGroupOut(
             number=g.number, size=g.size, representative_id=g.representative_id,

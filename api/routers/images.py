@@ -17,6 +17,8 @@ from retrieval.errors import ImageDecodeError
 from retrieval.search import MAX_K
 from retrieval.thumbnails import cached_thumbnail
 
+THUMBNAIL_BUCKETS = (64, 128, 256, 512, 1024)
+
 router = APIRouter(tags=["images"], dependencies=Authorized)
 
 ImageId = Annotated[int, Path(ge=0, le=2**63 - 1, description="Image id.")]
@@ -53,7 +55,10 @@ def image_thumbnail(handle: ReaderDep, settings: SettingsDep, image_id: ImageId,
                     ) -> Response:
     row = service.get_image(handle, image_id)
     real = service.corpus_file(handle, row)
-    edge = size or settings.thumbnail_default_size
+    # Cached sizes are a few buckets (the next one up), so clients cannot fill the disk with
+    # one cached file per requested size.
+    wanted = size or settings.thumbnail_default_size
+    edge = next((b for b in THUMBNAIL_BUCKETS if b >= wanted), THUMBNAIL_BUCKETS[-1])
     try:
         data = cached_thumbnail(handle.reader.layout.root, row.id, edge, row.sha256, real, settings.max_pixels)
     except ImageDecodeError:

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from retrieval.errors import RetrievalError
 from retrieval.layout import IndexLock
 from retrieval.search import IndexReader
-from retrieval.store import DedupRun, DuplicateMember, Image, utcnow
+from retrieval.store import DedupRun, DuplicateMember, Image, chunked, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def apply_run(reader: IndexReader, run_id: int, move_to: Path, settings: Any) ->
             rows = s.execute(select(DuplicateMember.image_id, DuplicateMember.path).where(
                 DuplicateMember.run_id == run_id, DuplicateMember.action == "remove",
                 DuplicateMember.is_reference.is_(False))).all()
-            images = {r.id: r for r in s.scalars(select(Image).where(Image.id.in_([r[0] for r in rows])))}
+            images = {r.id: r for part in chunked(r[0] for r in rows)
+                      for r in s.scalars(select(Image).where(Image.id.in_(part)))}
         moved_ids: list[int] = []
         for image_id, rel in rows:
             src, dst = root / rel, move_to / rel

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import typer
@@ -51,16 +52,19 @@ def dedup(
     apply: bool = typer.Option(False, "--apply", help="Move the files marked remove to --move-to and drop them from the index (default: dry run)."),
     move_to: Optional[Path] = typer.Option(None, "--move-to", help="Folder outside the corpus that removed files move to, keeping their relative paths."),
     force: bool = typer.Option(False, "--force", help="Recompute even when an identical run on the unchanged index exists."),
+    run: Optional[int] = typer.Option(None, "--run", help="With --apply: apply this stored run (the id its report shows) instead of the run the other options select."),
     progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Find exact, near-exact and embedding duplicates; write reports; optionally move the extra copies.
 
     Nothing is deleted, ever: --apply moves files to --move-to. Without --apply this is a dry run.
+    Review a run's report, then apply exactly that run with --apply --run ID (or repeat the same
+    options with --apply: an identical run on an unchanged index is reused, not recomputed).
 
     Example:
 
-        retrieval dedup --report-dir ./dedup && retrieval dedup --apply --move-to ../removed
+        retrieval dedup --report-dir ./dedup && retrieval dedup --apply --run 1 --move-to ../removed
     """
     from retrieval.curation.apply import apply_run
     from retrieval.curation.dedup import DedupOptions, load_run, run_dedup
@@ -70,9 +74,11 @@ def dedup(
         raise RetrievalError("--apply needs --move-to DIR: removed files are moved there, never deleted")
     if move_to is not None and not apply:
         raise RetrievalError("--move-to only acts together with --apply (the default is a dry run)")
+    if run is not None and not apply:
+        raise RetrievalError("--run selects the stored run that --apply acts on; without --apply there is nothing to do")
     settings, reader = _reader(index_dir, db)
     try:
-        outcome = run_dedup(reader, DedupOptions(
+        outcome = SimpleNamespace(run_id=run, reused=True) if run is not None else run_dedup(reader, DedupOptions(
             threshold=threshold, k=k, phash_distance=phash_distance, keep=keep, max_group_diameter=max_group_diameter,
             against=against, embeddings=embeddings, progress=progress, force=force, max_pixels=settings.max_pixels,
             batch_size=settings.batch_size, workers=settings.workers or 0))

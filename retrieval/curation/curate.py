@@ -21,7 +21,7 @@ from sqlalchemy import select
 from retrieval.curation.graph import is_exact_index, search_exact_topk
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
-from retrieval.store import ClusterAssignment, CurationItem, CurationRun, Image, utcnow
+from retrieval.store import ClusterAssignment, CurationItem, CurationRun, Image, chunked, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
         counts.update(clusters_with_queries=int((per > 0).sum()), clusters_selected=len(chosen),
                       unique_images=len(items), capped=capped)
     with reader.store.session() as s:
-        paths = dict(s.execute(select(Image.id, Image.path).where(Image.id.in_([d["image_id"] for d in items]))).all())
+        paths = {i: p for part in chunked(d["image_id"] for d in items)
+                 for i, p in s.execute(select(Image.id, Image.path).where(Image.id.in_(part)))}
     for d in items:
         d["path"] = paths.get(d["image_id"], "")
     params = {"mode": opts.mode, "queries": str(Path(opts.queries).resolve()), "k": opts.k,

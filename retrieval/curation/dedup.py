@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,11 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
             flat.add(np.ascontiguousarray(ref.vectors, dtype=np.float32))
             extra = (flat, offset)
         emb = knn_edges(index, ids, reader.vectors.read, k, threshold, opts.batch, opts.progress, extra)
+        # A FAISS id the database no longer holds (an index run killed before its sync) must not
+        # become an edge: searchsorted below would map it onto an unrelated image.
+        # (Edges are canonical, src < dst, so a stale id can sit on either end.)
+        known = ((emb.dst >= offset) | np.isin(emb.dst, ids)) & np.isin(emb.src, ids)
+        emb = Edges(emb.src[known], emb.dst[known], emb.sim[known])
         is_ref_dst = emb.dst >= offset
         dst = np.where(is_ref_dst, n + (emb.dst - offset), np.searchsorted(ids, np.minimum(emb.dst, offset - 1)))
         parts.append(Edges(np.searchsorted(ids, emb.src), dst, emb.sim))
@@ -306,6 +311,8 @@ def load_run(reader: IndexReader, run_id: int | None = None) -> dict[str, Any]:
     with reader.store.session() as s:
         q = select(DedupRun).where(DedupRun.status == "completed")
         run = s.get(DedupRun, run_id) if run_id is not None else s.scalar(q.order_by(DedupRun.id.desc()).limit(1))
+        if run_id is not None and (run is None or run.status != "completed"):
+            raise RetrievalError(f"no completed dedup run with id {run_id} in this index")
         if run is None:
             raise RetrievalError("no completed dedup run in this index; run `retrieval dedup` first")
         groups = s.scalars(select(DuplicateGroup).where(DuplicateGroup.run_id == run.id)
@@ -329,7 +336,3 @@ def load_run(reader: IndexReader, run_id: int | None = None) -> dict[str, Any]:
                     "min_pairwise_similarity": round(g.min_pairwise, 6), "touches_reference": g.touches_reference,
                     "members": by_group.get(g.id, [])} for g in groups],
     }
-
-
-def summary_dict(outcome: DedupOutcome) -> dict[str, Any]:
-    return asdict(outcome)

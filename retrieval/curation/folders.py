@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.decode import DecodeResult, WorkItem, decode_one
+from indexer.decode import DecodeDataset, WorkItem, collate_results
 from indexer.scan import scan_corpus
 from retrieval.errors import RetrievalError
 
@@ -32,21 +32,6 @@ class FolderEmbedding:
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
-class _Items:
-    def __init__(self, root: str, items: list[WorkItem], config: Any, max_pixels: int):
-        self.root, self.items, self.config, self.max_pixels = root, items, config, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> DecodeResult:
-        return decode_one(self.root, self.items[i], self.config, self.max_pixels)
-
-
-def _collate(results: list[DecodeResult]) -> list[DecodeResult]:
-    return results
-
-
 def embed_folder(folder: Path, embedder: Any, max_pixels: int, batch_size: int = 32, workers: int = 0,
                  progress: bool = False, what: str = "folder") -> FolderEmbedding:
     """Embed every image under `folder`; unreadable or broken files are recorded, never fatal."""
@@ -59,18 +44,18 @@ def embed_folder(folder: Path, embedder: Any, max_pixels: int, batch_size: int =
     entries = list(scan_corpus(folder))
     out = FolderEmbedding(root=folder.resolve())
     items = [WorkItem(path=e.path, size=e.size, mtime_ns=e.mtime_ns) for e in entries]
-    loader = DataLoader(_Items(str(folder.resolve()), items, embedder.preprocess, max_pixels), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate)
+    loader = DataLoader(DecodeDataset(str(folder.resolve()), items, embedder.preprocess, max_pixels),
+                        batch_size=batch_size, num_workers=workers, collate_fn=collate_results)
     parts: list[np.ndarray] = []
     with tqdm(total=len(items), unit="img", desc=f"embedding {what}", disable=not progress) as bar:
-        for results in loader:
-            good = [r for r in results if r.failure_reason is None and r.pixels is not None]
+        for results, pixels in loader:
+            good = [r for r in results if r.embeddable]
             for r in results:
                 if r.failure_reason is not None:
                     out.failures.append({"path": r.item.path, "kind": r.failure_kind or "corrupt",
                                          "reason": r.failure_reason})
             if good:
-                parts.append(embedder.embed(np.stack([r.pixels for r in good])))
+                parts.append(embedder.embed(pixels))
                 out.paths += [r.item.path for r in good]
                 out.sha256 += [r.sha256 or "" for r in good]
                 out.phash += [r.phash for r in good]

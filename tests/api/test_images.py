@@ -33,14 +33,15 @@ def test_image_file_has_the_bytes_and_the_content_type(client: TestClient, index
 
 def test_thumbnail_is_a_cached_jpeg_of_the_requested_size(client: TestClient, indexed: Indexed) -> None:
     image_id = indexed.ids["dup/orig.jpg"]  # 120 x 90
-    r = client.get(f"/images/{image_id}/thumbnail", params={"size": 60})
+    r = client.get(f"/images/{image_id}/thumbnail", params={"size": 60})  # served from the 64 px bucket
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     thumb = Image.open(io.BytesIO(r.content))
-    assert thumb.format == "JPEG" and thumb.size == (60, 45)
-    cached = list((indexed.index_dir / "thumbnails").glob(f"{image_id}_60_*.jpg"))
+    assert thumb.format == "JPEG" and thumb.size == (64, 48)
+    cached = list((indexed.index_dir / "thumbnails").glob(f"{image_id}_64_*.jpg"))
     assert len(cached) == 1 and cached[0].read_bytes() == r.content
-    again = client.get(f"/images/{image_id}/thumbnail", params={"size": 60})
-    assert again.content == r.content
+    for size in (60, 61, 64):  # one cached file serves every size of the bucket
+        assert client.get(f"/images/{image_id}/thumbnail", params={"size": size}).content == r.content
+    assert len(list((indexed.index_dir / "thumbnails").glob(f"{image_id}_*.jpg"))) == 1
     default = Image.open(io.BytesIO(client.get(f"/images/{image_id}/thumbnail").content))
     assert default.size == (120, 90), "a thumbnail never upscales"
     for bad in (0, 15, 1025, "big"):

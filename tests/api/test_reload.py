@@ -45,3 +45,29 @@ def test_no_reload_before_the_check_interval(private_index: Indexed) -> None:
         run_index(private_index.corpus, private_index.index_dir, private_index.model)
         stats = c.get("/stats").json()
         assert stats["reloads"] == 0 and stats["indexed_vectors"] == n
+
+
+def test_index_change_without_an_index_run_is_picked_up(private_index: Indexed) -> None:
+    """`retrieval dedup --apply` drops images and re-syncs FAISS without an index run."""
+    from retrieval.layout import IndexLayout
+    from retrieval.store import Store
+    from retrieval.sync import SyncOptions, sync_index
+    from retrieval.vectors import VectorStore
+    from indexer.writer import remove_images
+
+    app = create_app(private_index.settings(reload_check_s=0))
+    with TestClient(app) as c:
+        before = c.get("/stats").json()
+        gone = private_index.ids["dup/copy.jpg"]
+        layout = IndexLayout(private_index.index_dir)
+        store = Store(layout.default_db_url())
+        remove_images(store, [gone], [])
+        sync_index(store, VectorStore(layout.vectors_path, 32), layout,
+                   SyncOptions(memory_budget=10**9, exact_threshold=50_000, recall_target=0.95))
+        store.close()
+        after = c.get("/stats").json()
+        assert after["reloads"] == 1 and after["indexed_vectors"] == before["indexed_vectors"] - 1
+        assert after["index_run_id"] == before["index_run_id"]
+        r = c.get("/search", params={"image": "dup/orig.jpg", "k": 20})
+        assert gone not in [h["id"] for h in r.json()["results"]]
+        assert len(r.json()["results"]) == before["indexed_vectors"] - 2  # all but the query and the gone one

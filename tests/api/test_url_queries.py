@@ -38,6 +38,14 @@ def image_server(indexed: Indexed) -> Iterator[str]:
             elif self.path == "/slow":
                 time.sleep(3)
                 self._send(200, payload)
+            elif self.path == "/drip":  # headers at once, then one byte at a time: each read is quick
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                for _ in range(1000):
+                    self.wfile.write(b"0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
             elif self.path == "/text":
                 self._send(200, b"hello, not an image")
             else:
@@ -52,11 +60,18 @@ def image_server(indexed: Indexed) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class QuietServer(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+            pass  # clients that time out (the /slow case) break the pipe; that is expected here
+
+    server = QuietServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +110,7 @@ def test_url_query_embeds_the_fetched_image(url_client: TestClient, image_server
     ("/big", 413, "upload too large: the limit is 100000 bytes"),
     ("/chunked-big", 413, "upload too large: the limit is 100000 bytes"),
     ("/slow", 504, "fetching the URL timed out"),
+    ("/drip", 504, "fetching the URL timed out"),
     ("/text", 415, "not an image: the upload is in no image format the server can read"),
     ("/nothing", 400, "the URL answered HTTP 404"),
 ])
@@ -109,3 +125,19 @@ def test_only_http_and_https(url_client: TestClient, url: str) -> None:
     r = url_client.get("/search", params={"image": url})
     assert r.status_code == 400
     assert r.json()["detail"] == "only http and https URLs are accepted"
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("192.168.0.1", False), ("169.254.169.254", False),
+    ("100.100.100.200", False),  # CGNAT range: a cloud metadata address
+    ("::1", False), ("fe80::1", False), ("fc00::1", False), ("224.0.0.1", False), ("0.0.0.0", False),
+    ("::ffff:10.0.0.1", False), ("64:ff9b::a00:1", False), ("2002:a00:1::", False),  # IPv4 wrapped in IPv6
+    ("::ffff:8.8.8.8", True),
+])
+def test_public_address_classification(address: str, public: bool) -> None:
+    import ipaddress
+
+    from api.url_fetch import _is_public
+
+    assert _is_public(ipaddress.ip_address(address)) is public

@@ -15,7 +15,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from retrieval.cli import app
-from retrieval.layout import IndexLayout
 from retrieval.vectors import VectorStore
 from tests.conftest import make_corpus
 from tests.images import encode, photo, write
@@ -31,7 +30,10 @@ def cli(*args: str) -> tuple[int, str]:
 def index(corpus: Path, model: Path, *extra: str) -> dict:
     code, out = cli("index", corpus, "--model", model, "--no-progress", "--json", "-j", "0", "-b", "8", *extra)
     assert code == 0, out
-    return json.loads(out)
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        raise AssertionError(f"not JSON: {out!r}") from None
 
 
 def rows(db: Path = Path("retrieval-index/retrieval.db")) -> dict[str, tuple]:
@@ -315,3 +317,22 @@ def test_env_settings_are_used(corpus: Path, tiny_model_dir: Path, monkeypatch: 
     assert Path("from-env/index.faiss").exists()
     code, out = cli("index", corpus, "--no-progress", "--memory-budget", "lots")
     assert code == 1 and "memory-budget" in out
+
+
+def test_bad_index_factory_is_refused_before_embedding(corpus: Path, tiny_model_dir: Path) -> None:
+    code, out = cli("index", corpus, "--model", tiny_model_dir, "--no-progress", "-j", "0",
+                    "--index-factory", "IVF7,Bogus")
+    assert code == 1 and out.startswith("Error: invalid index factory 'IVF7,Bogus'") and "Traceback" not in out
+    assert "could not parse" in out and "faiss::" not in out
+    assert not Path("retrieval-index/vectors.f16").exists(), "nothing was embedded"
+
+
+def test_custom_factory_sticks_until_auto(corpus: Path, tiny_model_dir: Path) -> None:
+    summary = index(corpus, tiny_model_dir, "--index-factory", "IDMap2,HNSW16")
+    assert (summary["index_type"], summary["index_factory"]) == ("custom", "IDMap2,HNSW16")
+    (corpus / "a" / "img0001.jpg").unlink()
+    summary = index(corpus, tiny_model_dir)  # no flag: the custom index is kept (HNSW: rebuilt to delete)
+    assert (summary["index_type"], summary["index_factory"]) == ("custom", "IDMap2,HNSW16")
+    verify_ok()
+    summary = index(corpus, tiny_model_dir, "--index-factory", "auto", "--exact-threshold", "10")
+    assert summary["index_type"] == "flat"

@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 from typer.testing import CliRunner
 
 from tests.conftest import make_corpus
-from tests.images import photo, write
+from tests.images import write
 
 
 @pytest.fixture(scope="session")
