@@ -48,16 +48,28 @@ def duplicate_groups(
     per_page: PerPage = 50,
     mode: Annotated[str, Query(pattern="^(self|relative)$", description="self (within the corpus) or relative (against a reference set).")] = "self",
     min_size: Annotated[int, Query(ge=2, le=1_000_000, description="Only groups with at least this many members.")] = 2,
+    threshold: Annotated[float | None, Query(gt=0.0, le=1.0, description=(
+        "Stricter view of the stored run: keep only members at least this similar to their group's "
+        "representative, and groups where at least min_size members remain. Must be >= the run's threshold."))] = None,
 ) -> DuplicateGroupsOut:
     with handle.reader.store.session() as s:
         run = _latest_dedup_run(s, mode)
-        where = (DuplicateGroup.run_id == run.id, DuplicateGroup.size >= min_size)
+        run_threshold = float(run.params.get("threshold", 0.0))
+        if threshold is not None and threshold < run_threshold:
+            raise HTTPException(422, f"the latest dedup run used threshold {run_threshold}; a lower threshold "
+                                     f"needs a new run (`retrieval dedup -t {threshold}`)")
+        cut = threshold if threshold is not None else -1.0
+        passing = (select(DuplicateMember.group_id)
+                   .where(DuplicateMember.run_id == run.id, DuplicateMember.similarity >= cut)
+                   .group_by(DuplicateMember.group_id).having(func.count() >= min_size))
+        where = (DuplicateGroup.run_id == run.id, DuplicateGroup.id.in_(passing))
         total = s.scalar(select(func.count(DuplicateGroup.id)).where(*where)) or 0
         groups = list(s.scalars(select(DuplicateGroup).where(*where).order_by(DuplicateGroup.number)
                                 .offset((page - 1) * per_page).limit(per_page)))
         members: dict[int, list[DuplicateMember]] = {g.id: [] for g in groups}
         if groups:
-            for m in s.scalars(select(DuplicateMember).where(DuplicateMember.group_id.in_(list(members)))
+            for m in s.scalars(select(DuplicateMember).where(DuplicateMember.group_id.in_(list(members)),
+                                                             DuplicateMember.similarity >= cut)
                                .order_by(DuplicateMember.group_id, DuplicateMember.similarity.desc())):
                 members[m.group_id].append(m)
         live = {i for part in chunked(m.image_id for ms in members.values() for m in ms if m.image_id is not None)
@@ -66,7 +78,7 @@ def duplicate_groups(
         run_id=run.id, mode=run.mode, params=_public_params(run.params), counts=run.counts, finished_at=run.finished_at,
         page=page, per_page=per_page, total_groups=total,
         groups=[DuplicateGroupOut(
-            number=g.number, size=g.size, representative_id=g.representative_id,
+            number=g.number, size=len(members[g.id]), representative_id=g.representative_id,
             reasons=[r for r in g.reasons.split(",") if r], weakest_edge=g.weakest_edge, min_pairwise=g.min_pairwise,
             touches_reference=g.touches_reference,
             members=[GroupMemberOut(

@@ -76,3 +76,20 @@ def test_clusters_list_and_members_nearest_first(curated_client: TestClient, cur
         assert [m["rank"] for m in members] == list(range(len(members)))
     assert curated_client.get("/clusters/3").status_code == 404
     assert curated_client.get("/clusters/-1").status_code == 422
+
+
+def test_duplicates_threshold_is_a_stricter_view_of_the_run(curated_client: TestClient) -> None:
+    body = curated_client.get("/duplicates").json()
+    run_threshold = body["params"]["threshold"]
+    r = curated_client.get("/duplicates", params={"threshold": run_threshold / 2})
+    assert r.status_code == 422 and "needs a new run" in r.json()["detail"]
+    strict = curated_client.get("/duplicates", params={"threshold": 1.0}).json()
+    for group in strict["groups"]:
+        assert len(group["members"]) >= 2 and all(m["similarity"] >= 1.0 for m in group["members"])
+        assert group["size"] == len(group["members"])
+    all_sims = [m["similarity"] for g in body["groups"] for m in g["members"]]
+    mid = sorted(all_sims)[len(all_sims) // 2]
+    if mid > run_threshold:
+        view = curated_client.get("/duplicates", params={"threshold": mid}).json()
+        assert all(m["similarity"] >= mid for g in view["groups"] for m in g["members"])
+        assert view["total_groups"] <= body["total_groups"]
