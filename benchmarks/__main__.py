@@ -1,0 +1,21 @@
+"""Run every benchmark: `python -m benchmarks [--quick]`. Each writes JSON under benchmarks/results/."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHMARKS = ["benchmarks.embed_throughput", "benchmarks.api_batching"]
+
+
+def main() -> int:
+    extra = [a for a in sys.argv[1:] if a == "--quick"]
+    failed = 0
+    for module in BENCHMARKS:
+        print(f"== {module} {' '.join(extra)}", flush=True)
+        failed += subprocess.call([sys.executable, "-m", module, *extra]) != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
