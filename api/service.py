@@ -18,6 +18,7 @@ from api.schemas import DuplicateOut, HitOut, ImageOut
 from api.state import AppState, ReaderHandle
 from retrieval import ann
 from retrieval.errors import ImageDecodeError
+from retrieval.layout import is_within
 from retrieval.search import MAX_K, Hit
 from retrieval.store import Image
 
@@ -69,7 +70,7 @@ def corpus_file(handle: ReaderHandle, row: Image) -> Path:
     """The real path of an indexed image, only if it is a regular file inside the corpus root."""
     root = os.path.realpath(handle.reader.corpus_root)
     real = os.path.realpath(os.path.join(root, row.path))
-    if os.path.commonpath([real, root]) != root or not os.path.isfile(real):
+    if not is_within(real, root) or not os.path.isfile(real):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "the image file is not available")
     return Path(real)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from retrieval.errors import CorpusError
+from retrieval.layout import is_within
 from retrieval.signatures import looks_like_image
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,7 @@ def _walk(folder: str, rel: str, real_root: str, excluded: set[str]) -> Iterator
                     yield from _walk(entry.path, rel_path + "/", real_root, excluded)
                 continue
             if entry.is_symlink():
-                target = os.path.realpath(entry.path)
-                if os.path.commonpath([target, real_root]) != real_root or not os.path.isfile(target):
+                if not is_within(entry.path, real_root) or not os.path.isfile(entry.path):
                     logger.debug("skipping symlink %s: points outside the corpus or not to a file", rel_path)
                     continue
             elif not entry.is_file(follow_symlinks=False):

@@ -75,6 +75,12 @@ class IndexLock:
             self._fd = None
 
 
+def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """True when `path`, with symlinks resolved, lies inside `root` (also resolved)."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, base]) == base
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see either the old or the new content, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -164,7 +164,7 @@ def _classify_open_error(exc: Exception, head: bytes) -> ImageDecodeError:
     return ImageDecodeError(f"corrupt image data: {text}", "corrupt")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """RGB conversion as the reference processor does it, except for >8-bit greyscale.
 
     Alpha (and palette transparency) is composited onto white, like transformers' convert_to_rgb.
@@ -230,7 +230,7 @@ def decode_image(data: bytes, config: PreprocessConfig, max_pixels: int) -> Deco
         px, py = pad
         offset = {2: (px, 0.0), 3: (px, py), 4: (0.0, py), 6: (py, 0.0), 7: (py, px), 8: (0.0, px)}.get(
             orientation, (0.0, 0.0))
-        rgb = _to_rgb(ImageOps.exif_transpose(image))
+        rgb = to_rgb(ImageOps.exif_transpose(image))
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError,

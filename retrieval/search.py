@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from retrieval import ann
 from retrieval.errors import IndexNotFoundError, QueryError
-from retrieval.layout import IndexLayout
+from retrieval.layout import IndexLayout, is_within
 from retrieval.store import Image, Store
 from retrieval.vectors import VectorStore
 
@@ -86,11 +86,9 @@ class IndexReader:
 
     def relative_path(self, path: Path) -> str | None:
         """`path` relative to the corpus root (POSIX), or None when it lies outside the corpus."""
-        real = os.path.realpath(path)
-        root = os.path.realpath(self.corpus_root)
-        if os.path.commonpath([real, root]) != root:
+        if not is_within(path, self.corpus_root):
             return None
-        return Path(os.path.relpath(real, root)).as_posix()
+        return Path(os.path.relpath(os.path.realpath(path), os.path.realpath(self.corpus_root))).as_posix()
 
     # --- searching ----------------------------------------------------------------------------
     def embedder(self) -> Any:

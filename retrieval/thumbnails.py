@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from retrieval.errors import ImageDecodeError
+from retrieval.preprocess import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,7 @@ def make_thumbnail(data: bytes, size: int, max_pixels: int, quality: int = 85) -
             if image.format == "JPEG":
                 image.draft("RGB", (size, size))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode not in ("RGB", "L"):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(background, rgba)
-            image = image.convert("RGB")
+            image = to_rgb(ImageOps.exif_transpose(image))  # the same conversion the model input gets
             image.thumbnail((size, size), Image.Resampling.LANCZOS)
             out = io.BytesIO()
             image.save(out, format="JPEG", quality=quality, optimize=True)

@@ -9,7 +9,6 @@ and listed. Moved images leave the database, and the FAISS index is synced (same
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 
 from retrieval.errors import RetrievalError
-from retrieval.layout import IndexLock
+from retrieval.layout import IndexLock, is_within
 from retrieval.search import IndexReader
 from retrieval.store import DedupRun, DuplicateMember, Image, chunked, utcnow
 
@@ -32,11 +31,6 @@ class ApplyResult:
     move_to: str = ""
 
 
-def _inside(path: Path, root: Path) -> bool:
-    real, base = os.path.realpath(path), os.path.realpath(root)
-    return os.path.commonpath([real, base]) == base
-
-
 def apply_run(reader: IndexReader, run_id: int, move_to: Path, settings: Any) -> ApplyResult:
     """Move every image the run marks `remove`, then drop them from the index."""
     from indexer.writer import remove_images
@@ -44,7 +38,7 @@ def apply_run(reader: IndexReader, run_id: int, move_to: Path, settings: Any) ->
 
     root = reader.corpus_root
     move_to = Path(move_to)
-    if _inside(move_to, root):
+    if is_within(move_to, root):
         raise RetrievalError(f"--move-to {move_to} lies inside the corpus {root}; the next index run would find "
                              f"the files again. Choose a folder outside the corpus")
     result = ApplyResult(move_to=str(move_to.resolve()))
