@@ -74,7 +74,8 @@ def fetch_image_url(url: str, max_bytes: int, timeout_s: float, allow_private: b
                 if declared and declared.isdigit() and int(declared) > max_bytes:
                     raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
                 chunks, size = [], 0
-                for chunk in response.iter_raw():  # yields as data arrives: a slow drip meets the deadline
+                # No chunk size: decoded data is yielded as it arrives, so a slow drip meets the deadline.
+                for chunk in response.iter_bytes():
                     size += len(chunk)
                     if size > max_bytes:
                         raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")

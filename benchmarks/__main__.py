@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["benchmarks.embed_throughput", "benchmarks.api_batching"]
+BENCHMARKS = ["benchmarks.embed_throughput", "benchmarks.api_batching", "benchmarks.incremental_reindex"]
 
 
 def main() -> int:

@@ -7,7 +7,10 @@ Policy (compare autofaiss, which tunes nprobe for latency only and reports no re
   list); the PQ code size is the largest that fits the memory budget, capped at d/4 bytes (more
   buys little because results are re-ranked exactly from the stored fp16 vectors);
 * nprobe is the smallest value whose recall@10 (after exact re-ranking, self excluded) on held-out
-  vectors reaches the recall target; the measured curve is stored with the index.
+  vectors reaches the recall target; the measured curve is stored with the index;
+* when PQ misses the target even with every list probed (tightly packed, near-duplicate-heavy
+  data), the next more precise index that fits the budget is built instead (IVF-SQ8, IVF-Flat,
+  exact), and the automatic choice it replaces is recorded with it.
 All vectors are L2-normalised, so inner product = cosine.
 """
 
@@ -102,6 +105,27 @@ def choose_index_spec(n: int, dim: int, memory_budget: int, exact_threshold: int
         pq_m=m,
         estimated_bytes=fixed + n * m,
     )
+
+
+def precise_fallbacks(spec: IndexSpec, memory_budget: int) -> list[IndexSpec]:
+    """More precise indexes to try, in order, when `spec` cannot reach the recall target.
+
+    PQ codes can be too coarse for tightly packed data (near-duplicate-heavy corpora); 8-bit
+    scalar quantisation, then full vectors in the same lists, then exact search, each only if it
+    fits the memory budget. Exact search always reaches the target.
+    """
+    if spec.kind != "ivfpq" or not spec.nlist:
+        return []
+    n, d, nlist = spec.n, spec.dim, spec.nlist
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= 8192 else f"IVF{nlist}"
+    options = [
+        IndexSpec(kind="ivfsq8", factory=f"{coarse},SQ8", n=n, dim=d, nlist=nlist,
+                  estimated_bytes=nlist * d * 4 + n * (d + 8)),
+        IndexSpec(kind="ivfflat", factory=f"{coarse},Flat", n=n, dim=d, nlist=nlist,
+                  estimated_bytes=nlist * d * 4 + n * (4 * d + 8)),
+        IndexSpec(kind="flat", factory="IDMap2,Flat", n=n, dim=d, estimated_bytes=n * (4 * d + 8)),
+    ]
+    return [o for o in options if o.estimated_bytes <= memory_budget]
 
 
 def gpu_count() -> int:

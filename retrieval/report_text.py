@@ -95,8 +95,11 @@ def format_info(data: dict[str, Any]) -> str:
     if spec:
         params = spec.get("params", {})
         detail = "exact" if spec["kind"] == "flat" else (
-            f"nlist {spec.get('nlist')}, PQ {spec.get('pq_m')} bytes, nprobe {params.get('nprobe')}, "
-            f"recall@10 {params.get('recall_at_10')} (target {params.get('target')})")
+            f"nlist {spec.get('nlist')}" + (f", PQ {spec['pq_m']} bytes" if spec.get("pq_m") else "")
+            + f", nprobe {params.get('nprobe')}, recall@10 {params.get('recall_at_10')} (target {params.get('target')})")
+        if params.get("missed"):
+            detail += (f"; replaces {params['missed']['factory']}, which reached recall@10 "
+                       f"{params['missed']['recall_at_10']} only")
         lines.append(f"faiss index   {spec['factory']} ({detail}), built {params.get('built_at', '?')}")
     else:
         lines.append("faiss index   none")

@@ -69,6 +69,10 @@ def _needs_rebuild(old: ann.IndexSpec | None, new: ann.IndexSpec, opts: SyncOpti
         return "rebuild requested"
     if old is None:
         return "no index yet"
+    if old.params.get("fallback_for"):
+        # A more precise index replaced the automatic choice because that one missed the recall
+        # target: judge the automatic choice it stands for, or every run would rebuild.
+        old = ann.IndexSpec.from_dict(old.params["fallback_for"])
     if old.kind != new.kind or old.dim != new.dim:
         return f"index type changes from {old.kind} to {new.kind} at {new.n:,} vectors"
     if new.kind == "ivfpq" and old.nlist and new.nlist:
@@ -104,6 +108,32 @@ def _build(spec: ann.IndexSpec, ids: np.ndarray, held_out: np.ndarray, vectors: 
         ann.add(index, chunk_ids, chunk)
     timings["add_s"] = round(time.perf_counter() - t, 3)
     return index
+
+
+def _build_meeting_target(desired: ann.IndexSpec, ids: np.ndarray, vectors: VectorStore, opts: SyncOptions,
+                          timings: dict[str, float]) -> tuple[Any, ann.IndexSpec]:
+    """Build `desired`; if it misses the recall target even at the largest nprobe, build the next
+    more precise index that fits the memory budget (the automatic choice is recorded with it)."""
+    held_out = _pick_queries(ids, ann.TUNE_QUERIES) if desired.kind != "flat" else np.empty(0, np.int64)
+    index = _build(desired, ids, held_out, vectors, timings)
+    kept = {k: desired.params[k] for k in ("fallback_for", "missed") if k in desired.params}
+    desired.params = {**_tune(index, desired, ids, vectors, opts.recall_target, timings), **kept}
+    desired.n = len(ids)
+    if desired.params.get("recall_at_10", 1.0) >= opts.recall_target:
+        return index, desired
+    missed = {"factory": desired.factory, "recall_at_10": desired.params.get("recall_at_10")}
+    for fallback in ann.precise_fallbacks(desired, opts.memory_budget):
+        logger.warning("%s reaches recall@10 %.3f only, below the target %.2f; trying %s", desired.factory,
+                       desired.params.get("recall_at_10", 0.0), opts.recall_target, fallback.factory)
+        index = _build(fallback, ids, held_out, vectors, timings)
+        fallback.params = _tune(index, fallback, ids, vectors, opts.recall_target, timings)
+        fallback.params["fallback_for"] = {**desired.to_dict(), "params": {}}
+        fallback.params["missed"] = missed
+        if fallback.params.get("recall_at_10", 1.0) >= opts.recall_target:
+            return index, fallback
+    logger.warning("no index within the memory budget reaches recall@10 %.2f; raise --memory-budget",
+                   opts.recall_target)
+    return index, fallback if ann.precise_fallbacks(desired, opts.memory_budget) else desired
 
 
 def _tune(index: Any, spec: ann.IndexSpec, ids: np.ndarray, vectors: VectorStore, target: float,
@@ -152,6 +182,8 @@ def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: Sy
             return SyncResult(spec=old_spec, seconds=time.perf_counter() - started)
         if old_spec.kind == "flat":
             reason = "exact index refreshed"  # rebuilding a flat index is as cheap as patching it
+            if old_spec.params.get("fallback_for"):
+                desired = old_spec  # an exact fallback stays exact: re-training what it replaced would miss again
         else:
             try:
                 result.removed = ann.remove(index, to_remove)
@@ -166,16 +198,17 @@ def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: Sy
             changed = len(to_add) + len(to_remove)
             tuned_n = spec.params.get("tuned_n", 0)
             if changed + abs(len(ids) - tuned_n) > RETUNE_FRACTION * max(tuned_n, 1):
-                spec.params = _tune(index, spec, ids, vectors, opts.recall_target, timings)
+                kept = {k: spec.params[k] for k in ("fallback_for", "missed") if k in spec.params}
+                spec.params = {**_tune(index, spec, ids, vectors, opts.recall_target, timings), **kept}
+                if spec.params.get("recall_at_10", 1.0) < opts.recall_target:
+                    reason = "recall fell below the target"
             else:
                 ann.set_nprobe(index, spec.params.get("nprobe") or 1)
             result.spec = spec
     if reason is not None:
         logger.info("building the index: %s", reason)
-        held_out = _pick_queries(ids, ann.TUNE_QUERIES) if desired.kind != "flat" else np.empty(0, np.int64)
-        index = _build(desired, ids, held_out, vectors, timings)
-        desired.params = _tune(index, desired, ids, vectors, opts.recall_target, timings)
-        result.spec, result.rebuilt, result.added = desired, True, len(ids)
+        index, built = _build_meeting_target(desired, ids, vectors, opts, timings)
+        result.spec, result.rebuilt, result.added = built, True, len(ids)
 
     ann.save_index(index, layout.faiss_path)
     assert result.spec is not None

@@ -433,3 +433,54 @@ def test_shrinking_below_threshold_goes_back_to_flat(ivf_env: Env) -> None:
     assert result.rebuilt and result.spec.kind == "flat"
     assert isinstance(ivf_env.index(), faiss.IndexIDMap2)
     ivf_env.assert_consistent()
+
+
+def test_pq_missing_the_recall_target_falls_back_to_a_precise_index(tmp_path) -> None:
+    """Tightly packed vectors (near-duplicates everywhere) defeat 4-byte PQ codes: the sync must not
+    ship an index that misses the target, but step up to one that fits the budget and reaches it."""
+    import sqlite3
+
+    from retrieval.layout import IndexLayout
+    from retrieval.store import Image, Store
+    from retrieval.sync import SyncOptions, sync_index
+    from retrieval.vectors import VectorStore
+
+    n, d = 3000, 16
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=d).astype(np.float32)
+    x = base + 0.02 * rng.normal(size=(n, d)).astype(np.float32)  # all within a tiny cap
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    layout = IndexLayout(tmp_path / "idx")
+    layout.root.mkdir(parents=True)
+    store = Store(layout.default_db_url())
+    vectors = VectorStore(layout.vectors_path, d)
+    with store.session() as s, s.begin():
+        store.set_meta(s, dim=d)
+        for i in range(n):
+            s.add(Image(path=f"{i}.jpg", size=1, mtime_ns=0, sha256="0" * 64, width=1, height=1, format="JPEG",
+                        phash=0, indexed=False))
+    ids = np.arange(1, n + 1)
+    vectors.write(ids, x)
+    opts = SyncOptions(memory_budget=10**9, exact_threshold=2000, recall_target=0.95)
+    result = sync_index(store, vectors, layout, opts)
+    spec = result.spec
+    assert spec.params["missed"]["factory"].endswith(",PQ4")  # the automatic choice, recorded
+    assert spec.params["missed"]["recall_at_10"] < 0.95
+    assert spec.kind in ("ivfsq8", "ivfflat", "flat") and spec.params["recall_at_10"] >= 0.95
+    # The oracle agrees on fresh queries.
+    from retrieval import ann
+
+    index = ann.load_index(layout.faiss_path)
+    ann.set_nprobe(index, spec.params.get("nprobe") or 1)
+    stored = vectors.read(ids)  # the fp16 vectors search re-ranks with: the truth is defined on them
+    q_ids = np.arange(1, n + 1, 7)
+    truth = ann.exact_knn(stored[q_ids - 1], iter([(ids, stored)]), 10, exclude=q_ids)
+    _, found = ann.search_reranked(index, stored[q_ids - 1], 10, vectors.read, exclude=q_ids)
+    assert ann.recall_at_k(found, truth) >= 0.93
+    # A small change does not re-train the PQ index that missed, and nothing is rebuilt needlessly.
+    with sqlite3.connect(layout.db_path) as conn:
+        conn.execute("DELETE FROM images WHERE id = 5")
+    again = sync_index(store, vectors, layout, opts)
+    assert again.spec.kind == spec.kind and again.spec.params.get("missed") == spec.params["missed"]
+    assert not again.rebuilt or spec.kind == "flat"
+    store.close()
