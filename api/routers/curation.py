@@ -6,7 +6,7 @@ says which command makes one. Pages are bounded; members come nearest-the-centro
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from sqlalchemy import func, select
@@ -20,6 +20,8 @@ from retrieval.store import (ClusterAssignment, ClusterRun, DedupRun, DuplicateG
 router = APIRouter(tags=["curation"], dependencies=Authorized)
 
 ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+NO_DEDUP_RUN = "no dedup run yet: run `retrieval dedup` on this index"
+NO_CLUSTER_RUN = "no clustering run yet: run `retrieval cluster` on this index"
 Page = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number.")]
 PerPage = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
 
@@ -32,11 +34,11 @@ def _public_params(params: dict) -> dict:
     return out
 
 
-def _latest_dedup_run(session, mode: str) -> DedupRun:  # noqa: ANN001
-    run = session.scalar(select(DedupRun).where(DedupRun.status == "completed", DedupRun.mode == mode)
-                         .order_by(DedupRun.id.desc()).limit(1))
+def _latest_run(session, model: type, detail: str, *where: Any) -> Any:  # noqa: ANN001
+    """The newest completed run of `model` (DedupRun, ClusterRun), or a 404 naming the command."""
+    run = session.scalar(select(model).where(model.status == "completed", *where).order_by(model.id.desc()).limit(1))
     if run is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no dedup run yet: run `retrieval dedup` on this index")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail)
     return run
 
 
@@ -53,7 +55,7 @@ def duplicate_groups(
         "representative, and groups where at least min_size members remain. Must be >= the run's threshold."))] = None,
 ) -> DuplicateGroupsOut:
     with handle.reader.store.session() as s:
-        run = _latest_dedup_run(s, mode)
+        run = _latest_run(s, DedupRun, NO_DEDUP_RUN, DedupRun.mode == mode)
         run_threshold = float(run.params.get("threshold", 0.0))
         if threshold is not None and threshold < run_threshold:
             raise HTTPException(422, f"the latest dedup run used threshold {run_threshold}; a lower threshold "
@@ -90,19 +92,11 @@ def duplicate_groups(
     )
 
 
-def _latest_cluster_run(session) -> ClusterRun:  # noqa: ANN001
-    run = session.scalar(select(ClusterRun).where(ClusterRun.status == "completed")
-                         .order_by(ClusterRun.id.desc()).limit(1))
-    if run is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no clustering run yet: run `retrieval cluster` on this index")
-    return run
-
-
 @router.get("/clusters", response_model=ClustersOut, responses=ERRORS,
             summary="Clusters of the latest `retrieval cluster` run, largest first")
 def clusters(handle: ReaderDep, page: Page = 1, per_page: PerPage = 100) -> ClustersOut:
     with handle.reader.store.session() as s:
-        run = _latest_cluster_run(s)
+        run = _latest_run(s, ClusterRun, NO_CLUSTER_RUN)
     sizes = list(enumerate(run.sizes or []))
     sizes.sort(key=lambda cs: (-cs[1], cs[0]))
     chunk = sizes[(page - 1) * per_page: page * per_page]
@@ -116,7 +110,7 @@ def clusters(handle: ReaderDep, page: Page = 1, per_page: PerPage = 100) -> Clus
 def cluster_members(handle: ReaderDep, cluster: Annotated[int, Path(ge=0, le=10_000_000)],
                     page: Page = 1, per_page: PerPage = 100) -> ClusterOut:
     with handle.reader.store.session() as s:
-        run = _latest_cluster_run(s)
+        run = _latest_run(s, ClusterRun, NO_CLUSTER_RUN)
         if cluster >= run.k:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such cluster in the latest clustering run")
         rows = s.execute(
