@@ -86,11 +86,13 @@ def pixel_digest(path: Path, max_pixels: int) -> str | None:
     """sha256 of the decoded RGB pixels and size, or None when the file cannot be decoded now."""
     from PIL import Image, ImageOps
 
+    from retrieval.preprocess import to_rgb
+
     try:
         with Image.open(path) as im:
             if im.width * im.height > max_pixels:
                 return None
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
+            rgb = to_rgb(ImageOps.exif_transpose(im))  # the conversion the model input gets
             h = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode())
             h.update(rgb.tobytes())
             return h.hexdigest()
@@ -107,12 +109,15 @@ def pixel_edges(root: Path, ids: np.ndarray, paths: list[str], sha256: np.ndarra
     candidates = np.flatnonzero(counts[codes] > 1)
     if len(candidates) == 0:
         return Edges.empty()
-    # Candidates with a unique sha within their key need decoding; byte-identical ones are already linked.
+    # Byte-identical files have identical pixels: decode one file per distinct sha256.
     digests: dict[int, str] = {}
+    by_sha: dict[str, str | None] = {}
     for pos in candidates:
-        d = pixel_digest(root / paths[pos], max_pixels)
-        if d is not None:
-            digests[int(pos)] = d
+        sha = str(sha256[pos])
+        if sha not in by_sha:
+            by_sha[sha] = pixel_digest(root / paths[pos], max_pixels)
+        if by_sha[sha] is not None:
+            digests[int(pos)] = by_sha[sha]
     if not digests:
         return Edges.empty()
     pos = np.array(sorted(digests))
