@@ -304,6 +304,8 @@ class CurationRun(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[str] = mapped_column(String(16))
     mode: Mapped[str] = mapped_column(String(16))  # sample or cluster
+    # Parameters + index state + query files' content (None for runs made before 0003: never reused).
+    fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     counts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     query_failures: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)

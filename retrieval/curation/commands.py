@@ -167,13 +167,17 @@ def curate(
     min_queries: int = typer.Option(3, "--min-queries", help="A cluster is selected when it holds more than this many queries."),
     max_images: int = typer.Option(1_000_000, "--max-images", help="Cap on the curated list."),
     cluster_run: Optional[int] = typer.Option(None, "--cluster-run", help="Clustering run to use [default: the latest]."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the per-cluster sample (cluster mode)."),
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
     report_dir: Path = typer.Option(Path("curation-report"), "--report-dir", "-o", help="Where curated.txt and the manifest go."),
+    force: bool = typer.Option(False, "--force", help="Recompute even when an identical run (same options, same query files, same clustering run) on the unchanged index exists."),
     progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Curate the corpus from a query set: the images near the queries, with a manifest of how each got in.
+
+    A rerun with the same options and query files on an unchanged index reuses the stored run.
 
     Example:
 
@@ -185,19 +189,20 @@ def curate(
     try:
         outcome = run_curation(reader, CurateOptions(
             queries=queries, mode=mode, k=k, per_cluster=per_cluster, min_queries=min_queries, max_images=max_images,
-            cluster_run=cluster_run, progress=progress, max_pixels=settings.max_pixels,
-            batch_size=settings.batch_size, workers=settings.workers or 0))
+            cluster_run=cluster_run, seed=seed, progress=progress, max_pixels=settings.max_pixels,
+            batch_size=settings.batch_size, workers=settings.workers or 0, force=force))
         files = write_curation_report(reader, outcome, report_dir, settings.max_pixels, progress)
     finally:
         reader.close()
     c = outcome.counts
-    lines = [f"curation run {outcome.run_id} ({mode}): {c.get('unique_images', 0)} images from {c['queries']} queries"
-             f" ({c['queries_failed']} query files failed)"]
+    lines = [f"curation run {outcome.run_id} ({mode}{', reused: nothing changed' if outcome.reused else ''}): "
+             f"{c.get('unique_images', 0)} images from {c['queries']} queries ({c['queries_failed']} query files failed)"]
     if mode == "sample":
         lines.append(f"{c['retrieved']} retrievals, {c['collisions']} collisions "
                      f"({c['images_retrieved_more_than_once']} images retrieved by several queries)")
     lines.append(f"curated list: {files['curated.txt'].resolve()}")
-    _print({"run_id": outcome.run_id, "counts": c, "files": {k: str(v) for k, v in files.items()}}, as_json, lines)
+    _print({"run_id": outcome.run_id, "reused": outcome.reused, "counts": c,
+            "files": {k: str(v) for k, v in files.items()}}, as_json, lines)
 
 
 COMMANDS.append(curate)

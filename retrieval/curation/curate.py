@@ -4,6 +4,9 @@
   queries counts once and the collisions are reported;
 * cluster: for small query sets, from every cluster (of a `retrieval cluster` run) holding more
   than `min_queries` query images, sample up to M images (paper: 10,000), at most `max_images`.
+
+Runs are stored; a rerun with the same parameters and query files (by content) on an unchanged
+index, and in cluster mode with the same clustering run, reuses the stored run (`force` recomputes).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from retrieval.curation.dedup import fingerprint
 from retrieval.curation.graph import is_exact_index, search_exact_topk
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
@@ -40,6 +44,33 @@ class CurateOptions:
     max_pixels: int = 89_478_485
     batch_size: int = 32
     workers: int = 0
+    force: bool = False
+
+    def validate(self) -> None:
+        if self.mode not in ("sample", "cluster"):
+            raise RetrievalError(f"--mode must be sample or cluster, got {self.mode!r}")
+        if self.k < 1 or self.per_cluster < 1 or self.max_images < 1:
+            raise RetrievalError("-k, --per-cluster and --max-images must be at least 1")
+
+    def params(self) -> dict[str, Any]:
+        """What the stored run records (every option, whether or not its mode uses it)."""
+        return {"mode": self.mode, "queries": str(Path(self.queries).resolve()), "k": self.k,
+                "per_cluster": self.per_cluster, "min_queries": self.min_queries, "max_images": self.max_images,
+                "seed": self.seed}
+
+    def result_params(self, cluster_run: int | None) -> dict[str, Any]:
+        """Only what the result depends on: another -k in cluster mode (or seed in sample mode) reuses the run.
+
+        The query folder's location is not part of it (its files' content is, see `folder_content`);
+        max_pixels is, as it decides which query files fail.
+        """
+        p: dict[str, Any] = {"mode": self.mode, "max_images": self.max_images, "max_pixels": self.max_pixels}
+        if self.mode == "sample":
+            p["k"] = self.k
+        else:
+            p.update(per_cluster=self.per_cluster, min_queries=self.min_queries, seed=self.seed,
+                     cluster_run=cluster_run)
+        return p
 
 
 @dataclass
@@ -48,6 +79,7 @@ class CurateOutcome:
     counts: dict[str, Any]
     items: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
+    reused: bool = False
 
 
 def sample_based(query_paths: list[str], sims: np.ndarray, nbrs: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -73,15 +105,15 @@ def sample_based(query_paths: list[str], sims: np.ndarray, nbrs: np.ndarray) -> 
 
 
 def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
-    from retrieval.curation.folders import embed_folder
+    """Curate, store the run and return it (an identical stored run is reused unless `opts.force`)."""
+    from retrieval.curation.folders import embed_folder, folder_content
 
-    if opts.mode not in ("sample", "cluster"):
-        raise RetrievalError(f"--mode must be sample or cluster, got {opts.mode!r}")
-    if opts.k < 1 or opts.per_cluster < 1 or opts.max_images < 1:
-        raise RetrievalError("-k, --per-cluster and --max-images must be at least 1")
+    opts.validate()
     n = reader.store.count_images()
     if n == 0:
         raise RetrievalError("the index holds no embeddings; run `retrieval index CORPUS` first")
+    if not Path(opts.queries).is_dir():
+        raise RetrievalError(f"query folder {opts.queries} does not exist or is not a folder")
     cluster_run = None
     if opts.mode == "cluster":
         from retrieval.curation.clusters import latest_run, load_centroids
@@ -90,6 +122,11 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
         if cluster_run is None:
             raise RetrievalError("--mode cluster needs a clustering run; run `retrieval cluster` first")
         centroids = load_centroids(reader, cluster_run)
+    fp = fingerprint(reader, opts.result_params(cluster_run), folder_content(Path(opts.queries)))
+    if not opts.force:
+        reused = _reuse(reader, fp)
+        if reused is not None:
+            return reused
     q = embed_folder(opts.queries, reader.embedder(), opts.max_pixels, opts.batch_size, opts.workers,
                      opts.progress, what="query")
     if not q.paths:
@@ -127,12 +164,9 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
                  for i, p in s.execute(select(Image.id, Image.path).where(Image.id.in_(part)))}
     for d in items:
         d["path"] = paths.get(d["image_id"], "")
-    params = {"mode": opts.mode, "queries": str(Path(opts.queries).resolve()), "k": opts.k,
-              "per_cluster": opts.per_cluster, "min_queries": opts.min_queries, "max_images": opts.max_images,
-              "seed": opts.seed}
     with reader.store.session() as s, s.begin():
-        run = CurationRun(status="completed", mode=opts.mode, params=params, counts=counts, query_failures=q.failures,
-                          cluster_run_id=cluster_run, finished_at=utcnow())
+        run = CurationRun(status="completed", mode=opts.mode, fingerprint=fp, params=opts.params(), counts=counts,
+                          query_failures=q.failures, cluster_run_id=cluster_run, finished_at=utcnow())
         s.add(run)
         s.flush()
         s.add_all([CurationItem(run_id=run.id, image_id=d["image_id"], path=d["path"], how=d["how"], query=d["query"],
@@ -140,6 +174,31 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
                    for d in items])
         run_id = run.id
     return CurateOutcome(run_id, counts, items, q.failures)
+
+
+def _reuse(reader: IndexReader, fp: str) -> CurateOutcome | None:
+    """The newest completed run with this fingerprint, items in the order the run produced them."""
+    with reader.store.session() as s:
+        run = s.scalar(select(CurationRun).where(CurationRun.fingerprint == fp, CurationRun.status == "completed")
+                       .order_by(CurationRun.id.desc()).limit(1))
+        if run is None:
+            return None
+        rows = s.scalars(select(CurationItem).where(CurationItem.run_id == run.id)).all()
+    logger.info("reusing curation run %d: same parameters and queries, index unchanged", run.id)
+    # sample: best score first; cluster: clusters by decreasing query count (ties: lower cluster), then ids.
+    key = ((lambda r: (-(r.score or 0.0), r.image_id)) if run.mode == "sample"
+           else (lambda r: (-r.times_retrieved, r.cluster or 0, r.image_id)))
+    items = [_item(r) for r in sorted(rows, key=key)]
+    return CurateOutcome(run.id, run.counts or {}, items, list(run.query_failures or []), reused=True)
+
+
+def _item(row: CurationItem) -> dict[str, Any]:
+    """A stored item as `run_curation` builds it (same keys, same order: the manifest stays byte-identical)."""
+    d: dict[str, Any] = {"image_id": row.image_id, "how": row.how}
+    if row.how == "cluster":
+        d["cluster"] = row.cluster
+    d.update(query=row.query, score=row.score, times_retrieved=row.times_retrieved, path=row.path)
+    return d
 
 
 def write_curation_report(reader: IndexReader, outcome: CurateOutcome, out_dir: Path, max_pixels: int,

@@ -6,6 +6,7 @@ in batches, exactly as the indexer does, so the vectors are comparable with the 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,4 +64,23 @@ def embed_folder(folder: Path, embedder: Any, max_pixels: int, batch_size: int =
     out.vectors = np.concatenate(parts) if parts else np.empty((0, embedder.dim), np.float32)
     for f in out.failures:
         logger.warning("%s file %s skipped: %s", what, f["path"], f["reason"])
+    return out
+
+
+def folder_content(folder: Path) -> list[tuple[str, str]]:
+    """(relative path, sha256 of the bytes) of every file `embed_folder` would see, in scan order.
+
+    The identity of a query or reference set for reusing a stored run: touching or moving the
+    folder keeps it, editing, adding, removing or renaming a file changes it. Unreadable files
+    hash as "unreadable" (they are failures either way).
+    """
+    folder = Path(folder)
+    out: list[tuple[str, str]] = []
+    for e in scan_corpus(folder):
+        try:
+            with open(folder / e.path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            digest = "unreadable"
+        out.append((e.path, digest))
     return out
