@@ -2,7 +2,9 @@
 
 Training uses at most k * MAX_POINTS_PER_CENTROID vectors (a seeded sample, read by id from the
 memory-mapped store), then every image is assigned to its nearest centroid in bounded batches.
-Default k = round(sqrt(N)), capped at 100,000 (the paper's count for 1.2B images).
+Default k = round(sqrt(N)), capped at 100,000 (the paper's count for 1.2B images). The centroids
+go to <index>/clusters/run<ID>_centroids.npy (see `centroids_path`). A rerun with the same
+parameters on an unchanged index reuses the stored run while its centroid file exists.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,9 +84,13 @@ def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, s
     fp = fingerprint(reader, params)
     if not force:
         with reader.store.session() as s:
-            old = s.scalar(select(ClusterRun).where(ClusterRun.fingerprint == fp, ClusterRun.status == "completed")
-                           .order_by(ClusterRun.id.desc()).limit(1))
+            candidates = s.scalars(select(ClusterRun).where(ClusterRun.fingerprint == fp,
+                                                            ClusterRun.status == "completed")
+                                   .order_by(ClusterRun.id.desc())).all()
+        # A run whose centroid file was deleted cannot serve `curate --mode cluster`: recompute.
+        old = next((r for r in candidates if _centroid_file(reader, r) is not None), None)
         if old is not None:
+            logger.info("reusing clustering run %d: same parameters, index unchanged", old.id)
             return ClusterOutcome(old.id, old.k, old.n_images, True, list(old.sizes or []))
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(ids, size=min(n, k * MAX_POINTS_PER_CENTROID), replace=False))
@@ -104,20 +111,52 @@ def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, s
         s.add(run)
         s.flush()
         run_id = run.id
-    centroid_file = reader.layout.root / "clusters" / f"run{run_id}_centroids.npy"
-    centroid_file.parent.mkdir(parents=True, exist_ok=True)
-    np.save(centroid_file, centroids)
-    with reader.store.session() as s, s.begin():
-        for start in range(0, n, 50_000):
-            sl = slice(start, start + 50_000)
-            s.execute(ClusterAssignment.__table__.insert(), [
-                {"run_id": run_id, "image_id": int(i), "cluster": int(c), "distance": float(d), "rank": int(r)}
-                for i, c, d, r in zip(ids[sl], label[sl], dist[sl], rank[sl])])
-        row = s.get(ClusterRun, run_id)
-        assert row is not None
-        row.status, row.finished_at, row.sizes = "completed", utcnow(), sizes
-        row.params = {**params, "centroids": str(centroid_file)}
+    try:
+        _save_centroids(centroids_path(reader.layout.root, run_id), centroids)
+        with reader.store.session() as s, s.begin():
+            for start in range(0, n, 50_000):
+                sl = slice(start, start + 50_000)
+                s.execute(ClusterAssignment.__table__.insert(), [
+                    {"run_id": run_id, "image_id": int(i), "cluster": int(c), "distance": float(d), "rank": int(r)}
+                    for i, c, d, r in zip(ids[sl], label[sl], dist[sl], rank[sl])])
+            row = s.get(ClusterRun, run_id)
+            assert row is not None
+            row.status, row.finished_at, row.sizes = "completed", utcnow(), sizes
+    except BaseException:
+        with reader.store.session() as s, s.begin():
+            row = s.get(ClusterRun, run_id)
+            if row is not None:
+                row.status, row.finished_at = "failed", utcnow()
+        raise
     return ClusterOutcome(run_id, k, n, False, sizes)
+
+
+def centroids_path(index_root: Path, run_id: int) -> Path:
+    """Where the centroids of clustering run `run_id` live: derived from the id, never stored."""
+    return Path(index_root) / "clusters" / f"run{run_id}_centroids.npy"
+
+
+def _save_centroids(path: Path, centroids: np.ndarray) -> None:
+    """Write to a temp file and rename, so a killed run never leaves a torn file under a run's name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, centroids)
+    os.replace(tmp, path)
+
+
+def _centroid_file(reader: IndexReader, run: ClusterRun) -> Path | None:
+    """The run's centroid file, or None when it is gone.
+
+    Runs stored before the path was derived from the id also recorded it in params["centroids"]:
+    that is the same file unless the index folder moved, so the derived path wins and the stored
+    one is only a fallback (nothing needs migrating).
+    """
+    derived = centroids_path(reader.layout.root, run.id)
+    if derived.is_file():
+        return derived
+    legacy = (run.params or {}).get("centroids")
+    return Path(legacy) if legacy and Path(legacy).is_file() else None
 
 
 def load_centroids(reader: IndexReader, run_id: int) -> np.ndarray:
@@ -125,7 +164,11 @@ def load_centroids(reader: IndexReader, run_id: int) -> np.ndarray:
         run = s.get(ClusterRun, run_id)
     if run is None or run.status != "completed":
         raise RetrievalError(f"no completed clustering run {run_id}; run `retrieval cluster` first")
-    return np.load(run.params["centroids"])
+    path = _centroid_file(reader, run)
+    if path is None:
+        raise RetrievalError(f"the centroids of clustering run {run_id} are missing "
+                             f"({centroids_path(reader.layout.root, run_id)}); run `retrieval cluster --force`")
+    return np.load(path)
 
 
 def latest_run(reader: IndexReader) -> int | None:

@@ -66,3 +66,44 @@ def test_bad_k_is_a_one_line_error(planted, cli, k: str, message: str) -> None:
     _, index_dir, _ = planted
     code, out = cli("cluster", "-k", k, "--index-dir", index_dir, ok=False)
     assert code == 1 and message in out
+
+
+def test_centroid_file_follows_from_the_run_id(planted, cli, tmp_path: Path) -> None:
+    import shutil
+    import sqlite3
+
+    from retrieval.curation.clusters import centroids_path, load_centroids
+    from retrieval.errors import RetrievalError
+    from retrieval.layout import IndexLayout
+    from retrieval.search import IndexReader
+
+    _, index_dir, _ = planted
+    _, text = cli("cluster", "-k", "2", "--index-dir", index_dir, "-o", tmp_path / "c", "--no-progress", "--json")
+    run_id = json.loads(text)["run_id"]
+    db = index_dir / "retrieval.db"
+    with sqlite3.connect(db) as conn:
+        params = json.loads(conn.execute("SELECT params FROM cluster_runs WHERE id = ?", (run_id,)).fetchone()[0])
+    assert "centroids" not in params
+    derived = centroids_path(index_dir, run_id)
+    expected = np.load(derived)
+
+    # A run stored by an older release recorded the path in params; it keeps working.
+    legacy = tmp_path / "elsewhere.npy"
+    shutil.move(derived, legacy)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE cluster_runs SET params = ? WHERE id = ?",
+                     (json.dumps({**params, "centroids": str(legacy)}), run_id))
+    reader = IndexReader(IndexLayout(index_dir))
+    try:
+        np.testing.assert_array_equal(load_centroids(reader, run_id), expected)
+        _, text = cli("cluster", "-k", "2", "--index-dir", index_dir, "-o", tmp_path / "c", "--no-progress", "--json")
+        assert json.loads(text)["run_id"] == run_id  # still reused
+
+        legacy.unlink()  # centroids gone: a clear error, and the next identical run recomputes
+        with pytest.raises(RetrievalError, match="centroids of clustering run .* are missing"):
+            load_centroids(reader, run_id)
+    finally:
+        reader.close()
+    _, text = cli("cluster", "-k", "2", "--index-dir", index_dir, "-o", tmp_path / "c", "--no-progress", "--json")
+    again = json.loads(text)
+    assert not again["reused"] and again["run_id"] != run_id and centroids_path(index_dir, again["run_id"]).is_file()
