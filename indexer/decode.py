@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer.inflight import InflightMarkers
 from retrieval.errors import ImageDecodeError
 from retrieval.preprocess import PreprocessConfig, decode_image, preprocess
 
@@ -108,16 +109,25 @@ def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: 
 
 
 class DecodeDataset:
-    """Map-style dataset: index -> DecodeResult. Picklable, so DataLoader workers can run it."""
+    """Map-style dataset: index -> DecodeResult. Picklable, so DataLoader workers can run it.
 
-    def __init__(self, root: str, items: list[WorkItem], config: PreprocessConfig, max_pixels: int):
+    With `markers`, each file is marked as in flight while it decodes (see indexer.inflight).
+    """
+
+    def __init__(self, root: str, items: list[WorkItem], config: PreprocessConfig, max_pixels: int,
+                 markers: InflightMarkers | None = None):
         self.root, self.items, self.config, self.max_pixels = root, items, config, max_pixels
+        self.markers = markers
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> DecodeResult:
-        return decode_one(self.root, self.items[i], self.config, self.max_pixels)
+        item = self.items[i]
+        if self.markers is None:
+            return decode_one(self.root, item, self.config, self.max_pixels)
+        with self.markers.decoding(item.path):
+            return decode_one(self.root, item, self.config, self.max_pixels)
 
 
 def collate_results(results: list[DecodeResult]) -> tuple[list[DecodeResult], Any]:

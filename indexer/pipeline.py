@@ -1,7 +1,8 @@
 """`retrieval index`: scan -> plan -> decode (worker processes) -> embed (batched) -> write -> sync index.
 
 Each stage is timed. Memory stays flat: the only thing held for the whole corpus is the list of
-paths to process; images flow through the DataLoader a few batches at a time.
+paths to process; images flow through the DataLoader a few batches at a time. A file that crashes
+its decoder is recorded as a "crash" failure and the run goes on (indexer.loader).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ from typing import Any
 import numpy as np
 from sqlalchemy import delete, text
 
-from indexer.decode import DecodeDataset, WorkItem, collate_results
+from indexer.decode import WorkItem
+from indexer.inflight import InflightMarkers
+from indexer.loader import decode_batches
 from indexer.plan import Plan, make_plan
 from indexer.scan import IMAGE_EXTENSIONS, scan_corpus
 from indexer.writer import BatchCounts, remove_images, write_batch
@@ -190,7 +194,7 @@ def run_index(opts: IndexOptions) -> IndexSummary:
             remove_images(store, plan.removed_ids, plan.removed_failure_paths)
             if plan.todo:
                 assert embedder is not None
-                counts = _embed_all(opts, root, plan.todo, embedder, store, timings)
+                counts = _embed_all(opts, root, plan.todo, embedder, store, timings, plan.crashed)
                 summary.new, summary.changed, summary.touched, summary.failed = (
                     counts.new, counts.changed, counts.touched, counts.failed)
                 embedded = counts.new + counts.changed
@@ -285,7 +289,7 @@ def _fail_running(store: Store, exc: BaseException) -> None:
 
 
 def _embed_all(opts: IndexOptions, root: str, items: list[WorkItem], embedder: Any, store: Store,
-               timings: dict[str, float]) -> BatchCounts:
+               timings: dict[str, float], crashed: set[str]) -> BatchCounts:
     import torch
 
     s = opts.settings
@@ -295,31 +299,30 @@ def _embed_all(opts: IndexOptions, root: str, items: list[WorkItem], embedder: A
         # Leave the decode workers their cores, so they never preempt the model's threads.
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
     try:
-        return _embed_loop(opts, root, items, embedder, store, timings, workers)
+        return _embed_loop(opts, root, items, embedder, store, timings, workers, crashed)
     finally:
         torch.set_num_threads(threads)
 
 
 def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: Any, store: Store,
-                timings: dict[str, float], workers: int) -> BatchCounts:
-    from torch.utils.data import DataLoader
+                timings: dict[str, float], workers: int, crashed: set[str]) -> BatchCounts:
     from tqdm import tqdm
 
     s = opts.settings
-    dataset = DecodeDataset(root, items, embedder.preprocess, s.max_pixels)
-    loader = DataLoader(
-        dataset, batch_size=s.batch_size, num_workers=workers, collate_fn=collate_results,
-        pin_memory=embedder.device.startswith("cuda"),
-        prefetch_factor=4 if workers else None, persistent_workers=False,
-    )
-    vectors = VectorStore(IndexLayout(Path(s.index_dir)).vectors_path, embedder.dim)
+    layout = IndexLayout(Path(s.index_dir))
+    # A decoder crash in a worker costs the crashing file only, and one in this process (workers=0)
+    # is named by the marker it leaves, so the next run decodes that file in isolation (indexer.loader).
+    markers = InflightMarkers(layout.decoding_dir)
+    batches = closing(decode_batches(root, items, embedder.preprocess, s.max_pixels, s.batch_size, workers, markers,
+                                     suspects=crashed, pin_memory=embedder.device.startswith("cuda")))
+    vectors = VectorStore(layout.vectors_path, embedder.dim)
     total = BatchCounts()
     wait = embed = write = 0.0
     loop_start = time.perf_counter()
-    with tqdm(total=len(items), unit="img", desc="indexing", disable=not opts.progress, dynamic_ncols=True,
-              smoothing=0.1) as bar:
+    with markers, batches as decoded, tqdm(total=len(items), unit="img", desc="indexing", disable=not opts.progress,
+                                           dynamic_ncols=True, smoothing=0.1) as bar:
         t = time.perf_counter()
-        for results, pixels in loader:
+        for results, pixels in decoded:
             t1 = time.perf_counter()
             wait += t1 - t
             vecs = embedder.embed(pixels) if pixels is not None else np.empty((0, embedder.dim), np.float32)
@@ -333,5 +336,6 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
             bar.update(len(results))
             if total.failed:
                 bar.set_postfix(failed=total.failed, refresh=False)
+    markers.clean()
     timings.update(decode_wait_s=wait, embed_s=embed, write_s=write, embed_loop_s=time.perf_counter() - loop_start)
     return total

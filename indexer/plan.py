@@ -3,6 +3,7 @@
 Unchanged means same size and mtime (as rsync decides); a changed file is re-read, and only
 re-embedded when its bytes differ. Known failures are not retried until the file changes,
 except unreadable ones (permissions get fixed without touching mtime) or with --retry-failed.
+A file whose last decoding crashed is retried only in isolation (see indexer.loader).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Iterable
 from sqlalchemy import select
 
 from indexer.decode import WorkItem
+from indexer.isolate import CRASH_KIND
 from indexer.scan import ScanEntry
 from retrieval.store import Failure, Image, Store, chunked
 
@@ -27,6 +29,7 @@ class Plan:
     removed_ids: list[int] = field(default_factory=list)
     removed_failure_paths: list[str] = field(default_factory=list)
     scanned: int = 0
+    crashed: set[str] = field(default_factory=set)  # todo paths whose last decoding crashed: decode in isolation
 
     @property
     def new(self) -> int:
@@ -64,6 +67,8 @@ def make_plan(store: Store, entries: Iterable[ScanEntry], retry_failed: bool = F
                 and failed[0] == entry.size and failed[1] == entry.mtime_ns):
             plan.known_failures += 1
             continue
+        if failed is not None and failed[2] == CRASH_KIND:
+            plan.crashed.add(entry.path)
         plan.todo.append(WorkItem(entry.path, entry.size, entry.mtime_ns))
     plan.todo.extend(_with_known_hashes(store, changed))
     plan.removed_ids = sorted(image_id for path, (image_id, _size, _mtime) in images.items() if path not in seen)

@@ -33,6 +33,11 @@ class IndexLayout:
         return self.root / "index.faiss"
 
     @property
+    def decoding_dir(self) -> Path:
+        """In-flight markers of the decode processes (indexer.inflight): what a crash was decoding."""
+        return self.root / "decoding"
+
+    @property
     def lock_path(self) -> Path:
         return self.root / ".lock"
 

@@ -1,7 +1,9 @@
 """Embed a folder that is not part of the corpus (reference set, query set), recording broken files.
 
 Reuses the indexer's scanner and decoder; files are decoded in DataLoader workers and embedded
-in batches, exactly as the indexer does, so the vectors are comparable with the stored ones.
+in batches, exactly as the indexer does, so the vectors are comparable with the stored ones. A
+file that crashes a decode worker is a failure like any other (see indexer.loader); with
+`workers=0` a decoder crash still ends the process, as there is no later run to resume.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from indexer.decode import DecodeDataset, WorkItem, collate_results
+from indexer.decode import WorkItem
+from indexer.inflight import InflightMarkers
+from indexer.loader import decode_batches
 from indexer.scan import scan_corpus
 from retrieval.errors import RetrievalError
 
@@ -23,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FolderEmbedding:
-    """Vectors of the usable files of a folder, in scan order, and the failures with reasons."""
+    """Vectors of the usable files of a folder (scan order, unless a decoder crashed), and the failures with reasons."""
 
     root: Path
     paths: list[str] = field(default_factory=list)  # relative to root
@@ -36,7 +40,9 @@ class FolderEmbedding:
 def embed_folder(folder: Path, embedder: Any, max_pixels: int, batch_size: int = 32, workers: int = 0,
                  progress: bool = False, what: str = "folder") -> FolderEmbedding:
     """Embed every image under `folder`; unreadable or broken files are recorded, never fatal."""
-    from torch.utils.data import DataLoader
+    import tempfile
+    from contextlib import closing
+
     from tqdm import tqdm
 
     folder = Path(folder)
@@ -45,11 +51,12 @@ def embed_folder(folder: Path, embedder: Any, max_pixels: int, batch_size: int =
     entries = list(scan_corpus(folder))
     out = FolderEmbedding(root=folder.resolve())
     items = [WorkItem(path=e.path, size=e.size, mtime_ns=e.mtime_ns) for e in entries]
-    loader = DataLoader(DecodeDataset(str(folder.resolve()), items, embedder.preprocess, max_pixels),
-                        batch_size=batch_size, num_workers=workers, collate_fn=collate_results)
     parts: list[np.ndarray] = []
-    with tqdm(total=len(items), unit="img", desc=f"embedding {what}", disable=not progress) as bar:
-        for results, pixels in loader:
+    with tempfile.TemporaryDirectory(prefix="retrieval-decoding-") as tmp, InflightMarkers(tmp) as markers, \
+            closing(decode_batches(str(folder.resolve()), items, embedder.preprocess, max_pixels, batch_size,
+                                   workers, markers)) as batches, \
+            tqdm(total=len(items), unit="img", desc=f"embedding {what}", disable=not progress) as bar:
+        for results, pixels in batches:
             good = [r for r in results if r.embeddable]
             for r in results:
                 if r.failure_reason is not None:
