@@ -66,7 +66,7 @@ def run_json(name: str, script: Path, args: list[str], timeout: float | None = N
     """
     python = ensure_env(name)
     try:
-        proc = subprocess.run([str(python), str(script), *args], capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run([str(python), str(script), *args], capture_output=True, text=True, timeout=timeout, check=False,
                               cwd=REPO)
     except subprocess.TimeoutExpired as exc:
         raise PeerUnavailable(f"{name}: {script.name} did not finish in {timeout:.0f} s") from exc

@@ -119,7 +119,7 @@ def test_pq_m_divides_dim_and_fits_budget(dim: int) -> None:
     spec = ann.choose_index_spec(n, dim, budget, exact_threshold=50_000)
     m = spec.pq_m
     assert m is not None and dim % m == 0 and 4 <= m <= dim // 4
-    assert spec.factory.startswith(f"OPQ{m}_{dim},") and spec.factory.endswith(f",PQ{m}")
+    assert spec.factory.startswith("IVF") and spec.factory.endswith(f",PQ{m}")
     assert 0 < spec.estimated_bytes <= budget
     assert spec.estimated_bytes >= n * m  # at least the codes themselves are counted
 
@@ -204,6 +204,9 @@ def test_new_index_skips_polysemous_training() -> None:
     index = ann.new_index(spec)  # keep a reference: the extracted IVF does not own it
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     assert not ivf.do_polysemous_training
+    # the PQ codebooks train on a capped sample (FAISS's 256 points x 25 iterations made builds minutes long)
+    assert ivf.pq.cp.max_points_per_centroid == ann.PQ_TRAIN_POINTS_PER_CENTROID
+    assert ivf.pq.cp.niter == ann.PQ_TRAIN_ITERATIONS
 
 
 # --- exact_knn and recall_at_k -------------------------------------------------------------------

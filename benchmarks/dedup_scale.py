@@ -1,0 +1,294 @@
+"""Dedup at scale: `retrieval dedup` (sha256 + pHash + k = 64 k-NN graph + components) over 100k / 1M vectors.
+
+What is measured, per size N (d = 384, the ViT-S/14 width):
+* the index the indexer would build for N vectors (`sync_index` with default settings), timed apart;
+* `run_dedup` with the defaults (k = 64, cosine >= 0.95, pHash radius 8, groups stored in SQLite),
+  in a child process of its own, so its peak RSS is the dedup's alone: wall time per stage and peak RSS;
+* quality of the approximate graph: planted duplicate pairs found, and for a sample of nodes, the
+  k-NN edges above the threshold found vs exact brute force (a flat index over the same vectors);
+* side by side: imagededup's `find_duplicates(encoding_map=...)` (its CNN-encoding path: cosine over
+  all pairs) on the first n vectors for the sizes where it completes within a time limit, run in
+  its own environment (benchmarks/peers/imagededup_scale.py).
+
+The corpus is synthetic (no image files): clustered unit vectors where nearest distinct neighbours
+sit at cosine ~0.6-0.8 (as real DINOv2 neighbours do), plus planted copy groups at cosine ~0.97-0.99,
+exact copies sharing sha256 and pHash, and random 64-bit pHashes with planted near-collisions.
+The pixel-identity stage is off (it decodes files, and there are none); everything else is the
+library path the CLI runs.
+
+Usage: python -m benchmarks.dedup_scale [--quick] [--sizes 100000 1000000] [--peer-sizes ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import save_result
+
+DIM = 384
+COPY_FRACTION = 0.01  # originals that get planted copies
+EXACT_COPY_SHARE = 0.2  # of the copies: byte-identical (same sha256, pHash and vector)
+PHASH_NEAR_SHARE = 0.5  # of the other copies: pHash within 0-4 bits (re-encoded / resized)
+SAMPLE_NODES = 2000  # nodes whose exact k-NN edges are checked against the graph
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def make_corpus(n: int, dim: int = DIM, seed: int = 0) -> dict[str, Any]:
+    """Synthetic vectors, hashes and the planted copy pairs (original position, copy position)."""
+    rng = np.random.default_rng(seed)
+    n_centres = max(16, n // 100)
+    centres = _unit(rng.standard_normal((n_centres, dim), dtype=np.float32))
+    # cos between two members of one cluster ~ 1 / (1 + sigma^2 d): 0.6 at sigma^2 d = 2/3
+    sigma = np.float32(np.sqrt((2 / 3) / dim))
+    vecs = np.empty((n, dim), np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        c = rng.integers(0, n_centres, stop - start)
+        vecs[start:stop] = _unit(centres[c] + sigma * rng.standard_normal((stop - start, dim), dtype=np.float32))
+    phash = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, n, dtype=np.int64, endpoint=True)
+    sha = np.array([f"{i:064x}" for i in range(n)], dtype=object)
+
+    # planted copies: an original at `o`, 1-3 copies written over other positions
+    n_orig = int(n * COPY_FRACTION)
+    positions = rng.permutation(n)
+    originals = positions[:n_orig]
+    n_copies = rng.integers(1, 4, n_orig)
+    copies = positions[n_orig : n_orig + int(n_copies.sum())]
+    pair_orig = np.repeat(originals, n_copies)
+    tau = np.float32(np.sqrt(0.04 / dim))  # cos ~ 1/sqrt(1 + tau^2 d) ~ 0.98
+    kind = rng.random(len(copies))
+    exact = kind < EXACT_COPY_SHARE
+    vecs[copies] = _unit(vecs[pair_orig] + tau * rng.standard_normal((len(copies), dim), dtype=np.float32))
+    vecs[copies[exact]] = vecs[pair_orig[exact]]
+    sha[copies[exact]] = sha[pair_orig[exact]]
+    phash[copies[exact]] = phash[pair_orig[exact]]
+    near = ~exact & (kind < EXACT_COPY_SHARE + (1 - EXACT_COPY_SHARE) * PHASH_NEAR_SHARE)
+    flips = np.zeros(len(copies), np.int64)
+    for j in np.flatnonzero(near):
+        for bit in rng.choice(64, rng.integers(0, 5), replace=False):
+            flips[j] |= np.int64(1) << np.int64(bit) if bit < 63 else np.int64(np.iinfo(np.int64).min)
+    phash[copies[near]] = phash[pair_orig[near]] ^ flips[near]
+    return {"vectors": vecs, "phash": phash, "sha256": sha, "pairs": np.stack([pair_orig, copies], axis=1),
+            "exact": exact, "phash_near": near}
+
+
+def build_index_dir(root: Path, corpus: dict[str, Any]) -> dict[str, Any]:
+    """An index directory as `retrieval index` would leave it, written straight from the arrays."""
+    from sqlalchemy import insert
+
+    from retrieval.layout import IndexLayout
+    from retrieval.settings import Settings
+    from retrieval.store import Image, Store, utcnow
+    from retrieval.sync import SyncOptions, sync_index
+    from retrieval.vectors import VectorStore
+
+    layout = IndexLayout(root)
+    root.mkdir(parents=True, exist_ok=True)
+    store = Store(layout.default_db_url())
+    vecs = corpus["vectors"]
+    n, dim = vecs.shape
+    t = time.perf_counter()
+    with store.session() as s, s.begin():
+        store.set_meta(s, corpus_root=str(root / "corpus"), model_ref="synthetic", model_fingerprint="synthetic",
+                       dim=dim, preprocess={}, created_at=utcnow().isoformat())
+    now = utcnow()
+    for start in range(0, n, 50_000):
+        rows = [{"id": i + 1, "path": f"d{i // 1000:04d}/{i:07d}.jpg", "size": 100_000 + i % 997, "mtime_ns": 0,
+                 "sha256": corpus["sha256"][i], "width": 640, "height": 480, "format": "JPEG",
+                 "phash": int(corpus["phash"][i]), "indexed": False, "added_at": now, "updated_at": now}
+                for i in range(start, min(n, start + 50_000))]
+        with store.session() as s, s.begin():
+            s.execute(insert(Image), rows)
+    vector_store = VectorStore(layout.vectors_path, dim)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        vector_store.write(np.arange(start + 1, stop + 1), vecs[start:stop])
+    write_s = time.perf_counter() - t
+    settings = Settings()
+    t = time.perf_counter()
+    result = sync_index(store, vector_store, layout, SyncOptions(
+        memory_budget=settings.memory_budget, exact_threshold=settings.exact_threshold,
+        recall_target=settings.recall_target))
+    store.close()
+    assert result.spec is not None
+    return {"write_rows_and_vectors_s": round(write_s, 1), "index_build_s": round(time.perf_counter() - t, 1),
+            "index": result.spec.factory, "index_params": {k: v for k, v in result.spec.params.items()
+                                                          if k in ("nprobe", "recall_at_10", "fallback_for")}}
+
+
+def child_dedup(index_dir: Path) -> dict[str, Any]:
+    """Runs in its own process: one `run_dedup` with the defaults, then its peak RSS."""
+    from retrieval.curation.dedup import DedupOptions, run_dedup
+    from retrieval.layout import IndexLayout
+    from retrieval.search import IndexReader
+
+    t = time.perf_counter()
+    reader = IndexReader(IndexLayout(index_dir))
+    outcome = run_dedup(reader, DedupOptions(pixels=False, use_gpu=False, force=True))
+    wall = time.perf_counter() - t
+    return {"run_id": outcome.run_id, "wall_s": round(wall, 1), "counts": outcome.counts,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def found_groups(index_dir: Path, run_id: int) -> dict[int, int]:
+    """image id -> group number of the stored run."""
+    from sqlalchemy import select
+
+    from retrieval.layout import IndexLayout
+    from retrieval.store import DuplicateGroup, DuplicateMember, Store
+
+    store = Store(IndexLayout(index_dir).default_db_url())
+    with store.session() as s:
+        rows = s.execute(select(DuplicateMember.image_id, DuplicateGroup.number)
+                         .join(DuplicateGroup, DuplicateGroup.id == DuplicateMember.group_id)
+                         .where(DuplicateMember.run_id == run_id)).all()
+    store.close()
+    return {int(i): int(g) for i, g in rows}
+
+
+def graph_quality(corpus: dict[str, Any], groups: dict[int, int], k: int = 64, threshold: float = 0.95,
+                  seed: int = 1) -> dict[str, Any]:
+    """Planted pairs put in one group, and exact k-NN edges above the threshold recovered, on a sample."""
+    import faiss
+
+    pairs = corpus["pairs"] + 1  # positions -> image ids
+    same = np.array([groups.get(int(a), -1) == groups.get(int(b), -2) for a, b in pairs])
+    by_kind = {"exact": corpus["exact"], "phash_near": corpus["phash_near"],
+               "embedding_only": ~corpus["exact"] & ~corpus["phash_near"]}
+    vecs = corpus["vectors"]
+    rng = np.random.default_rng(seed)
+    # sample among nodes that have planted partners (where edges exist) plus random nodes
+    planted_nodes = np.unique(corpus["pairs"])
+    sample = np.unique(np.r_[rng.choice(planted_nodes, min(SAMPLE_NODES // 2, len(planted_nodes)), replace=False),
+                             rng.choice(len(vecs), SAMPLE_NODES // 2, replace=False)])
+    flat = faiss.IndexFlatIP(vecs.shape[1])
+    flat.add(vecs)
+    sims, nbrs = flat.search(vecs[sample], k + 1)
+    truth = 0
+    found = 0
+    for row, node in enumerate(sample):
+        keep = (nbrs[row] != node) & (sims[row] >= threshold)
+        for other in nbrs[row][keep][:k]:
+            truth += 1
+            found += groups.get(int(node) + 1, -1) == groups.get(int(other) + 1, -2)
+    return {
+        "planted_pairs": len(pairs),
+        "planted_pairs_grouped": {name: round(float(same[mask].mean()), 4) if mask.any() else None
+                                  for name, mask in by_kind.items()},
+        "sample_nodes": len(sample),
+        "exact_edges_above_threshold": truth,
+        "edge_recall_in_groups": round(found / truth, 4) if truth else None,
+    }
+
+
+def run_peer(vectors: np.ndarray, n: int, threshold: float, tmp: Path, timeout: float) -> dict[str, Any]:
+    from benchmarks.peers import HERE, PeerUnavailable, run_json
+
+    path = tmp / f"peer-{n}.npy"
+    np.save(path, vectors[:n])
+    try:
+        return run_json("imagededup", HERE / "imagededup_scale.py",
+                        ["--vectors", str(path), "--threshold", str(threshold), "--mode", "cnn"], timeout=timeout)
+    except PeerUnavailable as exc:
+        return {"n": n, "error": str(exc)}
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def ours_on_subset(corpus: dict[str, Any], n: int, tmp: Path) -> dict[str, Any]:
+    """Our dedup on the first n vectors (the peer's input), for the side-by-side ratio."""
+    sub = {key: corpus[key][:n] for key in ("vectors", "phash", "sha256")}
+    index_dir = tmp / f"sub-{n}"
+    build = build_index_dir(index_dir, sub)
+    res = _spawn_child(index_dir)
+    shutil.rmtree(index_dir, ignore_errors=True)
+    return {"n": n, "index": build["index"], "index_build_s": build["index_build_s"], "dedup_wall_s": res["wall_s"],
+            "peak_rss_mb": res["peak_rss_mb"], "groups": res["counts"].get("groups")}
+
+
+def _spawn_child(index_dir: Path) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.dedup_scale", "--child", str(index_dir)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dedup child failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="100k vectors, peer at 10k and 20k")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--peer-sizes", type=int, nargs="*", default=None)
+    parser.add_argument("--peer-timeout", type=float, default=900.0)
+    parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child_dedup(args.child)))
+        return
+    sizes = args.sizes or ([100_000] if args.quick else [100_000, 1_000_000])
+    peer_sizes = args.peer_sizes if args.peer_sizes is not None else ([10_000, 20_000] if args.quick
+                                                                      else [10_000, 20_000, 40_000])
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dedup-"))
+    results: list[dict[str, Any]] = []
+    peers: list[dict[str, Any]] = []
+    try:
+        for n in sizes:
+            t = time.perf_counter()
+            corpus = make_corpus(n)
+            make_s = time.perf_counter() - t
+            index_dir = tmp / f"idx-{n}"
+            build = build_index_dir(index_dir, corpus)
+            print(f"N={n}: index {build['index']} built in {build['index_build_s']} s", flush=True)
+            dedup = _spawn_child(index_dir)
+            quality = graph_quality(corpus, found_groups(index_dir, dedup["run_id"]))
+            row = {"n": n, "dim": DIM, "make_corpus_s": round(make_s, 1), **build, "dedup": dedup, "quality": quality}
+            results.append(row)
+            print(f"N={n}: dedup {dedup['wall_s']} s, peak RSS {dedup['peak_rss_mb']} MB, "
+                  f"stages {dedup['counts'].get('timings')}, quality {quality}", flush=True)
+            shutil.rmtree(index_dir, ignore_errors=True)
+            if n == max(sizes):
+                for m in peer_sizes:
+                    if m > n:
+                        continue
+                    peer = run_peer(corpus["vectors"], m, 0.95, tmp, args.peer_timeout)
+                    ours = ours_on_subset(corpus, m, tmp)
+                    entry = {"n": m, "imagededup": peer, "ours": ours}
+                    if "wall_s" in peer:
+                        entry["speedup_vs_imagededup"] = round(peer["wall_s"] / ours["dedup_wall_s"], 1)
+                    peers.append(entry)
+                    print(f"n={m}: imagededup {peer.get('wall_s', peer.get('error'))} s vs ours "
+                          f"{ours['dedup_wall_s']} s", flush=True)
+                    if "error" in peer:
+                        break  # it will not complete at a larger size either
+            del corpus
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    largest = max(results, key=lambda r: r["n"])
+    both = [p for p in peers if "speedup_vs_imagededup" in p]
+    goals = {
+        "1M_under_30_min": None if largest["n"] < 1_000_000 else largest["dedup"]["wall_s"] < 1800,
+        "1M_under_8_GB": None if largest["n"] < 1_000_000 else largest["dedup"]["peak_rss_mb"] < 8192,
+        "20x_faster_than_imagededup_at_largest_common_size": (both[-1]["speedup_vs_imagededup"] >= 20) if both else None,
+    }
+    path = save_result("dedup_scale" + ("_quick" if args.quick else ""),
+                       {"sizes": results, "side_by_side": peers, "goals": goals})
+    print(f"goals {goals} -> {path}")
+
+
+if __name__ == "__main__":
+    main()
