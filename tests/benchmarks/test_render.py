@@ -1,0 +1,204 @@
+"""benchmarks.render: README tables from the result JSON files (no benchmark is run here)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import render
+from benchmarks.render import (
+    NAMES,
+    MarkerError,
+    main,
+    render_section,
+    update_readme,
+    updated_text,
+)
+
+HEADERS = {
+    "embed_throughput": "| path | img/s | vs ceiling |",
+    "index_quality": "| d | N | tool @ memory budget |",
+    "dedup_scale": "| N | index | index build s | dedup wall s |",
+    "dedup_quality": "| tool | precision | recall (original, copy) |",
+    "api_batching": "| endpoint | batching | clients | QPS | p50 ms | p99 ms |",
+    "incremental_reindex": "| run | wall s | detail |",
+}
+
+ENV = {"commit": "abc1234", "cpu_count": 2, "cpu_model": "Test CPU", "cuda": None, "torch": "2.0", "faiss": "1.9"}
+
+
+def _eval(r10: float, single: float, batch: float) -> dict[str, Any]:
+    return {"recall_at_1": 1.0, "recall_at_10": r10,
+            "latency_single": {"p50_ms": single, "p99_ms": single * 2},
+            "latency_batch64": {"p50_ms": batch, "p99_ms": batch * 2}}
+
+
+def _iq_row(label: str, index: str, r10: float, single: float, batch: float) -> dict[str, Any]:
+    return {"tool": "autofaiss" if label.startswith("autofaiss") else "ours", "label": label, "index": index,
+            "search_params": "nprobe=8", "build": {"build_s": 1.5, "peak_rss_bytes": 200 * 2**20},
+            "index_bytes_per_vector": 100.0, "store_bytes_per_vector": 768.0, "total_bytes_per_vector": 868.0,
+            "eval": _eval(r10, single, batch)}
+
+
+# Fabricated shape of benchmarks/index_quality.py's result (made-up numbers: test only).
+INDEX_QUALITY = {
+    "benchmark": "index_quality", "when": "2030-01-02T03:04:05Z", "env": ENV,
+    "config": {"sizes": [1000], "dims": [384], "queries": 100, "batch": 64, "k": 10, "build_threads": 2,
+               "search_threads": 1, "latency_slack": 1.1, "recall_goal": 0.95,
+               "settings": {"memory_budget": 4_000_000_000}},
+    "data": "synthetic",
+    "cases": [
+        {"n": 1000, "dim": 384, "rows": [
+            _iq_row("ours (auto)", "IVF64,PQ48", 0.97, 1.0, 10.0),
+            _iq_row("autofaiss @ our index bytes", "IVF64,PQ32", 0.90, 1.05, 12.0),
+            {"tool": "autofaiss", "label": "autofaiss @ nominal budget", "error": "boom"},
+        ]},
+        {"n": 2000, "dim": 384, "rows": [
+            _iq_row("ours (auto)", "IVF64,PQ48", 0.93, 1.0, 10.0),
+            _iq_row("autofaiss @ our index bytes", "IVF64,PQ32", 0.99, 0.5, 12.0),
+        ]},
+    ],
+}
+
+
+def _write(folder: Path, name: str, data: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(data))
+
+
+def test_renders_the_committed_results() -> None:
+    text = render.render()
+    for name in NAMES:
+        data, _ = render.load(render.RESULTS, name)
+        if data is None:
+            assert f"no `benchmarks/results/{name}.json`" in text
+        else:
+            assert HEADERS[name] in text, name
+    positions = [text.index(f"### {title}") for _, title, _ in render.ORDER]
+    assert positions == sorted(positions)
+    assert text.count("**Goal**") == sum(render.load(render.RESULTS, n)[0] is not None for n in NAMES)
+
+
+def test_missing_and_quick_fallback(tmp_path: Path) -> None:
+    assert "Not run yet" in render_section("api_batching", tmp_path)
+    _write(tmp_path, "index_quality_quick", INDEX_QUALITY)
+    _write(tmp_path, "tmp_index_quality", {"benchmark": "nope"})
+    quick = render_section("index_quality", tmp_path)
+    assert "(quick mode)" in quick and HEADERS["index_quality"] in quick
+    _write(tmp_path, "index_quality", INDEX_QUALITY)
+    assert "(quick mode)" not in render_section("index_quality", tmp_path)
+
+
+def test_index_quality_goal_from_the_numbers(tmp_path: Path) -> None:
+    _write(tmp_path, "index_quality", INDEX_QUALITY)
+    text = render_section("index_quality", tmp_path)
+    assert "met in 1 of 2 cases" in text
+    assert "- d = 384, N = 1,000: **met**" in text  # 1.05x slower single query is inside the 10% allowance
+    assert "- d = 384, N = 2,000: **missed**" in text
+    assert "recall@10 0.9300 >= 0.95: missed by 2.1%" in text
+    assert "Test CPU, 2 CPUs, no GPU" in text and "`abc1234`" in text and "2030-01-02 03:04 UTC" in text
+
+
+def test_dedup_scale_goals(tmp_path: Path) -> None:
+    size = {"n": 1_000_000, "dim": 384, "index": "IVF4096,PQ48", "index_build_s": 100.0,
+            "dedup": {"wall_s": 2400.0, "peak_rss_mb": 4096.0, "counts": {"groups": 5, "images_to_remove": 7,
+                                                                         "timings": {"graph_s": 2000.0}}},
+            "quality": {"planted_pairs_grouped": {"exact": 1.0}, "edge_recall_in_groups": 0.99}}
+    side = [{"n": 10_000, "imagededup": {"wall_s": 50.0, "peak_rss_mb": 900.0}, "ours": {"dedup_wall_s": 2.0}},
+            {"n": 40_000, "imagededup": {"error": "not run: too big"}, "ours": {"dedup_wall_s": 5.0}}]
+    _write(tmp_path, "dedup_scale", {"env": ENV, "when": "x", "sizes": [size], "side_by_side": side})
+    text = render_section("dedup_scale", tmp_path)
+    assert "40.0 min (< 30 min: missed: 1.33x the limit)" in text
+    assert "peak RSS 4.00 GiB (< 8 GiB: met)" in text
+    assert "(n = 10,000): 25.0x, met" in text
+    assert "not run: too big" in text
+
+
+def test_goal_formatting() -> None:
+    assert render._at_least(0.778, 0.8) == "missed by 2.8%"
+    assert render._at_least(1.3, 1.3) == "met"
+    assert render._ratio(1.2996, 1.3) == "1.2996x"  # never shown as equal to a goal it misses
+    assert render._ratio(143.36) == "143x"
+    assert render._below(2.1, 60) == "met"
+
+
+README = """# Project
+
+intro
+
+## Benchmarks
+
+Hand-written lead.
+
+<!-- benchmarks:begin -->
+stale table
+<!-- benchmarks:end -->
+
+What limits it: prose that stays.
+
+## Layout
+"""
+
+
+def test_update_readme_replaces_only_between_markers(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert update_readme(readme, render.RESULTS) is True
+    text = readme.read_text()
+    head, rest = text.split("<!-- benchmarks:begin -->\n")
+    body, tail = rest.split("<!-- benchmarks:end -->")
+    assert head == README.split("<!-- benchmarks:begin -->\n")[0]
+    assert tail == README.split("<!-- benchmarks:end -->")[1]
+    assert "stale table" not in body and body.strip().endswith(render.render().strip())
+    assert update_readme(readme, render.RESULTS) is False  # idempotent
+    assert readme.read_text() == text
+
+
+def test_named_blocks(tmp_path: Path) -> None:
+    _write(tmp_path, "index_quality", INDEX_QUALITY)
+    text = ("a\n<!-- benchmarks:begin index_quality -->\nold\n<!-- benchmarks:end index_quality -->\n"
+            "prose between\n<!-- benchmarks:begin api_batching -->\n<!-- benchmarks:end api_batching -->\nz\n")
+    new = updated_text(text, tmp_path)
+    assert HEADERS["index_quality"] in new and "Not run yet: no `benchmarks/results/api_batching.json`" in new
+    assert "prose between" in new and "old" not in new and new.endswith("z\n")
+    assert updated_text(new, tmp_path) == new
+
+
+@pytest.mark.parametrize("text", [
+    "no markers at all\n",
+    "<!-- benchmarks:begin -->\nno end\n",
+    ("<!-- benchmarks:begin -->\n<!-- benchmarks:begin api_batching -->\n"
+     "<!-- benchmarks:end api_batching -->\n<!-- benchmarks:end -->\n"),
+    "<!-- benchmarks:begin nope -->\n<!-- benchmarks:end nope -->\n",
+])
+def test_marker_errors(tmp_path: Path, text: str) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    with pytest.raises(MarkerError):
+        update_readme(readme, render.RESULTS)
+    assert readme.read_text() == text
+    assert main(["--readme", str(readme)]) == 2
+
+
+def test_check_detects_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "results"
+    api, _ = render.load(render.RESULTS, "api_batching")
+    if api is None:
+        pytest.skip("no api_batching result committed")
+    _write(results, "api_batching", api)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 1
+    assert readme.read_text() == README  # --check never writes
+    assert "-stale table" in capsys.readouterr().out
+    assert main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 0
+    changed = copy.deepcopy(api)
+    changed["forward_only_batch32_img_s"] *= 2
+    _write(results, "api_batching", changed)
+    assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 1
+    assert "forward pass alone ran at" in capsys.readouterr().out
