@@ -1,11 +1,19 @@
-"""Run every benchmark: `python -m benchmarks [--quick]`. Each writes JSON under benchmarks/results/."""
+"""Run every benchmark: `python -m benchmarks [--quick]`. Each writes JSON under benchmarks/results/,
+then the README's benchmark tables are rendered from those files."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-BENCHMARKS = ["benchmarks.embed_throughput", "benchmarks.api_batching", "benchmarks.incremental_reindex"]
+BENCHMARKS = [
+    "benchmarks.embed_throughput",
+    "benchmarks.index_quality",
+    "benchmarks.dedup_scale",
+    "benchmarks.dedup_quality",
+    "benchmarks.api_batching",
+    "benchmarks.incremental_reindex",
+]
 
 
 def main() -> int:
@@ -14,6 +22,8 @@ def main() -> int:
     for module in BENCHMARKS:
         print(f"== {module} {' '.join(extra)}", flush=True)
         failed += subprocess.call([sys.executable, "-m", module, *extra]) != 0
+    # The README's benchmark tables are rendered from the JSON just written (benchmarks/render.py).
+    failed += subprocess.call([sys.executable, "-m", "benchmarks.render"]) != 0
     return 1 if failed else 0
 
 
