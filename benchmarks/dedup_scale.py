@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -142,7 +141,15 @@ def child_dedup(index_dir: Path) -> dict[str, Any]:
     outcome = run_dedup(reader, DedupOptions(pixels=False, use_gpu=False, force=True))
     wall = time.perf_counter() - t
     return {"run_id": outcome.run_id, "wall_s": round(wall, 1), "counts": outcome.counts,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
+
+
+def peak_rss_bytes() -> int:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child started by this
+    # (corpus-holding) parent would report the parent's peak.
+    from benchmarks.index_eval import peak_rss_bytes as peak
+
+    return peak()
 
 
 def found_groups(index_dir: Path, run_id: int) -> dict[int, int]:
