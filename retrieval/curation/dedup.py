@@ -187,6 +187,7 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
         return Edges(np.searchsorted(ids, edges.src), np.searchsorted(ids, edges.dst), edges.sim)
 
     parts: list[Edges] = []
+    graph_stats: dict[str, Any] = {}
     exact_links: set[tuple[int, int]] = set()
     t = time.perf_counter()
     all_pos = np.arange(len(nodes))
@@ -213,7 +214,8 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
             flat = faiss.IndexFlatIP(reader.dim)
             flat.add(np.ascontiguousarray(ref.vectors, dtype=np.float32))
             extra = (flat, offset)
-        emb = knn_edges(index, ids, reader.vectors.read, k, threshold, opts.batch, opts.progress, extra)
+        emb = knn_edges(index, ids, reader.vectors.read, k, threshold, opts.batch, opts.progress, extra,
+                        stats=graph_stats)
         # A FAISS id the database no longer holds (an index run killed before its sync) must not
         # become an edge: searchsorted below would map it onto an unrelated image.
         # (Edges are canonical, src < dst, so a stale id can sit on either end.)
@@ -246,6 +248,8 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
         groups = [g for g in groups if g.touches_reference]
     timings["groups_s"] = time.perf_counter() - t
     counts = _counts(groups, nodes, n, threshold, ref, timings)
+    if graph_stats:
+        counts["graph"] = graph_stats  # e.g. the measured ANN pre-filter margin, for the record
     return counts, groups, nodes, failures
 
 
