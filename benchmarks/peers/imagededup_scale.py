@@ -175,12 +175,8 @@ def main() -> None:
         method = CNN(verbose=False, model_config=CustomModel(name="precomputed-embeddings",
                                                                model=torch.nn.Identity(), transform=lambda im: im))
         encoding_map = {k: np.asarray(vectors[i], dtype=np.float32) for i, k in enumerate(keys)}
-        setup_s = time.perf_counter() - t
-        rss_before = _maxrss_mb()
-        t = time.perf_counter()
-        with TreeMemory() as tree:
-            dup = method.find_duplicates(encoding_map=encoding_map, min_similarity_threshold=args.threshold)
-        params = {"min_similarity_threshold": args.threshold, "hash_source": None}
+        search = {"min_similarity_threshold": args.threshold}
+        params = {**search, "hash_source": None}
     else:
         from imagededup.methods import PHash
 
@@ -192,12 +188,13 @@ def main() -> None:
             source = "simhash of the vectors (64 seeded hyperplanes)"
         encoding_map = {k: f"{int(h):016x}" for k, h in zip(keys, hashes)}
         method = PHash(verbose=False)
-        setup_s = time.perf_counter() - t
-        rss_before = _maxrss_mb()
-        t = time.perf_counter()
-        with TreeMemory() as tree:
-            dup = method.find_duplicates(encoding_map=encoding_map, max_distance_threshold=args.max_distance)
-        params = {"max_distance_threshold": args.max_distance, "hash_source": source}
+        search = {"max_distance_threshold": args.max_distance}
+        params = {**search, "hash_source": source}
+    setup_s = time.perf_counter() - t
+    rss_before = _maxrss_mb()
+    t = time.perf_counter()
+    with TreeMemory() as tree:
+        dup = method.find_duplicates(encoding_map=encoding_map, **search)
     wall = time.perf_counter() - t
     pairs = sum(len(v) for v in dup.values()) // 2  # the map is symmetric: each pair is listed twice
     print(json.dumps({
