@@ -23,6 +23,12 @@ def environment() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
+        # Code that differs from the commit (results are not ignored: a fresh result file is expected)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results", ":(exclude)README.md"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent.parent, check=True).stdout
+        if dirty.strip():
+            commit += "-dirty"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {
@@ -59,17 +65,27 @@ def save_result(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def vit_s14_dir(root: Path) -> Path:
-    """A DINOv2 ViT-S/14-shaped checkpoint with random weights (speed only: no semantics)."""
+# DINOv2 shapes (hidden size, heads, MLP size); 12 layers, patch 14 each.
+SHAPES = {"vits14": (384, 6, 1536), "vitb14": (768, 12, 3072)}
+
+
+def dinov2_dir(root: Path, shape: str = "vits14") -> Path:
+    """A DINOv2-shaped checkpoint (ViT-S/14 or ViT-B/14) with random weights (speed only: no semantics)."""
     import torch
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    path = root / "dinov2-vits14-random"
+    hidden, heads, mlp = SHAPES[shape]
+    path = root / f"dinov2-{shape}-random"
     if not (path / "config.json").exists():
         torch.manual_seed(0)
-        config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                              patch_size=14, image_size=518)
+        config = Dinov2Config(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=heads,
+                              intermediate_size=mlp, patch_size=14, image_size=518)
         Dinov2Model(config).save_pretrained(path)
         BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
                           image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
     return path
+
+
+def vit_s14_dir(root: Path) -> Path:
+    """A DINOv2 ViT-S/14-shaped checkpoint with random weights (speed only: no semantics)."""
+    return dinov2_dir(root, "vits14")

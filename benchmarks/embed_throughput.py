@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,58 +24,81 @@ from benchmarks.common import save_result, vit_s14_dir
 SIZES_MP = [(640, 480), (1280, 960), (2048, 1536), (4000, 3000)]  # 0.3, 1.2, 3.1, 12 MP
 
 
-def make_corpus(root: Path, n: int) -> None:
+def _make_one(root: Path, sizes: list[tuple[int, int]], i: int) -> None:
     from tests.images import photo
 
-    for i in range(n):
-        w, h = SIZES_MP[i % len(SIZES_MP)]
-        img = photo(w // 8, h // 8, seed=i).resize((w, h))  # smooth upscaling: realistic JPEG sizes
-        (root / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
-        img.save(root / f"d{i % 4}" / f"img{i:05d}.jpg", quality=90)
+    w, h = sizes[i % len(sizes)]
+    img = photo(w // 8, h // 8, seed=i).resize((w, h))  # smooth upscaling: realistic JPEG sizes
+    (root / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+    img.save(root / f"d{i % 4}" / f"img{i:05d}.jpg", quality=90)
 
 
-def forward_only(model_dir: Path, batch: int, n_batches: int) -> float:
+def make_corpus(root: Path, n: int, jobs: int = 1, sizes: list[tuple[int, int]] = SIZES_MP) -> None:
+    """n JPEGs cycling through `sizes`; `jobs` processes write them (a GPU run needs thousands)."""
+    if jobs <= 1:
+        for i in range(n):
+            _make_one(root, sizes, i)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    with ProcessPoolExecutor(jobs) as pool:
+        list(pool.map(partial(_make_one, root, sizes), range(n), chunksize=16))
+
+
+def forward_only(model_dir: Path, batch: int, n_batches: int, device: str = "auto", precision: str = "auto") -> float:
     from retrieval.model import load_embedder
 
-    embedder = load_embedder(str(model_dir), device="auto")
+    embedder = load_embedder(str(model_dir), device=device, precision=precision)
     x = np.random.default_rng(0).integers(0, 255, (batch, 3, 224, 224), dtype=np.uint8)
-    embedder.embed(x)  # warm-up
+    for _ in range(3):
+        embedder.embed(x)  # warm-up (on a GPU: kernel selection, allocator)
     t = time.perf_counter()
     for _ in range(n_batches):
-        embedder.embed(x)
+        embedder.embed(x)  # returns numpy: the GPU work is finished when it returns
     return batch * n_batches / (time.perf_counter() - t)
 
 
-def reference(model_dir: Path, files: list[Path], batch: int) -> dict[str, float]:
+def reference(model_dir: Path, files: list[Path], batch: int, device: str = "cpu", precision: str = "fp32",
+              n_single: int | None = None) -> dict[str, float]:
+    """The model card's loop; on a GPU the model and inputs are moved there in the run's precision."""
     import torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel
 
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     processor = AutoImageProcessor.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
+    model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+    def run(images: Any) -> None:
+        inputs = processor(images=images, return_tensors="pt").to(device)
+        model(pixel_values=inputs["pixel_values"].to(dtype)).pooler_output.cpu()
+
     out = {}
+    single = files[: n_single or len(files)]
     with torch.inference_mode():
-        model(**processor(images=Image.open(files[0]), return_tensors="pt"))
+        run(Image.open(files[0]))
         t = time.perf_counter()
-        for f in files:
-            model(**processor(images=Image.open(f), return_tensors="pt")).pooler_output
-        out["one_at_a_time"] = len(files) / (time.perf_counter() - t)
+        for f in single:
+            run(Image.open(f))
+        out["one_at_a_time"] = len(single) / (time.perf_counter() - t)
         t = time.perf_counter()
         for i in range(0, len(files), batch):
-            images = [Image.open(f) for f in files[i : i + batch]]
-            model(**processor(images=images, return_tensors="pt")).pooler_output
+            run([Image.open(f) for f in files[i : i + batch]])
         out["batched"] = len(files) / (time.perf_counter() - t)
     return out
 
 
-def end_to_end(model_dir: Path, corpus: Path, index_dir: Path, batch: int, workers: int | None) -> dict[str, float]:
+def end_to_end(model_dir: Path, corpus: Path, index_dir: Path, batch: int, workers: int | None,
+               device: str = "auto", precision: str = "auto") -> dict[str, Any]:
     from indexer.pipeline import IndexOptions, run_index
     from retrieval.settings import Settings
 
-    settings = Settings(index_dir=index_dir, model=str(model_dir), batch_size=batch, workers=workers)
+    settings = Settings(index_dir=index_dir, model=str(model_dir), batch_size=batch, workers=workers,
+                        device=device, precision=precision)
     summary = run_index(IndexOptions(corpus=corpus, settings=settings, progress=False))
     return {"images_per_s": summary.images_per_s, "wall_s": summary.elapsed_s, "timings": summary.timings,
-            "workers": workers}
+            "workers": workers, "device": summary.device}
 
 
 def main() -> None:

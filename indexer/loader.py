@@ -20,8 +20,9 @@ import logging
 import re
 import signal
 import threading
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any, Collection, Iterator, Sequence
+from typing import Any
 
 from indexer.decode import DecodeDataset, DecodeResult, WorkItem, collate_results
 from indexer.inflight import InflightMarkers
@@ -58,6 +59,48 @@ def _worker_deaths_reported_by_next() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
+
+
+def regroup(batches: Iterator[Batch], batch_size: int, pin_memory: bool = False) -> Iterator[Batch]:
+    """Concatenate consecutive small batches into batches of at least `batch_size` results, in order.
+
+    Decode workers each build a whole DataLoader batch, so with model-sized batches (256 on a GPU)
+    the first batch took one worker 256 decodes, and a corpus of a few thousand images ended with
+    most workers idle while the last few finished theirs. Workers now hand over small chunks and
+    the model's batches are put together here. Pixels stay aligned with the embeddable results.
+    """
+    import torch
+
+    results: list[DecodeResult] = []
+    pixels: list[Any] = []
+
+    def flush() -> Batch:
+        if not pixels:
+            batch = None
+        elif len(pixels) == 1:
+            batch = pixels[0]
+        else:
+            n = sum(len(p) for p in pixels)
+            out = torch.empty((n, *pixels[0].shape[1:]), dtype=pixels[0].dtype, pin_memory=pin_memory)
+            batch = torch.cat(pixels, out=out)
+        done = (results.copy(), batch)
+        results.clear()
+        pixels.clear()
+        return done
+
+    try:
+        for chunk, chunk_pixels in batches:
+            results.extend(chunk)
+            if chunk_pixels is not None:
+                pixels.append(chunk_pixels)
+            if len(results) >= batch_size:
+                yield flush()
+        if results:
+            yield flush()
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stopping early must shut the DataLoader down and restore the signal handler
 
 
 def _isolated_batch(root: str, items: Sequence[WorkItem], config: PreprocessConfig, max_pixels: int) -> Batch:

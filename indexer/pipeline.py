@@ -20,7 +20,8 @@ from sqlalchemy import delete, text
 
 from indexer.decode import WorkItem
 from indexer.inflight import InflightMarkers
-from indexer.loader import decode_batches
+from indexer.loader import decode_batches, regroup
+from indexer.overlap import InlineWriter, ThreadedWriter
 from indexer.plan import Plan, make_plan
 from indexer.scan import IMAGE_EXTENSIONS, scan_corpus
 from indexer.writer import BatchCounts, remove_images, write_batch
@@ -28,8 +29,21 @@ from retrieval import ann
 from retrieval.errors import CorpusError, IndexMismatchError
 from retrieval.layout import IndexLayout, IndexLock
 from retrieval.settings import Settings
-from retrieval.store import (ClusterAssignment, ClusterRun, CurationItem, CurationRun, DedupRun, DuplicateGroup,
-                             DuplicateMember, Failure, Image, IndexRun, Meta, Store, utcnow)
+from retrieval.store import (
+    ClusterAssignment,
+    ClusterRun,
+    CurationItem,
+    CurationRun,
+    DedupRun,
+    DuplicateGroup,
+    DuplicateMember,
+    Failure,
+    Image,
+    IndexRun,
+    Meta,
+    Store,
+    utcnow,
+)
 from retrieval.sync import SyncOptions, sync_index
 from retrieval.vectors import VectorStore
 
@@ -82,6 +96,18 @@ def default_workers(device: str) -> int:
     # (benchmarks/embed_throughput.py). Decoding (draft JPEG) is ~8% of the work, so only larger
     # machines get workers, about one per 8 cores.
     return 0 if cpus <= 4 else max(1, cpus // 8)
+
+
+WORKER_CHUNK = 32  # images a decode worker hands over at a time
+
+
+def overlap_writes(device: str, setting: bool | None) -> bool:
+    """Write on a separate thread? Yes on a GPU (see indexer.overlap), unless the setting says otherwise."""
+    return device.startswith("cuda") if setting is None else setting
+
+
+def _no_vectors(dim: int) -> np.ndarray:
+    return np.empty((0, dim), np.float32)
 
 
 def _reset_index(layout: IndexLayout, store: Store) -> None:
@@ -284,7 +310,7 @@ def _fail_running(store: Store, exc: BaseException) -> None:
                 run.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
                 run.finished_at = utcnow()
                 run.error = str(exc)[:2000]
-    except Exception:  # noqa: BLE001 - never mask the original error
+    except Exception:
         logger.exception("could not record the failed run")
 
 
@@ -313,29 +339,46 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
     # A decoder crash in a worker costs the crashing file only, and one in this process (workers=0)
     # is named by the marker it leaves, so the next run decodes that file in isolation (indexer.loader).
     markers = InflightMarkers(layout.decoding_dir)
-    batches = closing(decode_batches(root, items, embedder.preprocess, s.max_pixels, s.batch_size, workers, markers,
-                                     suspects=crashed, pin_memory=embedder.device.startswith("cuda")))
+    pin = embedder.device.startswith("cuda")
+    # Workers hand over chunks of at most WORKER_CHUNK images (indexer.loader.regroup says why).
+    chunk = min(s.batch_size, WORKER_CHUNK) if workers else s.batch_size
+    chunks = decode_batches(root, items, embedder.preprocess, s.max_pixels, chunk, workers, markers,
+                            suspects=crashed, pin_memory=pin)
+    batches = closing(regroup(chunks, s.batch_size, pin_memory=pin) if chunk < s.batch_size else chunks)
     vectors = VectorStore(layout.vectors_path, embedder.dim)
-    total = BatchCounts()
-    wait = embed = write = 0.0
+    wait = embed = 0.0
     loop_start = time.perf_counter()
     with markers, batches as decoded, tqdm(total=len(items), unit="img", desc="indexing", disable=not opts.progress,
                                            dynamic_ncols=True, smoothing=0.1) as bar:
-        t = time.perf_counter()
-        for results, pixels in decoded:
-            t1 = time.perf_counter()
-            wait += t1 - t
-            vecs = embedder.embed(pixels) if pixels is not None else np.empty((0, embedder.dim), np.float32)
-            t2 = time.perf_counter()
-            embed += t2 - t1
-            counts = write_batch(store, vectors, results, vecs)
+        failed = 0
+
+        def done(counts: BatchCounts, n: int) -> None:
+            nonlocal failed
+            bar.update(n)
+            failed += counts.failed
+            if failed:
+                bar.set_postfix(failed=failed, refresh=False)
+
+        writer_cls = ThreadedWriter if overlap_writes(embedder.device, s.overlap) else InlineWriter
+        writer = writer_cls(lambda results, vecs: write_batch(store, vectors, results, vecs), embedder.to_numpy,
+                            done)
+        with writer:
             t = time.perf_counter()
-            write += t - t2
-            for key in ("new", "changed", "touched", "failed"):
-                setattr(total, key, getattr(total, key) + getattr(counts, key))
-            bar.update(len(results))
-            if total.failed:
-                bar.set_postfix(failed=total.failed, refresh=False)
+            for results, pixels in decoded:
+                t1 = time.perf_counter()
+                wait += t1 - t
+                vecs = embedder.embed_async(pixels) if pixels is not None else _no_vectors(embedder.dim)
+                t2 = time.perf_counter()
+                embed += t2 - t1
+                writer.put(results, vecs)
+                t = time.perf_counter()
+        total = writer.total
     markers.clean()
-    timings.update(decode_wait_s=wait, embed_s=embed, write_s=write, embed_loop_s=time.perf_counter() - loop_start)
+    # embed_s: queueing the forward passes plus waiting for their vectors; with the writer thread
+    # (GPU) write_s and the wait run beside decoding, and writer_backpressure_s is the time the
+    # main thread was held up by them.
+    timings.update(decode_wait_s=wait, embed_s=embed + writer.embed_wait_s, write_s=writer.write_s,
+                   embed_loop_s=time.perf_counter() - loop_start)
+    if isinstance(writer, ThreadedWriter):
+        timings["writer_backpressure_s"] = writer.backpressure_s
     return total

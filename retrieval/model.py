@@ -124,7 +124,7 @@ class Embedder:
     dim: int
     fingerprint: str
 
-    def _normalizer(self) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def _normalizer(self) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         mean = torch.tensor(self.preprocess.image_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -133,8 +133,17 @@ class Embedder:
         shift = -mean / std
         return scale, shift
 
-    def embed(self, pixels: "torch.Tensor | np.ndarray") -> np.ndarray:
+    def embed(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
         """uint8 (B, 3, H, W) crops -> float32 (B, dim) L2-normalised CLS embeddings."""
+        return self.to_numpy(self.embed_async(pixels))
+
+    def embed_async(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Like `embed`, but returns the vectors as a tensor on the model's device without waiting.
+
+        On a GPU the work is only queued: the caller can fetch the next batch while it runs and
+        collect the vectors later with `to_numpy` (indexer.overlap does this from a writer thread).
+        Pinned input memory makes the host-to-device copy asynchronous too.
+        """
         import torch
 
         if isinstance(pixels, np.ndarray):
@@ -153,8 +162,12 @@ class Embedder:
                     cls = self.model(pixel_values=x).pooler_output
             else:
                 cls = self.model(pixel_values=x).pooler_output
-            cls = torch.nn.functional.normalize(cls.float(), dim=-1)
-        return cls.cpu().numpy()
+            return torch.nn.functional.normalize(cls.float(), dim=-1)
+
+    @staticmethod
+    def to_numpy(vectors: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Wait for `embed_async`'s vectors and copy them to host memory (arrays pass through)."""
+        return vectors if isinstance(vectors, np.ndarray) else vectors.cpu().numpy()
 
 
 def load_embedder(model_ref: str, device: str = "auto", precision: str = "auto") -> Embedder:

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     precision: str = Field("auto", description="auto (fp16/bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int | None = Field(None, ge=0, le=64, description="Decode worker processes; None picks from the CPU count.")
+    overlap: bool | None = Field(None, description="Write each batch on a separate thread while the next one "
+                                 "embeds; None: on a GPU only (on CPU the model already uses every core).")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Images with more pixels are rejected (decompression bombs).")
     memory_budget: int = Field(parse_size("4GB"), ge=1, description="RAM the FAISS index may use, in bytes.")
     exact_threshold: int = Field(50_000, ge=1, description="Below this many vectors the index is exact (flat).")
