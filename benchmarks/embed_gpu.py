@@ -84,6 +84,26 @@ def nvjpeg_decode_only(files: list[Path], batch: int, short_edge: int = 256, cro
     return len(files) / (time.perf_counter() - t)
 
 
+def _before(model_dir: Path, tmp: Path, batch: int, workers: int, precision: str, forward: float) -> dict[str, Any]:
+    """The pipeline as it was before the GPU fixes, side by side: workers decode whole model batches
+    and the main thread writes (no writer thread)."""
+    import indexer.pipeline as pipeline
+
+    chunk = pipeline.WORKER_CHUNK
+    pipeline.WORKER_CHUNK = batch
+    try:
+        out = {}
+        for name in CORPORA:
+            e2e = end_to_end(model_dir, tmp / name, tmp / f"idx-before-{name}", batch, workers, "cuda", precision,
+                             overlap=False)
+            e2e["ratio_vs_forward_only"] = round(e2e["images_per_s"] / forward, 3)
+            out[name] = e2e
+            print(f"before the fixes, {name}: {e2e['images_per_s']:.0f} img/s, timings {e2e['timings']}", flush=True)
+        return out
+    finally:
+        pipeline.WORKER_CHUNK = chunk
+
+
 # "photos": camera-sized JPEGs (0.3-12 MP, the CPU benchmark's mix); "web": 500x375, the size of
 # an ImageNet image and of what img2dataset hands clip-retrieval (its 2,500 img/s is on such files).
 # The web corpus has 4x the images: each decodes ~10x faster, and a run must last long enough for
@@ -149,6 +169,8 @@ def main() -> int:
                         print(f"{shape} {precision} {name} workers={w}: forward-only {run['forward_only_img_s']:.0f}"
                               f" img/s, end to end {e2e['images_per_s']:.0f} img/s "
                               f"({e2e['ratio_vs_forward_only']:.2f}x), timings {e2e['timings']}", flush=True)
+                if shape == shapes[0] and k == 0:
+                    run["before"] = _before(model_dir, tmp, batch, default, precision, run["forward_only_img_s"])
                 if k == 0:  # the reference loop is CPU-bound preprocessing: once per shape is enough
                     run["reference_img_s"] = {name: reference(model_dir, files[name][:128], 64, "cuda", precision,
                                                               n_single=32) for name in CORPORA}

@@ -90,12 +90,12 @@ def reference(model_dir: Path, files: list[Path], batch: int, device: str = "cpu
 
 
 def end_to_end(model_dir: Path, corpus: Path, index_dir: Path, batch: int, workers: int | None,
-               device: str = "auto", precision: str = "auto") -> dict[str, Any]:
+               device: str = "auto", precision: str = "auto", overlap: bool | None = None) -> dict[str, Any]:
     from indexer.pipeline import IndexOptions, run_index
     from retrieval.settings import Settings
 
     settings = Settings(index_dir=index_dir, model=str(model_dir), batch_size=batch, workers=workers,
-                        device=device, precision=precision)
+                        device=device, precision=precision, overlap=overlap)
     summary = run_index(IndexOptions(corpus=corpus, settings=settings, progress=False))
     return {"images_per_s": summary.images_per_s, "wall_s": summary.elapsed_s, "timings": summary.timings,
             "workers": workers, "device": summary.device}
