@@ -50,7 +50,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise RuntimeError("server not ready in time")
 
 
-async def _load(url: str, clients: int, seconds: float, make_request) -> dict[str, float]:  # noqa: ANN001
+async def _load(url: str, clients: int, seconds: float, make_request) -> dict[str, float]:
     import httpx
 
     latencies: list[float] = []
@@ -92,10 +92,10 @@ def run_server_matrix(index_dir: Path, jpeg: bytes, batching: bool, seconds: flo
         _wait_ready(url, proc)
         rows = []
 
-        async def upload(client):  # noqa: ANN001, ANN202
+        async def upload(client):
             return await client.post("/search?k=10", files={"file": ("q.jpg", jpeg, "image/jpeg")})
 
-        async def by_id(client):  # noqa: ANN001, ANN202
+        async def by_id(client):
             return await client.get("/search?image=1&k=10")
 
         for clients in client_counts:
@@ -142,7 +142,7 @@ def main() -> None:
         print(f"forward-only batch 32: {ceiling:.1f} img/s")
         print(f"{'endpoint':24} {'batching':8} {'clients':>7} {'qps':>8} {'p50 ms':>8} {'p99 ms':>8}")
         for r in rows:
-            print(f"{r['endpoint']:24} {str(r['batching']):8} {r['clients']:>7} {r['qps']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8}")
+            print(f"{r['endpoint']:24} {r['batching']!s:8} {r['clients']:>7} {r['qps']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8}")
         print(f"-> {path}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

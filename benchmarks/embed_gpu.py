@@ -87,7 +87,7 @@ def nvjpeg_decode_only(files: list[Path], batch: int, short_edge: int = 256, cro
 def _before(model_dir: Path, tmp: Path, batch: int, workers: int, precision: str, forward: float) -> dict[str, Any]:
     """The pipeline as it was before the GPU fixes, side by side: workers decode whole model batches
     and the main thread writes (no writer thread)."""
-    import indexer.pipeline as pipeline
+    from indexer import pipeline
 
     chunk = pipeline.WORKER_CHUNK
     pipeline.WORKER_CHUNK = batch
