@@ -21,6 +21,8 @@ def environment() -> dict[str, Any]:
     import transformers
 
     try:
+        if os.environ.get("BENCH_COMMIT"):  # a copy of the tree whose .git is not the source's (a lent GPU machine)
+            raise OSError
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
         # Code that differs from the commit (results are not ignored: a fresh result file is expected)
@@ -30,7 +32,7 @@ def environment() -> dict[str, Any]:
         if dirty.strip():
             commit += "-dirty"
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = os.environ.get("BENCH_COMMIT") or "unknown"
     return {
         "commit": commit,
         "python": platform.python_version(),

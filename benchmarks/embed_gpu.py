@@ -84,21 +84,24 @@ def nvjpeg_decode_only(files: list[Path], batch: int, short_edge: int = 256, cro
     return len(files) / (time.perf_counter() - t)
 
 
-def _before(model_dir: Path, tmp: Path, batch: int, workers: int, precision: str, forward: float) -> dict[str, Any]:
-    """The pipeline as it was before the GPU fixes, side by side: workers decode whole model batches
-    and the main thread writes (no writer thread)."""
+def _ablation(model_dir: Path, tmp: Path, batch: int, workers: int, precision: str, forward: float) -> dict[str, Any]:
+    """The two GPU pipeline choices switched off one at a time and together (the last is the pipeline
+    before them): decode workers hand over 32-image chunks or whole model batches; batches are written
+    on a writer thread or by the main thread."""
     from indexer import pipeline
 
     chunk = pipeline.WORKER_CHUNK
-    pipeline.WORKER_CHUNK = batch
+    out: dict[str, Any] = {}
     try:
-        out = {}
-        for name in CORPORA:
-            e2e = end_to_end(model_dir, tmp / name, tmp / f"idx-before-{name}", batch, workers, "cuda", precision,
-                             overlap=False)
-            e2e["ratio_vs_forward_only"] = round(e2e["images_per_s"] / forward, 3)
-            out[name] = e2e
-            print(f"before the fixes, {name}: {e2e['images_per_s']:.0f} img/s, timings {e2e['timings']}", flush=True)
+        for worker_batch, overlap in ((chunk, False), (batch, True), (batch, False)):
+            pipeline.WORKER_CHUNK = worker_batch
+            for name in CORPORA:
+                key = f"{name}/chunk{worker_batch}/{'thread' if overlap else 'inline'}"
+                e2e = end_to_end(model_dir, tmp / name, tmp / f"idx-ablation-{key.replace('/', '-')}", batch,
+                                 workers, "cuda", precision, overlap=overlap)
+                e2e["ratio_vs_forward_only"] = round(e2e["images_per_s"] / forward, 3)
+                out[key] = e2e
+                print(f"ablation {key}: {e2e['images_per_s']:.0f} img/s, timings {e2e['timings']}", flush=True)
         return out
     finally:
         pipeline.WORKER_CHUNK = chunk
@@ -127,7 +130,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("embed_gpu: no CUDA device here; nothing measured (the CPU numbers are embed_throughput's)")
         return 0
-    from indexer.pipeline import default_workers
+    from indexer.pipeline import WORKER_CHUNK, default_workers
 
     n = args.images or (1024 if args.quick else 4096)
     shapes = args.shapes or (["vits14"] if args.quick else ["vits14", "vitb14"])
@@ -137,7 +140,7 @@ def main() -> int:
     batch = args.batch_size
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-gpu-"))
     try:
-        results: dict[str, Any] = {"batch_size": batch, "default_workers": default, "corpora": {},
+        results: dict[str, Any] = {"batch_size": batch, "worker_chunk": WORKER_CHUNK, "default_workers": default, "corpora": {},
                                    "runs": []}
         files: dict[str, list[Path]] = {}
         for name, (sizes, times) in CORPORA.items():
@@ -170,7 +173,7 @@ def main() -> int:
                               f" img/s, end to end {e2e['images_per_s']:.0f} img/s "
                               f"({e2e['ratio_vs_forward_only']:.2f}x), timings {e2e['timings']}", flush=True)
                 if shape == shapes[0] and k == 0:
-                    run["before"] = _before(model_dir, tmp, batch, default, precision, run["forward_only_img_s"])
+                    run["ablation"] = _ablation(model_dir, tmp, batch, default, precision, run["forward_only_img_s"])
                 if k == 0:  # the reference loop is CPU-bound preprocessing: once per shape is enough
                     run["reference_img_s"] = {name: reference(model_dir, files[name][:128], 64, "cuda", precision,
                                                               n_single=32) for name in CORPORA}
