@@ -37,7 +37,7 @@ def cpu_decode_only(corpus: Path, files: list[Path], model_dir: Path, batch: int
     """Images/s of the indexer's decode stage alone (same DataLoader, workers, batch; no model)."""
     from indexer.decode import WorkItem
     from indexer.loader import decode_batches, regroup
-    from indexer.pipeline import WORKER_CHUNK
+    from indexer.pipeline import worker_chunk
     from retrieval.preprocess import PreprocessConfig
     from retrieval.settings import Settings
 
@@ -46,7 +46,7 @@ def cpu_decode_only(corpus: Path, files: list[Path], model_dir: Path, batch: int
              for f in files]
     t = time.perf_counter()
     n = 0
-    chunk = min(batch, WORKER_CHUNK) if workers else batch  # as the indexer does
+    chunk = worker_chunk(len(items), workers, batch)  # as the indexer does
     chunks = decode_batches(str(corpus), items, config, Settings().max_pixels, chunk, workers, pin_memory=True)
     for results, _pixels in regroup(chunks, batch, pin_memory=True):
         n += len(results)
@@ -85,18 +85,18 @@ def nvjpeg_decode_only(files: list[Path], batch: int, short_edge: int = 256, cro
 
 
 def _ablation(model_dir: Path, tmp: Path, batch: int, workers: int, precision: str, forward: float) -> dict[str, Any]:
-    """The two GPU pipeline choices switched off one at a time and together (the last is the pipeline
-    before them): decode workers hand over 32-image chunks or whole model batches; batches are written
-    on a writer thread or by the main thread."""
+    """The GPU pipeline choices changed one at a time: decode workers hand over 32-image chunks, or
+    whole model batches (as before), instead of the chunk size picked from the run's size; batches
+    are written by the main thread instead of the writer thread."""
     from indexer import pipeline
 
-    chunk = pipeline.WORKER_CHUNK
+    choose = pipeline.worker_chunk
     out: dict[str, Any] = {}
     try:
-        for worker_batch, overlap in ((chunk, False), (batch, True), (batch, False)):
-            pipeline.WORKER_CHUNK = worker_batch
+        for chunk, overlap in ((32, True), (batch, True), ("auto", False)):
+            pipeline.worker_chunk = choose if chunk == "auto" else (lambda n, w, b, c=chunk: c)
             for name in CORPORA:
-                key = f"{name}/chunk{worker_batch}/{'thread' if overlap else 'inline'}"
+                key = f"{name}/chunk-{chunk}/{'thread' if overlap else 'inline'}"
                 e2e = end_to_end(model_dir, tmp / name, tmp / f"idx-ablation-{key.replace('/', '-')}", batch,
                                  workers, "cuda", precision, overlap=overlap)
                 e2e["ratio_vs_forward_only"] = round(e2e["images_per_s"] / forward, 3)
@@ -104,7 +104,7 @@ def _ablation(model_dir: Path, tmp: Path, batch: int, workers: int, precision: s
                 print(f"ablation {key}: {e2e['images_per_s']:.0f} img/s, timings {e2e['timings']}", flush=True)
         return out
     finally:
-        pipeline.WORKER_CHUNK = chunk
+        pipeline.worker_chunk = choose
 
 
 # "photos": camera-sized JPEGs (0.3-12 MP, the CPU benchmark's mix); "web": 500x375, the size of
@@ -130,7 +130,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("embed_gpu: no CUDA device here; nothing measured (the CPU numbers are embed_throughput's)")
         return 0
-    from indexer.pipeline import WORKER_CHUNK, default_workers
+    from indexer.pipeline import default_workers, worker_chunk
 
     n = args.images or (1024 if args.quick else 4096)
     shapes = args.shapes or (["vits14"] if args.quick else ["vits14", "vitb14"])
@@ -140,7 +140,7 @@ def main() -> int:
     batch = args.batch_size
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-gpu-"))
     try:
-        results: dict[str, Any] = {"batch_size": batch, "worker_chunk": WORKER_CHUNK, "default_workers": default, "corpora": {},
+        results: dict[str, Any] = {"batch_size": batch, "default_workers": default, "corpora": {},
                                    "runs": []}
         files: dict[str, list[Path]] = {}
         for name, (sizes, times) in CORPORA.items():
@@ -148,7 +148,7 @@ def main() -> int:
             t = time.perf_counter()
             make_corpus(root, n * times, jobs=os.cpu_count() or 1, sizes=sizes)
             files[name] = sorted(root.rglob("*.jpg"), key=lambda p: p.name)
-            info = {"images": n * times, "sizes": [f"{w}x{h}" for w, h in sizes],
+            info = {"images": n * times, "worker_chunk": worker_chunk(n * times, default, batch), "sizes": [f"{w}x{h}" for w, h in sizes],
                     "mean_kb": round(sum(f.stat().st_size for f in files[name]) / (n * times) / 1e3, 1)}
             info["cpu_decode_only_img_s"] = {str(w): cpu_decode_only(root, files[name], dinov2_dir(tmp, shapes[0]),
                                                                       batch, w) for w in sweep}

@@ -17,8 +17,9 @@ import faulthandler
 import logging
 import multiprocessing
 import signal
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from typing import Any, Sequence
+from typing import Any
 
 from indexer.decode import DecodeResult, WorkItem, decode_one
 from retrieval.preprocess import PreprocessConfig

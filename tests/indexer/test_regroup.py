@@ -72,3 +72,14 @@ def test_index_with_worker_chunks_matches_one_process(corpus: Path, tiny_model_d
     ids = sorted(r[0] for r in a.values())
     np.testing.assert_allclose(VectorStore(tmp_path / "two" / "vectors.f16", 32).read(ids),
                                VectorStore(tmp_path / "one" / "vectors.f16", 32).read(ids), atol=1e-3)
+
+
+def test_worker_chunk_gives_each_worker_several_chunks_within_bounds() -> None:
+    from indexer.pipeline import worker_chunk
+
+    assert worker_chunk(4096, 16, 256) == 32  # 8 chunks per worker
+    assert worker_chunk(16384, 16, 256) == 128
+    assert worker_chunk(1_000_000, 16, 256) == 256  # never more than a model batch
+    assert worker_chunk(10, 16, 256) == 32  # never fewer than 32 images
+    assert worker_chunk(1000, 4, 8) == 8  # small model batches stay whole
+    assert worker_chunk(1000, 0, 256) == 256  # no workers: decoding in the main process, whole batches
