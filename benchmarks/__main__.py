@@ -8,6 +8,7 @@ import sys
 
 BENCHMARKS = [
     "benchmarks.embed_throughput",
+    "benchmarks.embed_gpu",  # says so and measures nothing without CUDA
     "benchmarks.index_quality",
     "benchmarks.dedup_scale",
     "benchmarks.dedup_quality",

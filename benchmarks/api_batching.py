@@ -54,19 +54,19 @@ async def _load(url: str, clients: int, seconds: float, make_request) -> dict[st
     import httpx
 
     latencies: list[float] = []
-    errors = 0
+    errors: dict[str, int] = {}  # what went wrong ("HTTP 503: <detail>", "ReadTimeout"), and how often
     stop = time.perf_counter() + seconds
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal errors
         while time.perf_counter() < stop:
             t = time.perf_counter()
             try:
-                ok = (await make_request(client)).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if not ok:
-                errors += 1
+                response = await make_request(client)
+                error = None if response.status_code == 200 else f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"[:200]
+            if error is not None:
+                errors[error] = errors.get(error, 0) + 1
                 continue
             latencies.append(time.perf_counter() - t)
 
@@ -76,7 +76,7 @@ async def _load(url: str, clients: int, seconds: float, make_request) -> dict[st
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         elapsed = time.perf_counter() - start
     lat = np.array(latencies) * 1000
-    return {"clients": clients, "requests": len(lat), "errors": errors, "qps": round(len(lat) / elapsed, 2),
+    return {"clients": clients, "requests": len(lat), "errors": sum(errors.values()), "error_kinds": errors, "qps": round(len(lat) / elapsed, 2),
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1)}
 
 

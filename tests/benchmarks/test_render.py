@@ -21,6 +21,7 @@ from benchmarks.render import (
 
 HEADERS = {
     "embed_throughput": "| path | img/s | vs ceiling |",
+    "embed_throughput_gpu": "| model | precision | forward pass alone (ceiling), img/s |",
     "index_quality": "| d | N | tool @ memory budget |",
     "dedup_scale": "| N | index | index build s | dedup wall s |",
     "dedup_quality": "| tool | precision | recall (original, copy) |",
@@ -101,6 +102,48 @@ def test_index_quality_goal_from_the_numbers(tmp_path: Path) -> None:
     assert "- d = 384, N = 2,000: **missed**" in text
     assert "recall@10 0.9300 >= 0.95: missed by 2.1%" in text
     assert "Test CPU, 2 CPUs, no GPU" in text and "`abc1234`" in text and "2030-01-02 03:04 UTC" in text
+
+
+def _gpu_e2e(rate: float) -> dict[str, Any]:
+    return {"images_per_s": rate, "timings": {}, "workers": 16}
+
+
+# Fabricated shape of benchmarks/embed_gpu.py's result (made-up numbers: test only).
+EMBED_GPU = {
+    "benchmark": "embed_throughput_gpu", "when": "2030-01-02T03:04:05Z", "env": {**ENV, "cuda": "Test GPU"},
+    "batch_size": 256, "default_workers": 16,
+    "corpora": {"photos": {"images": 100, "worker_chunk": 32, "sizes": ["640x480"], "mean_kb": 50.0,
+                           "cpu_decode_only_img_s": {"16": 500.0}, "nvjpeg_decode_only_img_s": 1000.0},
+                "web": {"images": 400, "worker_chunk": 64, "sizes": ["500x375"], "mean_kb": 20.0,
+                        "cpu_decode_only_img_s": {"16": 2000.0}, "nvjpeg_decode_only_img_s": None}},
+    "runs": [
+        {"shape": "vits14", "precision": "bf16", "forward_only_img_s": 4000.0,
+         "end_to_end": {"photos/16": _gpu_e2e(400.0), "web/16": _gpu_e2e(1000.0)},
+         "ablation": {"photos/chunk-256/thread": _gpu_e2e(200.0), "web/chunk-auto/inline": _gpu_e2e(1100.0)},
+         "reference_img_s": {"photos": {"one_at_a_time": 10.0, "batched": 12.0},
+                             "web": {"one_at_a_time": 50.0, "batched": 60.0}}},
+        {"shape": "vitb14", "precision": "fp16", "forward_only_img_s": 2000.0,
+         "end_to_end": {"photos/16": _gpu_e2e(380.0), "web/16": _gpu_e2e(1700.0)}},
+    ],
+}
+
+
+def test_embed_gpu_goal_and_ablation_from_the_numbers(tmp_path: Path) -> None:
+    _write(tmp_path, "embed_throughput_gpu", EMBED_GPU)
+    text = render_section("embed_throughput_gpu", tmp_path)
+    assert "| ViT-S/14 | bf16 | 4,000 | 400 (0.10x) | 1,000 (0.25x) | photos 12.0, web 60.0 |" in text
+    assert "| ViT-B/14 | fp16 | 2,000 | 380 (0.19x) | 1,700 (0.85x) | – |" in text
+    assert "0.10x to 0.85x the ceiling; met in 1 of 4 runs (model, precision, corpus)." in text
+    assert "| photos | 500 | 400 (0.80x) | 1,000 (2.00x) |" in text
+    assert "| web | 2,000 | 1,700 (0.85x) | not measured (no torchvision) |" in text
+    assert "| photos | chunk of 256, writer thread | 200 (0.50x the default) |" in text
+    assert "| web | chunk picked from the run's size, main thread writes | 1,100 (1.10x the default) |" in text
+    assert "ViT-B/14 end to end: 1,700 img/s per GPU" in text
+    slow = copy.deepcopy(EMBED_GPU)
+    slow["runs"][1]["end_to_end"]["web/16"]["images_per_s"] = 800.0
+    _write(tmp_path, "embed_throughput_gpu", slow)
+    assert "0.10x to 0.40x the ceiling; missed, by 50.0% in the best case (ViT-B/14, fp16)." in render_section(
+        "embed_throughput_gpu", tmp_path)
 
 
 def test_dedup_scale_goals(tmp_path: Path) -> None:
