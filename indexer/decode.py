@@ -60,7 +60,7 @@ def _read(root: str, item: WorkItem) -> bytes:
         return f.read()
 
 
-def perceptual_hash(image) -> int:
+def perceptual_hash(image) -> int:  # noqa: ANN001 - a PIL image
     """64-bit DCT perceptual hash (imagehash.phash) as an unsigned integer."""
     import imagehash
 

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class InflightMarkers:
         """Remove the markers that name no file (processes that finished theirs); the others stay."""
         self.discard(name for name, content in self._read_all() if not content.split(_EMPTY, 1)[0])
 
-    def __enter__(self) -> InflightMarkers:
+    def __enter__(self) -> "InflightMarkers":
         return self
 
     def __exit__(self, *exc: object) -> None:

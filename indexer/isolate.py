@@ -17,9 +17,8 @@ import faulthandler
 import logging
 import multiprocessing
 import signal
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Sequence
 
 from indexer.decode import DecodeResult, WorkItem, decode_one
 from retrieval.preprocess import PreprocessConfig

@@ -29,21 +29,8 @@ from retrieval import ann
 from retrieval.errors import CorpusError, IndexMismatchError
 from retrieval.layout import IndexLayout, IndexLock
 from retrieval.settings import Settings
-from retrieval.store import (
-    ClusterAssignment,
-    ClusterRun,
-    CurationItem,
-    CurationRun,
-    DedupRun,
-    DuplicateGroup,
-    DuplicateMember,
-    Failure,
-    Image,
-    IndexRun,
-    Meta,
-    Store,
-    utcnow,
-)
+from retrieval.store import (ClusterAssignment, ClusterRun, CurationItem, CurationRun, DedupRun, DuplicateGroup,
+                             DuplicateMember, Failure, Image, IndexRun, Meta, Store, utcnow)
 from retrieval.sync import SyncOptions, sync_index
 from retrieval.vectors import VectorStore
 
@@ -326,7 +313,7 @@ def _fail_running(store: Store, exc: BaseException) -> None:
                 run.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
                 run.finished_at = utcnow()
                 run.error = str(exc)[:2000]
-    except Exception:
+    except Exception:  # noqa: BLE001 - never mask the original error
         logger.exception("could not record the failed run")
 
 

@@ -8,8 +8,8 @@ A file whose last decoding crashed is retried only in isolation (see indexer.loa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from sqlalchemy import select
 

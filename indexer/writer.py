@@ -25,7 +25,7 @@ class BatchCounts:
     failed: int = 0
 
 
-def _record_failure(session, result: DecodeResult) -> None:
+def _record_failure(session, result: DecodeResult) -> None:  # noqa: ANN001
     item = result.item
     session.execute(delete(Failure).where(Failure.path == item.path))
     session.add(Failure(path=item.path, size=max(item.size, 0), mtime_ns=item.mtime_ns,
