@@ -210,9 +210,13 @@ def test_new_index_skips_polysemous_training() -> None:
 
 
 # --- exact_knn and recall_at_k -------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [None, 5_000])  # 5,000 similarities at once: several query groups
 @pytest.mark.parametrize("batch", [7, 64, 1_000, 5_000])
 @pytest.mark.parametrize("use_exclude", [False, True])
-def test_exact_knn_matches_numpy(batch: int, use_exclude: bool) -> None:
+def test_exact_knn_matches_numpy(batch: int, use_exclude: bool, chunk: int | None,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(ann, "KNN_CHUNK_ELEMENTS", chunk)
     n, d = 1_000, 32
     x = clustered(n, d, seed=1)
     ids = big_unique_ids(n, seed=1)
