@@ -1,6 +1,6 @@
 """Embedding throughput on a GPU: ViT-S/14 and ViT-B/14 shapes at fp16 and bf16, end to end from
 JPEG files on disk to vectors in the index, against the same yardsticks as the CPU benchmark
-(benchmarks/embed_throughput.py), all measured in one run on one corpus:
+(benchmarks/embed_throughput.py), all measured in one run on the same two corpora:
 
 * forward-only: the model on ready uint8 tensors at the same batch size (the ceiling);
 * the model card's reference loop (AutoImageProcessor + AutoModel on the GPU), once per shape;
@@ -107,8 +107,8 @@ def _ablation(model_dir: Path, tmp: Path, batch: int, workers: int, precision: s
         pipeline.worker_chunk = choose
 
 
-# "photos": camera-sized JPEGs (0.3-12 MP, the CPU benchmark's mix); "web": 500x375, the size of
-# an ImageNet image and of what img2dataset hands clip-retrieval (its 2,500 img/s is on such files).
+# "photos": camera-sized JPEGs (0.3-12 MP, the CPU benchmark's mix); "web": 500x375, the size of a
+# typical ImageNet image, standing in for datasets that are stored already resized.
 # The web corpus has 4x the images: each decodes ~10x faster, and a run must last long enough for
 # the decode workers' start-up to be a small part of it.
 CORPORA = {"photos": (SIZES_MP, 1), "web": ([(500, 375)], 4)}
@@ -148,14 +148,15 @@ def main() -> int:
             t = time.perf_counter()
             make_corpus(root, n * times, jobs=os.cpu_count() or 1, sizes=sizes)
             files[name] = sorted(root.rglob("*.jpg"), key=lambda p: p.name)
-            info = {"images": n * times, "worker_chunk": worker_chunk(n * times, default, batch), "sizes": [f"{w}x{h}" for w, h in sizes],
+            info = {"images": n * times, "worker_chunk": worker_chunk(n * times, default, batch),
+                    "sizes": [f"{w}x{h}" for w, h in sizes],
                     "mean_kb": round(sum(f.stat().st_size for f in files[name]) / (n * times) / 1e3, 1)}
             info["cpu_decode_only_img_s"] = {str(w): cpu_decode_only(root, files[name], dinov2_dir(tmp, shapes[0]),
                                                                       batch, w) for w in sweep}
             info["nvjpeg_decode_only_img_s"] = nvjpeg_decode_only(files[name], 64)
             results["corpora"][name] = info
-            print(f"{name}: {n * times} JPEGs ({info['mean_kb']} KB each) made in {time.perf_counter() - t:.0f} s; decode "
-                  f"only: CPU {info['cpu_decode_only_img_s']} img/s, nvJPEG {info['nvjpeg_decode_only_img_s']}",
+            print(f"{name}: {n * times} JPEGs ({info['mean_kb']} KB each) made in {time.perf_counter() - t:.0f} s; "
+                  f"decode only: CPU {info['cpu_decode_only_img_s']} img/s, nvJPEG {info['nvjpeg_decode_only_img_s']}",
                   flush=True)
         for shape in shapes:
             model_dir = dinov2_dir(tmp, shape)
