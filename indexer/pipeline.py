@@ -93,9 +93,10 @@ def worker_chunk(n_items: int, workers: int, batch_size: int) -> int:
     """Images a decode worker hands over at a time (indexer.loader.regroup puts model batches together).
 
     Small chunks keep every worker busy to the end of a run and bring the first batch sooner; large
-    ones cost less inter-process traffic. Measured on an H100 with 16 decode workers
-    (benchmarks/embed_gpu.py, same run): 4,096 camera-sized JPEGs went 450 -> 727 img/s from
-    256-image to 32-image chunks, while 16,384 web-sized ones went 2,064 -> 1,466. So each worker
+    ones cost less inter-process traffic. Measured on an H100 with 16 decode workers, in one run
+    (benchmarks/results/embed_throughput_gpu.json, ablation): 4,096 camera-sized JPEGs went
+    434 -> 637 img/s from 256-image to 32-image chunks, while 16,384 web-sized ones went
+    1,912 -> 1,430; this rule picked 32 and 128 and got 648 and 1,861. So each worker
     gets about CHUNKS_PER_WORKER chunks of the run, never fewer than MIN_WORKER_CHUNK images each,
     never more than a model batch.
     """
