@@ -36,6 +36,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = AppState(settings)
         await run_in_threadpool(state.load)  # the index (memory-mapped where possible) and the model
+        state.decoder.start()  # upload decoding processes (api.decoding)
         await state.batcher.start()
         app.state.retrieval = state
         logger.info("serving %s", settings.index_dir)

@@ -1,7 +1,8 @@
 """The work behind the routes, in plain functions: resolve references, search, collapse, embed uploads.
 
 Everything here that touches FAISS, SQLite, the vector file or the model is called through a worker
-thread (`run_in_threadpool`) or the batcher, never on the event loop.
+thread (`run_in_threadpool`) or the batcher, never on the event loop; uploads are decoded in helper
+processes (api.decoding).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import HTTPException, Request, status
-from starlette.concurrency import run_in_threadpool
 
+from api.decoding import CRASH_DETAIL, DecoderCrashed
 from api.schemas import DuplicateOut, HitOut, ImageOut
 from api.state import AppState, ReaderHandle
 from retrieval import ann
@@ -182,21 +183,17 @@ def decode_error(exc: ImageDecodeError) -> HTTPException:
 
 
 async def embed_upload(state: AppState, handle: ReaderHandle, data: bytes) -> np.ndarray:
-    """Decode and preprocess like the indexer (worker thread), then embed through the batcher."""
+    """Decode and preprocess like the indexer (a helper process, api.decoding), then embed through the batcher."""
     embedder, fn = state.embedder, state.embed_fn
     if embedder is None or state.model_error:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                             state.model_error or "the embedding model is not loaded")
-    from retrieval.preprocess import load_and_preprocess
-
-    def prepare() -> np.ndarray:
-        pixels, _ = load_and_preprocess(data, embedder.preprocess, state.settings.max_pixels)
-        return pixels
-
     try:
-        pixels = await run_in_threadpool(prepare)
+        pixels = await state.decoder.decode(data, embedder.preprocess, state.settings.max_pixels)
     except ImageDecodeError as exc:
         raise decode_error(exc) from None
+    except DecoderCrashed:
+        raise HTTPException(422, CRASH_DETAIL) from None
     if embedder.fingerprint != handle.reader.meta.get("model_fingerprint"):
         # The reader this request holds was built with another model than the one now loaded
         # (a re-index with a new model happened meanwhile): its vectors are not comparable.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Literal
+
 from pydantic import Field, SecretStr, field_validator
 
 from retrieval.settings import Settings, parse_size
@@ -16,6 +19,11 @@ class ApiSettings(Settings):
     reload_check_s: float = Field(2.0, ge=0.0, description="How often (seconds) to look for a newer completed index run; 0 = every request.")
     batch_max_size: int = Field(16, ge=1, le=256, description="Most uploads embedded in one forward pass; 1 disables batching.")
     batch_max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="How long the batcher waits for more uploads.")
+    upload_decode_workers: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)), ge=0, le=64,
+                                       description="Processes that decode uploads (a decoder crash costs one "
+                                       "request); 0 = decode on a thread of the server process.")
+    upload_decode_start_method: Literal["spawn", "forkserver", "fork"] = Field(
+        "spawn", description="How upload decoding processes start; 'fork' is unsafe in a threaded server.")
     duplicate_threshold: float = Field(0.95, gt=0.0, le=1.0, description="Cosine at or above which two images count as duplicates.")
     thumbnail_default_size: int = Field(256, ge=16, le=1024)
     allow_url_queries: bool = Field(False, description="Accept GET /search?image=<http(s) URL> (off: SSRF risk).")

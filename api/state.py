@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from sqlalchemy import func, select
 
 from api.batcher import Batcher
+from api.decoding import UploadDecoder
 from api.settings import ApiSettings
 from retrieval.errors import ModelLoadError, RetrievalError
 from retrieval.layout import IndexLayout
@@ -86,6 +87,7 @@ class AppState:
         self.embed_fn: Any = None
         self.model_error: str | None = None
         self.batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000)
+        self.decoder = UploadDecoder(settings.upload_decode_workers, settings.upload_decode_start_method)
         self.reloads = 0
         self._last_check = 0.0
         self._reload_lock = threading.Lock()
@@ -126,6 +128,7 @@ class AppState:
         self.embedder, self.embed_fn, self.model_error = embedder, embedder.embed, None
 
     def close(self) -> None:
+        self.decoder.close()
         if self.handle is not None:
             self.handle.retire()
             self.handle = None
