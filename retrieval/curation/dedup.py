@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from retrieval.curation import hashing
-from retrieval.curation.graph import Edges, candidate_index, knn_edges, maybe_gpu
+from retrieval.curation.graph import Edges, knn_edges, maybe_gpu
 from retrieval.curation.groups import Group, Nodes, build_groups
 from retrieval.curation.policy import DEFAULT_POLICY, check_policy
 from retrieval.errors import RetrievalError
@@ -207,8 +207,6 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
         import faiss
 
         index = maybe_gpu(reader.index, opts.use_gpu)
-        if index is reader.index:  # on a GPU an exact search is fast enough as it is
-            index = candidate_index(index, ids, reader.vectors.read, stats=graph_stats)
         k = min(opts.k, max(1, n - 1))
         extra = None
         offset = int(ids.max()) + 1

@@ -9,7 +9,6 @@ Memory is O(batch * depth * dim) plus the surviving edges, whatever the corpus s
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,8 +19,6 @@ from retrieval import ann
 logger = logging.getLogger(__name__)
 
 BATCH = 2048
-GRAPH_IVF_MIN = 20_000  # an exact index at least this large proposes candidates through an IVF-Flat
-GRAPH_IVF_RECALL = 0.995
 CALIBRATION_QUERIES = 512  # queries whose every ANN candidate is re-ranked to measure the pre-filter margin
 GATHER_CHUNK = 64  # queries whose candidate vectors are gathered at once (64 * 640 * 384 * 4 B = 63 MB)
 
@@ -152,54 +149,6 @@ def scores_are_exact(index: Any) -> bool:
     import faiss
 
     return isinstance(_unwrapped(index), (faiss.IndexFlat, faiss.IndexIVFFlat))
-
-
-def candidate_index(index: Any, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray],
-                    stats: dict[str, Any] | None = None) -> Any:
-    """The index that proposes the graph's candidates: `index`, or a temporary IVF-Flat beside an
-    exact index over GRAPH_IVF_MIN vectors or more.
-
-    Below the exact threshold (50,000 by default) the search index is flat, and the graph over it is
-    an N x N product: 40 s of a 40,000-vector dedup on 2 cores (benchmarks/dedup_scale.py). The
-    IVF-Flat returns exact scores, so only neighbours in lists it does not probe can be missed; its
-    nprobe is the smallest power of two whose recall@10 on CALIBRATION_QUERIES sampled images,
-    against the exact index, reaches GRAPH_IVF_RECALL. Near-duplicates sit far closer than a
-    typical 10th neighbour, so they are found at least as reliably.
-    """
-    if not is_exact_index(index) or len(ids) < GRAPH_IVF_MIN:
-        return index
-    import faiss
-
-    n, dim = len(ids), index.d
-    nlist = int(min(4096, max(16, round(math.sqrt(n)))))
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.cp.niter = 10
-    ivf.cp.max_points_per_centroid = 64
-    rng = np.random.default_rng(0)
-    ivf.train(read(np.sort(rng.choice(ids, size=min(n, 64 * nlist), replace=False))))
-    for start in range(0, n, 65_536):
-        chunk = np.asarray(ids[start : start + 65_536], dtype=np.int64)
-        ivf.add_with_ids(np.ascontiguousarray(read(chunk), dtype=np.float32), chunk)
-    sample = np.sort(rng.choice(ids, size=min(CALIBRATION_QUERIES, n), replace=False))
-    queries = np.ascontiguousarray(read(sample), dtype=np.float32)
-    depth = min(11, n)
-    _, truth = index.search(queries, depth)
-    truth = np.where(truth == sample[:, None], -1, truth)
-    nprobe, recall = 1, 0.0
-    while True:
-        ivf.nprobe = nprobe
-        _, found = ivf.search(queries, depth)
-        found = np.where(found == sample[:, None], -1, found)
-        recall = ann.recall_at_k(found, truth)
-        if recall >= GRAPH_IVF_RECALL or nprobe >= nlist:
-            break
-        nprobe = min(nlist, nprobe * 2)
-    logger.info("k-NN graph over %d vectors: candidates from a temporary IVF%d,Flat at nprobe %d "
-                "(recall@10 %.4f on %d sampled images)", n, nlist, nprobe, recall, len(sample))
-    if stats is not None:
-        stats.update(candidate_index=f"IVF{nlist},Flat", candidate_nprobe=nprobe,
-                     candidate_recall_at_10=round(recall, 4))
-    return ivf
 
 
 def maybe_gpu(index: Any, use_gpu: bool) -> Any:

@@ -111,32 +111,6 @@ def test_flat_and_ivf_flat_indexes_are_known_to_score_exactly() -> None:
     assert not is_exact_index(ivf_pq) and not scores_are_exact(ivf_pq)
 
 
-def test_a_large_exact_index_proposes_graph_candidates_through_ivf_flat(monkeypatch: pytest.MonkeyPatch) -> None:
-    import faiss
-
-    from retrieval.curation import graph
-
-    n, dim = 3000, 32
-    x = planted_vectors(n, dim, n_groups=100, per_group=4, noise=0.06, seed=11)
-    ids = np.arange(n, dtype=np.int64) * 2 + 1
-    rows = {int(i): r for r, i in enumerate(ids)}
-    read = lambda q: x[[rows[int(i)] for i in q]]  # noqa: E731
-    flat = _index(x, ids, "IDMap2,Flat")
-    assert graph.candidate_index(flat, ids, read) is flat  # below GRAPH_IVF_MIN: the exact index itself
-    monkeypatch.setattr(graph, "GRAPH_IVF_MIN", 1000)
-    stats: dict[str, object] = {}
-    cand = graph.candidate_index(flat, ids, read, stats=stats)
-    assert isinstance(cand, faiss.IndexIVFFlat) and cand.ntotal == n
-    assert stats["candidate_index"] == f"IVF{cand.nlist},Flat" and 1 <= cand.nprobe <= cand.nlist
-    assert stats["candidate_recall_at_10"] >= graph.GRAPH_IVF_RECALL or cand.nprobe == cand.nlist
-    for k, threshold in [(64, 0.9), (3, 0.9)]:
-        got = knn_edges(cand, ids, read, k, threshold, batch=512)
-        want = brute_force_edges(ids, x, threshold, k=k)
-        assert len(want) >= 100 * 3
-        assert set(zip(got.src.tolist(), got.dst.tolist())) == set(zip(want.src.tolist(), want.dst.tolist()))
-        np.testing.assert_allclose(got.sim, want.sim, atol=1e-5)
-
-
 def _nodes(n: int, n_ref: int = 0, width: np.ndarray | None = None) -> Nodes:
     total = n + n_ref
     return Nodes(image_id=np.r_[np.arange(n), -np.ones(n_ref, np.int64)], path=[f"p{i:04d}.jpg" for i in range(total)],
