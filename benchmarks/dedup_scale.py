@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import save_result
+from benchmarks.index_eval import peak_rss_bytes
 
 DIM = 384
 COPY_FRACTION = 0.01  # originals that get planted copies
@@ -141,15 +142,9 @@ def child_dedup(index_dir: Path) -> dict[str, Any]:
     outcome = run_dedup(reader, DedupOptions(pixels=False, use_gpu=False, force=True))
     wall = time.perf_counter() - t
     return {"run_id": outcome.run_id, "wall_s": round(wall, 1), "counts": outcome.counts,
+            # VmHWM (index_eval.peak_rss_bytes), not ru_maxrss: Linux carries ru_maxrss over fork + exec,
+            # so this child of the corpus-holding parent would report the parent's peak.
             "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
-
-
-def peak_rss_bytes() -> int:
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child started by this
-    # (corpus-holding) parent would report the parent's peak.
-    from benchmarks.index_eval import peak_rss_bytes as peak
-
-    return peak()
 
 
 def found_groups(index_dir: Path, run_id: int) -> dict[int, int]:

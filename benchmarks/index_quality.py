@@ -81,6 +81,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import save_result
+from benchmarks.index_eval import peak_rss_bytes
 
 HERE = Path(__file__).parent
 EVAL_SCRIPT = HERE / "index_eval.py"
@@ -210,12 +211,6 @@ def build_ours(root: Path, threads: int | None) -> dict[str, Any]:
             "baseline_rss_bytes": baseline, "spec": synced.spec.to_dict(), "timings": synced.timings,
             "memory_budget": s.memory_budget, "exact_threshold": s.exact_threshold, "recall_target": s.recall_target,
             "threads": faiss.omp_get_max_threads()}
-
-
-def peak_rss_bytes() -> int:
-    from benchmarks.index_eval import peak_rss_bytes as peak
-
-    return peak()
 
 
 # --- subprocesses -------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class InlineWriter:
     """Collect vectors and write each batch right away, in the calling thread."""
 
     def __init__(self, write: WriteFn, collect: Callable[[Any], np.ndarray], on_done: Callable[[BatchCounts, int], None]):
+        """`on_done(total, n)` after each batch: the counts so far, and how many results it held."""
         self._write, self._collect, self._on_done = write, collect, on_done
         self.total = BatchCounts()
         self.embed_wait_s = self.write_s = self.backpressure_s = 0.0
@@ -51,7 +52,7 @@ class InlineWriter:
         self.write_s += time.perf_counter() - t1
         self.embed_wait_s += t1 - t
         _add(self.total, counts)
-        self._on_done(counts, len(results))
+        self._on_done(self.total, len(results))
 
     def close(self) -> None:
         return None

@@ -353,14 +353,10 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
     loop_start = time.perf_counter()
     with markers, batches as decoded, tqdm(total=len(items), unit="img", desc="indexing", disable=not opts.progress,
                                            dynamic_ncols=True, smoothing=0.1) as bar:
-        failed = 0
-
-        def done(counts: BatchCounts, n: int) -> None:
-            nonlocal failed
+        def done(total: BatchCounts, n: int) -> None:
             bar.update(n)
-            failed += counts.failed
-            if failed:
-                bar.set_postfix(failed=failed, refresh=False)
+            if total.failed:
+                bar.set_postfix(failed=total.failed, refresh=False)
 
         writer_cls = ThreadedWriter if overlap_writes(embedder.device, s.overlap) else InlineWriter
         writer = writer_cls(lambda results, vecs: write_batch(store, vectors, results, vecs), embedder.to_numpy,

@@ -281,9 +281,8 @@ def exact_knn(queries: np.ndarray, batches: Iterator[tuple[np.ndarray, np.ndarra
     for ids, vectors in batches:
         if not groups:
             step = max(1, KNN_CHUNK_ELEMENTS // max(1, len(ids)))
-            groups = [(a, min(a + step, len(queries)), faiss.ResultHeap(min(step, len(queries) - a), depth,
-                                                                         keep_max=True))
-                      for a in range(0, len(queries), step)]
+            bounds = [(a, min(a + step, len(queries))) for a in range(0, len(queries), step)]
+            groups = [(a, b, faiss.ResultHeap(b - a, depth, keep_max=True)) for a, b in bounds]
         kk = min(depth, len(ids))
         if kk == 0:
             continue
