@@ -61,6 +61,18 @@ def _worker_deaths_reported_by_next() -> Iterator[None]:
         signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
 
 
+def _worker_died(exc: BaseException, workers: int) -> bool:
+    """Did this error from the DataLoader's next() come from a dead worker?
+
+    Usually torch says so (WORKER_DIED). But a worker that dies just after queueing a batch leaves
+    the main process fetching that batch's shared memory from it (torch hands tensors over as file
+    descriptors through the dead process), which fails with EOFError or a ConnectionError instead.
+    """
+    if isinstance(exc, RuntimeError):
+        return bool(WORKER_DIED.search(str(exc)))
+    return workers > 0
+
+
 def regroup(batches: Iterator[Batch], batch_size: int, pin_memory: bool = False) -> Iterator[Batch]:
     """Concatenate consecutive small batches into batches of at least `batch_size` results, in order.
 
@@ -138,8 +150,8 @@ def decode_batches(root: str, items: Sequence[WorkItem], config: PreprocessConfi
                     delivered += len(batch[0])
                     yield batch
             return
-        except RuntimeError as exc:
-            if not WORKER_DIED.search(str(exc)):
+        except (RuntimeError, EOFError, ConnectionError) as exc:
+            if not _worker_died(exc, workers):
                 raise
             logger.warning("a decode worker died (%s); decoding the files it may have been on in isolation", exc)
         # Drop the dead DataLoader (its iterator shuts the other workers down, which finish or

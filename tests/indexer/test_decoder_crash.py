@@ -143,3 +143,14 @@ def test_a_worker_crash_while_embedding_a_query_folder_is_a_failure(tmp_path: Pa
     assert len(out.paths) == 6 and out.vectors.shape[0] == 6
     assert out.failures == [{"path": "b/evil.png", "kind": "crash",
                              "reason": "decoder crashed (signal 11, SIGSEGV) while decoding this file"}]
+
+
+def test_worker_death_is_recognised_however_torch_reports_it() -> None:
+    from indexer.loader import _worker_died
+
+    assert _worker_died(RuntimeError("DataLoader worker (pid 123) is killed by signal: Segmentation fault"), 1)
+    assert _worker_died(RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly"), 1)
+    assert not _worker_died(RuntimeError("Caught ValueError in DataLoader worker process 0"), 1)
+    # the worker died while the main process fetched a batch's shared memory from it
+    assert _worker_died(EOFError(), 1) and _worker_died(ConnectionResetError(), 2)
+    assert not _worker_died(EOFError(), 0)  # no workers: an EOFError is some other failure
