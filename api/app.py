@@ -1,6 +1,6 @@
 """The FastAPI application: `create_app(settings)` builds it; the lifespan loads the index and model once.
 
-    uvicorn --factory api.app:create_app      # or: retrieval serve
+    uvicorn --factory retrieval.api.app:create_app      # or: retrieval serve
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import BodyLimitMiddleware, install_error_handlers
-from api.metrics import Metrics
-from api.metrics import router as metrics_router
-from api.routers import curation, health, images, search
-from api.settings import ApiSettings
-from api.state import AppState
+from retrieval.api.errors import BodyLimitMiddleware, install_error_handlers
+from retrieval.api.metrics import Metrics
+from retrieval.api.metrics import router as metrics_router
+from retrieval.api.routers import curation, health, images, search
+from retrieval.api.settings import ApiSettings
+from retrieval.api.state import AppState
 
 logger = logging.getLogger("api")
 

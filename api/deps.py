@@ -12,8 +12,8 @@ from typing import Annotated, Iterator
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from api.settings import ApiSettings
-from api.state import AppState, ReaderHandle
+from retrieval.api.settings import ApiSettings
+from retrieval.api.state import AppState, ReaderHandle
 
 _bearer = HTTPBearer(auto_error=False, description="Needed when the server runs with RETRIEVAL_API_KEY.")
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from api.deps import Authorized
+from retrieval.api.deps import Authorized
 
 
 class _ServerCollector:

@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 from sqlalchemy import func, select
 
-from api.batcher import Batcher
-from api.decoding import UploadDecoder
-from api.settings import ApiSettings
+from retrieval.api.batcher import Batcher
+from retrieval.api.decoding import UploadDecoder
+from retrieval.api.settings import ApiSettings
 from retrieval.errors import ModelLoadError, RetrievalError
 from retrieval.layout import IndexLayout
 from retrieval.search import IndexReader

@@ -118,7 +118,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-api-"))
     try:
         from benchmarks.embed_throughput import forward_only
-        from indexer.pipeline import IndexOptions, run_index
+        from retrieval.indexer.pipeline import IndexOptions, run_index
         from retrieval.settings import Settings
         from tests.conftest import make_corpus
         from tests.images import encode, photo

@@ -39,7 +39,7 @@ def main() -> None:
     n = args.files or (20_000 if args.quick else 100_000)
     tmp = Path(tempfile.mkdtemp(prefix="bench-incr-"))
     try:
-        from indexer.pipeline import IndexOptions, run_index
+        from retrieval.indexer.pipeline import IndexOptions, run_index
         from retrieval.settings import Settings
         from tests.conftest import save_tiny_dinov2
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.inflight import InflightMarkers
+from retrieval.indexer.inflight import InflightMarkers
 from retrieval.errors import ImageDecodeError
 from retrieval.preprocess import PreprocessConfig, decode_image, preprocess
 

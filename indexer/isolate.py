@@ -20,7 +20,7 @@ import signal
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
-from indexer.decode import DecodeResult, WorkItem, decode_one
+from retrieval.indexer.decode import DecodeResult, WorkItem, decode_one
 from retrieval.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)

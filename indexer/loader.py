@@ -24,9 +24,9 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from indexer.decode import DecodeDataset, DecodeResult, WorkItem, collate_results
-from indexer.inflight import InflightMarkers
-from indexer.isolate import decode_isolated
+from retrieval.indexer.decode import DecodeDataset, DecodeResult, WorkItem, collate_results
+from retrieval.indexer.inflight import InflightMarkers
+from retrieval.indexer.isolate import decode_isolated
 from retrieval.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)

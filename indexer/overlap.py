@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.writer import BatchCounts
+from retrieval.indexer.writer import BatchCounts
 
 # results of one batch, and its vectors: a device tensor still being computed, or None (nothing to embed)
 Job = tuple[list[Any], Any]

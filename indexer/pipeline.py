@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 from sqlalchemy import delete, text
 
-from indexer.decode import WorkItem
-from indexer.inflight import InflightMarkers
-from indexer.loader import decode_batches, regroup
-from indexer.overlap import InlineWriter, ThreadedWriter
-from indexer.plan import Plan, make_plan
-from indexer.scan import IMAGE_EXTENSIONS, scan_corpus
-from indexer.writer import BatchCounts, remove_images, write_batch
+from retrieval.indexer.decode import WorkItem
+from retrieval.indexer.inflight import InflightMarkers
+from retrieval.indexer.loader import decode_batches, regroup
+from retrieval.indexer.overlap import InlineWriter, ThreadedWriter
+from retrieval.indexer.plan import Plan, make_plan
+from retrieval.indexer.scan import IMAGE_EXTENSIONS, scan_corpus
+from retrieval.indexer.writer import BatchCounts, remove_images, write_batch
 from retrieval import ann
 from retrieval.errors import CorpusError, IndexMismatchError
 from retrieval.layout import IndexLayout, IndexLock

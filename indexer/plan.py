@@ -13,9 +13,9 @@ from typing import Iterable
 
 from sqlalchemy import select
 
-from indexer.decode import WorkItem
-from indexer.isolate import CRASH_KIND
-from indexer.scan import ScanEntry
+from retrieval.indexer.decode import WorkItem
+from retrieval.indexer.isolate import CRASH_KIND
+from retrieval.indexer.scan import ScanEntry
 from retrieval.store import Failure, Image, Store, chunked
 
 ALWAYS_RETRY = frozenset({"unreadable", "vanished", "io_error"})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import delete
 
-from indexer.decode import DecodeResult
+from retrieval.indexer.decode import DecodeResult
 from retrieval.store import Failure, Image, Store, chunked, to_signed64, utcnow
 from retrieval.vectors import VectorStore
 

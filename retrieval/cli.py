@@ -106,7 +106,7 @@ def index(
 
         retrieval index ./photos --model ./models/dinov2-small
     """
-    from indexer.pipeline import IndexOptions, run_index
+    from retrieval.indexer.pipeline import IndexOptions, run_index
 
     settings = _settings(index_dir=index_dir, db_url=db, model=model, device=device, precision=precision,
                          batch_size=batch_size, workers=workers, max_pixels=max_pixels, memory_budget=memory_budget,
@@ -244,7 +244,7 @@ def serve(
     if allow_url_queries:
         os.environ["RETRIEVAL_ALLOW_URL_QUERIES"] = "1"
     logging.getLogger("api").setLevel(log_level.upper())
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+    uvicorn.run("retrieval.api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
 
 
 from retrieval.curation.commands import register as _register_curation  # noqa: E402 - light: imports lazily

@@ -127,7 +127,7 @@ def make_engine(url: str) -> Engine:
 
 
 def migrations_dir() -> Path:
-    import migrations
+    from retrieval import migrations
 
     return Path(migrations.__file__).parent
 

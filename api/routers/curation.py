@@ -11,8 +11,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from sqlalchemy import func, select
 
-from api.deps import Authorized, ReaderDep
-from api.schemas import (ClusterMemberOut, ClusterOut, ClustersOut, ClusterSummaryOut, DuplicateGroupOut,
+from retrieval.api.deps import Authorized, ReaderDep
+from retrieval.api.schemas import (ClusterMemberOut, ClusterOut, ClustersOut, ClusterSummaryOut, DuplicateGroupOut,
                          DuplicateGroupsOut, ErrorOut, GroupMemberOut)
 from retrieval.store import (ClusterAssignment, ClusterRun, DedupRun, DuplicateGroup, DuplicateMember, Image,
                              chunked)

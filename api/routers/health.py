@@ -8,9 +8,9 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api.batcher import describe
-from api.deps import Authorized, ReaderDep, StateDep
-from api.schemas import ErrorOut, HealthOut, ReadyOut, StatsOut
+from retrieval.api.batcher import describe
+from retrieval.api.deps import Authorized, ReaderDep, StateDep
+from retrieval.api.schemas import ErrorOut, HealthOut, ReadyOut, StatsOut
 
 router = APIRouter(tags=["operations"])
 

@@ -9,10 +9,10 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from api import service
-from api.deps import Authorized, ReaderDep, SettingsDep, StateDep
-from api.routers.search import UPLOAD_BODY, UPLOAD_ERRORS
-from api.schemas import DuplicateCheckOut, DuplicatesOut, ErrorOut, ImageOut
+from retrieval.api import service
+from retrieval.api.deps import Authorized, ReaderDep, SettingsDep, StateDep
+from retrieval.api.routers.search import UPLOAD_BODY, UPLOAD_ERRORS
+from retrieval.api.schemas import DuplicateCheckOut, DuplicatesOut, ErrorOut, ImageOut
 from retrieval.errors import ImageDecodeError
 from retrieval.search import MAX_K
 from retrieval.thumbnails import cached_thumbnail

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from api import service
-from api.deps import Authorized, ReaderDep, SettingsDep, StateDep
-from api.schemas import ErrorOut, SearchOut
-from api.url_fetch import fetch_image_url, is_url
+from retrieval.api import service
+from retrieval.api.deps import Authorized, ReaderDep, SettingsDep, StateDep
+from retrieval.api.schemas import ErrorOut, SearchOut
+from retrieval.api.url_fetch import fetch_image_url, is_url
 from retrieval.search import MAX_K
 
 router = APIRouter(tags=["search"], dependencies=Authorized)

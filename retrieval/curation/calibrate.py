@@ -89,7 +89,7 @@ def run_calibration(reader: IndexReader, sample: int = 100, target_precision: fl
                     transforms: list[str] | None = None, progress: bool = False) -> Calibration:
     from tqdm import tqdm
 
-    from indexer.decode import perceptual_hash
+    from retrieval.indexer.decode import perceptual_hash
     from retrieval.preprocess import decode_image, preprocess
 
     if not 0.0 < target_precision <= 1.0:

@@ -128,7 +128,7 @@ def fingerprint(reader: IndexReader, params: dict[str, Any], extra: Any = None) 
 
 
 def _folder_state(folder: Path) -> list[Any]:
-    from indexer.scan import scan_corpus
+    from retrieval.indexer.scan import scan_corpus
 
     return [(e.path, e.size, e.mtime_ns) for e in scan_corpus(folder)]
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from indexer.decode import WorkItem
-from indexer.inflight import InflightMarkers
-from indexer.loader import decode_batches
-from indexer.scan import scan_corpus
+from retrieval.indexer.decode import WorkItem
+from retrieval.indexer.inflight import InflightMarkers
+from retrieval.indexer.loader import decode_batches
+from retrieval.indexer.scan import scan_corpus
 from retrieval.errors import RetrievalError
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from api.app import create_app
-from api.batcher import Batcher
+from retrieval.api.app import create_app
+from retrieval.api.batcher import Batcher
 from tests.api.conftest import Indexed
 
 

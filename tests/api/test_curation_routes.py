@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from api.app import create_app
+from retrieval.api.app import create_app
 from retrieval.cli import app as cli_app
 from tests.api.conftest import Indexed, build_indexed
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from api.decoding import CRASH_DETAIL, DecoderCrashed, UploadDecoder
+from retrieval.api.app import create_app
+from retrieval.api.decoding import CRASH_DETAIL, DecoderCrashed, UploadDecoder
 from retrieval.errors import ImageDecodeError
 from retrieval.preprocess import PreprocessConfig, load_and_preprocess
 from tests.api.conftest import Indexed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from api.app import create_app
+from retrieval.api.app import create_app
 from tests.api.conftest import Indexed
 
 

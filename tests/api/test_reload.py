@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from api.app import create_app
+from retrieval.api.app import create_app
 from tests.api.conftest import Indexed, run_index
 from tests.images import photo, write
 
@@ -53,7 +53,7 @@ def test_index_change_without_an_index_run_is_picked_up(private_index: Indexed) 
     from retrieval.store import Store
     from retrieval.sync import SyncOptions, sync_index
     from retrieval.vectors import VectorStore
-    from indexer.writer import remove_images
+    from retrieval.indexer.writer import remove_images
 
     app = create_app(private_index.settings(reload_check_s=0))
     with TestClient(app) as c:

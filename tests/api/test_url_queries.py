@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
+from retrieval.api.app import create_app
 from tests.api.conftest import Indexed
 
 BIG = 200_000
@@ -138,6 +138,6 @@ def test_only_http_and_https(url_client: TestClient, url: str) -> None:
 def test_public_address_classification(address: str, public: bool) -> None:
     import ipaddress
 
-    from api.url_fetch import _is_public
+    from retrieval.api.url_fetch import _is_public
 
     assert _is_public(ipaddress.ip_address(address)) is public

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from indexer.decode import WorkItem
-from indexer.inflight import InflightMarkers
-from indexer.isolate import decode_isolated
+from retrieval.indexer.decode import WorkItem
+from retrieval.indexer.inflight import InflightMarkers
+from retrieval.indexer.isolate import decode_isolated
 from retrieval.cli import app
 from retrieval.preprocess import PreprocessConfig
 from tests.conftest import make_corpus
@@ -70,11 +70,11 @@ def test_inflight_markers_name_only_unfinished_files(tmp_path: Path) -> None:
 
 def test_a_worker_crash_costs_one_file_and_the_run_goes_on(corpus: Path, tiny_model_dir: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import indexer.pipeline
+    import retrieval.indexer.pipeline
 
     register()
     write_crasher(corpus / "b" / "zz_evil.png")  # last: decoded ahead while earlier batches are written
-    real_write = indexer.pipeline.write_batch
+    real_write = retrieval.indexer.pipeline.write_batch
 
     def slow_write(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         # Keep the main thread busy while the workers decode ahead, so the worker dies while the
@@ -82,7 +82,7 @@ def test_a_worker_crash_costs_one_file_and_the_run_goes_on(corpus: Path, tiny_mo
         time.sleep(0.2)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(indexer.pipeline, "write_batch", slow_write)
+    monkeypatch.setattr(retrieval.indexer.pipeline, "write_batch", slow_write)
     result = CliRunner().invoke(app, ["index", str(corpus), "--model", str(tiny_model_dir), "--no-progress",
                                       "--json", "-j", "2", "-b", "4"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -146,7 +146,7 @@ def test_a_worker_crash_while_embedding_a_query_folder_is_a_failure(tmp_path: Pa
 
 
 def test_worker_death_is_recognised_however_torch_reports_it() -> None:
-    from indexer.loader import _worker_died
+    from retrieval.indexer.loader import _worker_died
 
     assert _worker_died(RuntimeError("DataLoader worker (pid 123) is killed by signal: Segmentation fault"), 1)
     assert _worker_died(RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly"), 1)

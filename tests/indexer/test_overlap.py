@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.overlap import InlineWriter, ThreadedWriter
-from indexer.writer import BatchCounts
+from retrieval.indexer.overlap import InlineWriter, ThreadedWriter
+from retrieval.indexer.writer import BatchCounts
 from retrieval.vectors import VectorStore
 from tests.indexer.test_pipeline import _bad_files, failures, index, rows
 
@@ -97,7 +97,7 @@ def test_index_with_the_writer_thread_matches_inline(corpus: Path, tiny_model_di
 
 
 def test_the_writer_thread_is_the_default_on_a_gpu_only() -> None:
-    from indexer.pipeline import overlap_writes
+    from retrieval.indexer.pipeline import overlap_writes
 
     assert overlap_writes("cuda", None) and overlap_writes("cuda:1", None)
     assert not overlap_writes("cpu", None)

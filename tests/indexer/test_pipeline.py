@@ -158,7 +158,7 @@ def test_bad_inputs_are_recorded_with_reasons_and_skipped(corpus: Path, tiny_mod
     locked = corpus / "locked.jpg"
     write(locked, photo(50, 40, seed=4))
     if os.geteuid() == 0:  # root reads any file: simulate the EACCES that a normal user gets
-        import indexer.decode as decode
+        import retrieval.indexer.decode as decode
 
         real_read = decode._read
 

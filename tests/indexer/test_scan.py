@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.scan import scan_corpus
+from retrieval.indexer.scan import scan_corpus
 from retrieval.signatures import looks_like_image
 from retrieval.errors import CorpusError
 from tests.images import encode, photo, write
