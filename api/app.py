@@ -11,14 +11,13 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from starlette.concurrency import run_in_threadpool
-
 from retrieval.api.errors import BodyLimitMiddleware, install_error_handlers
 from retrieval.api.metrics import Metrics
 from retrieval.api.metrics import router as metrics_router
 from retrieval.api.routers import curation, health, images, search
 from retrieval.api.settings import ApiSettings
 from retrieval.api.state import AppState
+from starlette.concurrency import run_in_threadpool
 
 logger = logging.getLogger("api")
 

@@ -11,7 +11,7 @@ preprocessed in a small process pool (`RETRIEVAL_UPLOAD_DECODE_WORKERS`, 0 = on 
 * workers are started with "spawn" by default: forking a server that runs threads (the event
   loop's thread pool, the model's) can copy a lock some thread holds and hang the child.
 
-The indexer protects itself the same way (indexer.loader / indexer.isolate).
+The indexer protects itself the same way (retrieval.imaging.loader / retrieval.imaging.isolate).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import ImageDecodeError
-from retrieval.preprocess import PreprocessConfig
+from retrieval.imaging.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class DecoderCrashed(Exception):
 
 def _decode(data: bytes, config: PreprocessConfig, max_pixels: int) -> np.ndarray | tuple[str, str]:
     """In a worker: pixels, or (kind, reason) for a decode error (plain values pickle reliably)."""
-    from retrieval.preprocess import load_and_preprocess
+    from retrieval.imaging.preprocess import load_and_preprocess
 
     try:
         pixels, _ = load_and_preprocess(data, config, max_pixels)

@@ -11,7 +11,6 @@ from typing import Annotated, Iterator
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
 from retrieval.api.settings import ApiSettings
 from retrieval.api.state import AppState, ReaderHandle
 

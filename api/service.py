@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import HTTPException, Request, status
-
 from retrieval.api.decoding import CRASH_DETAIL, DecoderCrashed
 from retrieval.api.schemas import DuplicateOut, HitOut, ImageOut
 from retrieval.api.state import AppState, ReaderHandle
+
 from retrieval import ann
 from retrieval.errors import ImageDecodeError
 from retrieval.layout import is_within

@@ -15,11 +15,11 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from sqlalchemy import func, select
-
 from retrieval.api.batcher import Batcher
 from retrieval.api.decoding import UploadDecoder
 from retrieval.api.settings import ApiSettings
+from sqlalchemy import func, select
+
 from retrieval.errors import ModelLoadError, RetrievalError
 from retrieval.layout import IndexLayout
 from retrieval.search import IndexReader

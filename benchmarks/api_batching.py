@@ -117,8 +117,9 @@ def main() -> None:
     seconds = 5.0 if args.quick else 20.0
     tmp = Path(tempfile.mkdtemp(prefix="bench-api-"))
     try:
-        from benchmarks.embed_throughput import forward_only
         from retrieval.indexer.pipeline import IndexOptions, run_index
+
+        from benchmarks.embed_throughput import forward_only
         from retrieval.settings import Settings
         from tests.conftest import make_corpus
         from tests.images import encode, photo

@@ -233,6 +233,7 @@ def cpu_s() -> float:
 
 def run_ours(corpus: Path, work: Path, model: Path, radii: list[int], with_embeddings: bool) -> dict[str, Any]:
     from retrieval.indexer.pipeline import IndexOptions, run_index
+
     from retrieval.curation.dedup import DedupOptions, load_nodes, load_run, run_dedup
     from retrieval.search import IndexLayout, IndexReader
     from retrieval.settings import Settings

@@ -35,10 +35,11 @@ from benchmarks.embed_throughput import (
 
 def cpu_decode_only(corpus: Path, files: list[Path], model_dir: Path, batch: int, workers: int) -> float:
     """Images/s of the indexer's decode stage alone (same DataLoader, workers, batch; no model)."""
-    from retrieval.indexer.decode import WorkItem
-    from retrieval.indexer.loader import decode_batches, regroup
     from retrieval.indexer.pipeline import worker_chunk
-    from retrieval.preprocess import PreprocessConfig
+
+    from retrieval.imaging.decode import WorkItem
+    from retrieval.imaging.loader import decode_batches, regroup
+    from retrieval.imaging.preprocess import PreprocessConfig
     from retrieval.settings import Settings
 
     config = PreprocessConfig.from_model_dir(model_dir)

@@ -92,6 +92,7 @@ def reference(model_dir: Path, files: list[Path], batch: int, device: str = "cpu
 def end_to_end(model_dir: Path, corpus: Path, index_dir: Path, batch: int, workers: int | None,
                device: str = "auto", precision: str = "auto", overlap: bool | None = None) -> dict[str, Any]:
     from retrieval.indexer.pipeline import IndexOptions, run_index
+
     from retrieval.settings import Settings
 
     settings = Settings(index_dir=index_dir, model=str(model_dir), batch_size=batch, workers=workers,

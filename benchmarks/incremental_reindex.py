@@ -40,6 +40,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-incr-"))
     try:
         from retrieval.indexer.pipeline import IndexOptions, run_index
+
         from retrieval.settings import Settings
         from tests.conftest import save_tiny_dinov2
 

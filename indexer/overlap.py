@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
 from retrieval.indexer.writer import BatchCounts
 
 # results of one batch, and its vectors: a device tensor still being computed, or None (nothing to embed)

@@ -2,7 +2,7 @@
 
 Each stage is timed. Memory stays flat: the only thing held for the whole corpus is the list of
 paths to process; images flow through the DataLoader a few batches at a time. A file that crashes
-its decoder is recorded as a "crash" failure and the run goes on (indexer.loader).
+its decoder is recorded as a "crash" failure and the run goes on (retrieval.imaging.loader).
 """
 
 from __future__ import annotations
@@ -16,21 +16,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, text
-
-from retrieval.indexer.decode import WorkItem
-from retrieval.indexer.inflight import InflightMarkers
-from retrieval.indexer.loader import decode_batches, regroup
 from retrieval.indexer.overlap import InlineWriter, ThreadedWriter
 from retrieval.indexer.plan import Plan, make_plan
-from retrieval.indexer.scan import IMAGE_EXTENSIONS, scan_corpus
-from retrieval.indexer.writer import BatchCounts, remove_images, write_batch
+from retrieval.indexer.writer import BatchCounts, write_batch
+from sqlalchemy import delete, text
+
 from retrieval import ann
 from retrieval.errors import CorpusError, IndexMismatchError
+from retrieval.imaging.decode import WorkItem
+from retrieval.imaging.inflight import InflightMarkers
+from retrieval.imaging.loader import decode_batches, regroup
+from retrieval.imaging.scan import IMAGE_EXTENSIONS, scan_corpus
 from retrieval.layout import IndexLayout, IndexLock
 from retrieval.settings import Settings
-from retrieval.store import (ClusterAssignment, ClusterRun, CurationItem, CurationRun, DedupRun, DuplicateGroup,
-                             DuplicateMember, Failure, Image, IndexRun, Meta, Store, utcnow)
+from retrieval.store import (
+    ClusterAssignment,
+    ClusterRun,
+    CurationItem,
+    CurationRun,
+    DedupRun,
+    DuplicateGroup,
+    DuplicateMember,
+    Failure,
+    Image,
+    IndexRun,
+    Meta,
+    Store,
+    remove_images,
+    utcnow,
+)
 from retrieval.sync import SyncOptions, sync_index
 from retrieval.vectors import VectorStore
 
@@ -90,7 +104,7 @@ CHUNKS_PER_WORKER = 8
 
 
 def worker_chunk(n_items: int, workers: int, batch_size: int) -> int:
-    """Images a decode worker hands over at a time (indexer.loader.regroup puts model batches together).
+    """Images a decode worker hands over at a time (retrieval.imaging.loader.regroup puts model batches together).
 
     Small chunks keep every worker busy to the end of a run and bring the first batch sooner; large
     ones cost less inter-process traffic. Measured on an H100 with 16 decode workers, in one run
@@ -341,7 +355,7 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
     s = opts.settings
     layout = IndexLayout(Path(s.index_dir))
     # A decoder crash in a worker costs the crashing file only, and one in this process (workers=0)
-    # is named by the marker it leaves, so the next run decodes that file in isolation (indexer.loader).
+    # is named by the marker it leaves, so the next run decodes that file in isolation (retrieval.imaging.loader).
     markers = InflightMarkers(layout.decoding_dir)
     pin = embedder.device.startswith("cuda")
     chunk = worker_chunk(len(items), workers, s.batch_size)

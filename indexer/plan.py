@@ -3,7 +3,7 @@
 Unchanged means same size and mtime (as rsync decides); a changed file is re-read, and only
 re-embedded when its bytes differ. Known failures are not retried until the file changes,
 except unreadable ones (permissions get fixed without touching mtime) or with --retry-failed.
-A file whose last decoding crashed is retried only in isolation (see indexer.loader).
+A file whose last decoding crashed is retried only in isolation (see retrieval.imaging.loader).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Iterable
 
 from sqlalchemy import select
 
-from retrieval.indexer.decode import WorkItem
-from retrieval.indexer.isolate import CRASH_KIND
-from retrieval.indexer.scan import ScanEntry
+from retrieval.imaging.decode import WorkItem
+from retrieval.imaging.safe import CRASH_KIND
+from retrieval.imaging.scan import ScanEntry
 from retrieval.store import Failure, Image, Store, chunked
 
 ALWAYS_RETRY = frozenset({"unreadable", "vanished", "io_error"})

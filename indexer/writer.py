@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import delete
 
-from retrieval.indexer.decode import DecodeResult
-from retrieval.store import Failure, Image, Store, chunked, to_signed64, utcnow
+from retrieval.imaging.decode import DecodeResult
+from retrieval.store import Failure, Image, Store, to_signed64, utcnow
 from retrieval.vectors import VectorStore
 
 
@@ -81,10 +81,3 @@ def write_batch(store: Store, vectors: VectorStore, results: list[DecodeResult],
     return counts
 
 
-def remove_images(store: Store, image_ids: list[int], failure_paths: list[str]) -> None:
-    """Forget deleted files. Their vector rows become unreferenced; the index sync drops their ids."""
-    with store.session() as s, s.begin():
-        for part in chunked(image_ids):
-            s.execute(delete(Image).where(Image.id.in_(part)))
-        for part in chunked(failure_paths):
-            s.execute(delete(Failure).where(Failure.path.in_(part)))

@@ -34,7 +34,7 @@ class IndexLayout:
 
     @property
     def decoding_dir(self) -> Path:
-        """In-flight markers of the decode processes (indexer.inflight): what a crash was decoding."""
+        """In-flight markers of the decode processes (retrieval.imaging.inflight): what a crash was decoding."""
         return self.root / "decoding"
 
     @property

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.errors import ModelLoadError
-from retrieval.preprocess import PreprocessConfig
+from retrieval.imaging.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
     import torch

@@ -103,7 +103,7 @@ class IndexReader:
         return self._embedder
 
     def embed_bytes(self, data: bytes, max_pixels: int) -> np.ndarray:
-        from retrieval.preprocess import load_and_preprocess
+        from retrieval.imaging.preprocess import load_and_preprocess
 
         embedder = self.embedder()
         pixels, _ = load_and_preprocess(data, embedder.preprocess, max_pixels)

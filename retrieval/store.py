@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    delete,
     event,
     select,
 )
@@ -327,3 +328,12 @@ class CurationItem(Base):
     score: Mapped[float | None] = mapped_column(Float, nullable=True)  # cosine to that query
     times_retrieved: Mapped[int] = mapped_column(Integer, default=1)  # > 1: a collision
     cluster: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+def remove_images(store: Store, image_ids: list[int], failure_paths: list[str]) -> None:
+    """Forget deleted files. Their vector rows become unreferenced; the index sync drops their ids."""
+    with store.session() as s, s.begin():
+        for part in chunked(image_ids):
+            s.execute(delete(Image).where(Image.id.in_(part)))
+        for part in chunked(failure_paths):
+            s.execute(delete(Failure).where(Failure.path.in_(part)))

@@ -8,7 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from retrieval.cli.app import app
 
 runner = CliRunner()
 COMMANDS = sorted(app.registered_commands, key=lambda c: c.name or c.callback.__name__)
@@ -30,7 +30,7 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
 
 def test_help_does_not_import_heavy_libraries() -> None:
     code = (
-        "import sys; from typer.testing import CliRunner; from retrieval.cli import app; "
+        "import sys; from typer.testing import CliRunner; from retrieval.cli.app import app; "
         "r = CliRunner().invoke(app, ['index', '--help']); assert r.exit_code == 0; "
         "heavy = [m for m in ('torch', 'faiss', 'transformers', 'numpy') if m in sys.modules]; "
         "print(','.join(heavy))"

@@ -9,13 +9,28 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
+from retrieval.api.deps import Authorized, ReaderDep
+from retrieval.api.schemas import (
+    ClusterMemberOut,
+    ClusterOut,
+    ClustersOut,
+    ClusterSummaryOut,
+    DuplicateGroupOut,
+    DuplicateGroupsOut,
+    ErrorOut,
+    GroupMemberOut,
+)
 from sqlalchemy import func, select
 
-from retrieval.api.deps import Authorized, ReaderDep
-from retrieval.api.schemas import (ClusterMemberOut, ClusterOut, ClustersOut, ClusterSummaryOut, DuplicateGroupOut,
-                         DuplicateGroupsOut, ErrorOut, GroupMemberOut)
-from retrieval.store import (ClusterAssignment, ClusterRun, DedupRun, DuplicateGroup, DuplicateMember, Image,
-                             chunked)
+from retrieval.store import (
+    ClusterAssignment,
+    ClusterRun,
+    DedupRun,
+    DuplicateGroup,
+    DuplicateMember,
+    Image,
+    chunked,
+)
 
 router = APIRouter(tags=["curation"], dependencies=Authorized)
 

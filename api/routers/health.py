@@ -7,7 +7,6 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-
 from retrieval.api.batcher import describe
 from retrieval.api.deps import Authorized, ReaderDep, StateDep
 from retrieval.api.schemas import ErrorOut, HealthOut, ReadyOut, StatsOut

@@ -7,15 +7,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import FileResponse, Response
-from starlette.concurrency import run_in_threadpool
-
 from retrieval.api import service
 from retrieval.api.deps import Authorized, ReaderDep, SettingsDep, StateDep
 from retrieval.api.routers.search import UPLOAD_BODY, UPLOAD_ERRORS
 from retrieval.api.schemas import DuplicateCheckOut, DuplicatesOut, ErrorOut, ImageOut
+from starlette.concurrency import run_in_threadpool
+
 from retrieval.errors import ImageDecodeError
+from retrieval.imaging.thumbnails import cached_thumbnail
 from retrieval.search import MAX_K
-from retrieval.thumbnails import cached_thumbnail
 
 THUMBNAIL_BUCKETS = (64, 128, 256, 512, 1024)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from starlette.concurrency import run_in_threadpool
-
 from retrieval.api import service
 from retrieval.api.deps import Authorized, ReaderDep, SettingsDep, StateDep
 from retrieval.api.schemas import ErrorOut, SearchOut
 from retrieval.api.url_fetch import fetch_image_url, is_url
+from starlette.concurrency import run_in_threadpool
+
 from retrieval.search import MAX_K
 
 router = APIRouter(tags=["search"], dependencies=Authorized)

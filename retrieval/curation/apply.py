@@ -33,7 +33,7 @@ class ApplyResult:
 
 def apply_run(reader: IndexReader, run_id: int, move_to: Path, settings: Any) -> ApplyResult:
     """Move every image the run marks `remove`, then drop them from the index."""
-    from retrieval.indexer.writer import remove_images
+    from retrieval.store import remove_images
     from retrieval.sync import SyncOptions, sync_index
 
     root = reader.corpus_root

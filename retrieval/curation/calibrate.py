@@ -22,7 +22,8 @@ from retrieval.curation.graph import is_exact_index, search_exact_topk
 from retrieval.curation.hashing import hamming
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
-from retrieval.store import Image as ImageRow, to_unsigned64
+from retrieval.store import Image as ImageRow
+from retrieval.store import to_unsigned64
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ def run_calibration(reader: IndexReader, sample: int = 100, target_precision: fl
                     transforms: list[str] | None = None, progress: bool = False) -> Calibration:
     from tqdm import tqdm
 
-    from retrieval.indexer.decode import perceptual_hash
-    from retrieval.preprocess import decode_image, preprocess
+    from retrieval.imaging.decode import perceptual_hash
+    from retrieval.imaging.preprocess import decode_image, preprocess
 
     if not 0.0 < target_precision <= 1.0:
         raise RetrievalError(f"--target-precision must be in (0, 1], got {target_precision}")

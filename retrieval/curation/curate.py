@@ -25,7 +25,14 @@ from retrieval.curation.dedup import fingerprint
 from retrieval.curation.graph import is_exact_index, search_exact_topk
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
-from retrieval.store import ClusterAssignment, CurationItem, CurationRun, Image, chunked, utcnow
+from retrieval.store import (
+    ClusterAssignment,
+    CurationItem,
+    CurationRun,
+    Image,
+    chunked,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +211,11 @@ def _item(row: CurationItem) -> dict[str, Any]:
 def write_curation_report(reader: IndexReader, outcome: CurateOutcome, out_dir: Path, max_pixels: int,
                           progress: bool = False, max_rows: int = 2000) -> dict[str, Path]:
     """curated.txt, manifest.csv, manifest.json and curation.html (rows of up to 12 images per query or cluster)."""
-    from retrieval.curation.report import Thumbnailer, write_grid_report, write_text_lines
+    from retrieval.curation.report import (
+        Thumbnailer,
+        write_grid_report,
+        write_text_lines,
+    )
     from retrieval.layout import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,14 @@ from retrieval.curation.groups import Group, Nodes, build_groups
 from retrieval.curation.policy import DEFAULT_POLICY, check_policy
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
-from retrieval.store import DedupRun, DuplicateGroup, DuplicateMember, Image, IndexRun, utcnow
+from retrieval.store import (
+    DedupRun,
+    DuplicateGroup,
+    DuplicateMember,
+    Image,
+    IndexRun,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +135,7 @@ def fingerprint(reader: IndexReader, params: dict[str, Any], extra: Any = None) 
 
 
 def _folder_state(folder: Path) -> list[Any]:
-    from retrieval.indexer.scan import scan_corpus
+    from retrieval.imaging.scan import scan_corpus
 
     return [(e.path, e.size, e.mtime_ns) for e in scan_corpus(folder)]
 

@@ -2,7 +2,7 @@
 
 Reuses the indexer's scanner and decoder; files are decoded in DataLoader workers and embedded
 in batches, exactly as the indexer does, so the vectors are comparable with the stored ones. A
-file that crashes a decode worker is a failure like any other (see indexer.loader); with
+file that crashes a decode worker is a failure like any other (see retrieval.imaging.loader); with
 `workers=0` a decoder crash still ends the process, as there is no later run to resume.
 """
 
@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.indexer.decode import WorkItem
-from retrieval.indexer.inflight import InflightMarkers
-from retrieval.indexer.loader import decode_batches
-from retrieval.indexer.scan import scan_corpus
 from retrieval.errors import RetrievalError
+from retrieval.imaging.decode import WorkItem
+from retrieval.imaging.inflight import InflightMarkers
+from retrieval.imaging.loader import decode_batches
+from retrieval.imaging.scan import scan_corpus
 
 logger = logging.getLogger(__name__)
 

@@ -86,7 +86,7 @@ def pixel_digest(path: Path, max_pixels: int) -> str | None:
     """sha256 of the decoded RGB pixels and size, or None when the file cannot be decoded now."""
     from PIL import Image, ImageOps
 
-    from retrieval.preprocess import to_rgb
+    from retrieval.imaging.preprocess import to_rgb
 
     try:
         with Image.open(path) as im:

@@ -42,7 +42,7 @@ class Thumbnailer:
     def write_all(self, progress: bool = False) -> int:
         from tqdm import tqdm
 
-        from retrieval.thumbnails import make_thumbnail
+        from retrieval.imaging.thumbnails import make_thumbnail
 
         folder = self.out_dir / "thumbs"
         folder.mkdir(parents=True, exist_ok=True)

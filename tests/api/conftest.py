@@ -11,11 +11,11 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
-
 from retrieval.api.app import create_app
 from retrieval.api.settings import ApiSettings
-from retrieval.cli import app as cli_app
+from typer.testing import CliRunner
+
+from retrieval.cli.app import app as cli_app
 from tests.conftest import make_corpus, save_tiny_dinov2
 from tests.images import photo, write
 

@@ -7,9 +7,9 @@ import asyncio
 import httpx
 import numpy as np
 import pytest
-
 from retrieval.api.app import create_app
 from retrieval.api.batcher import Batcher
+
 from tests.api.conftest import Indexed
 
 

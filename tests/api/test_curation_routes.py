@@ -8,10 +8,10 @@ from typing import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from retrieval.api.app import create_app
 from typer.testing import CliRunner
 
-from retrieval.api.app import create_app
-from retrieval.cli import app as cli_app
+from retrieval.cli.app import app as cli_app
 from tests.api.conftest import Indexed, build_indexed
 
 

@@ -11,11 +11,11 @@ import asyncio
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-
 from retrieval.api.app import create_app
 from retrieval.api.decoding import CRASH_DETAIL, DecoderCrashed, UploadDecoder
+
 from retrieval.errors import ImageDecodeError
-from retrieval.preprocess import PreprocessConfig, load_and_preprocess
+from retrieval.imaging.preprocess import PreprocessConfig, load_and_preprocess
 from tests.api.conftest import Indexed
 from tests.images import encode, photo
 from tests.indexer.crash_codec import MAGIC, register

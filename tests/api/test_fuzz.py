@@ -9,11 +9,10 @@ from fastapi.testclient import TestClient
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
-
 from retrieval.api.app import create_app  # noqa: E402
-from tests.api.conftest import Indexed  # noqa: E402
-
 from retrieval.api.settings import ApiSettings  # noqa: E402
+
+from tests.api.conftest import Indexed  # noqa: E402
 
 # The schema needs no loaded index (the lifespan is not run here).
 SCHEMA = schemathesis.openapi.from_dict(create_app(ApiSettings(index_dir="unused")).openapi())

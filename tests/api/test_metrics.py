@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-
 from retrieval.api.app import create_app
+
 from tests.api.conftest import Indexed
 
 

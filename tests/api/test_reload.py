@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-
 from retrieval.api.app import create_app
+
 from tests.api.conftest import Indexed, run_index
 from tests.images import photo, write
 
@@ -50,10 +50,9 @@ def test_no_reload_before_the_check_interval(private_index: Indexed) -> None:
 def test_index_change_without_an_index_run_is_picked_up(private_index: Indexed) -> None:
     """`retrieval dedup --apply` drops images and re-syncs FAISS without an index run."""
     from retrieval.layout import IndexLayout
-    from retrieval.store import Store
+    from retrieval.store import Store, remove_images
     from retrieval.sync import SyncOptions, sync_index
     from retrieval.vectors import VectorStore
-    from retrieval.indexer.writer import remove_images
 
     app = create_app(private_index.settings(reload_check_s=0))
     with TestClient(app) as c:

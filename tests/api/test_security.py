@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-
 from retrieval.api.app import create_app
 from retrieval.api.deps import get_reader
+
 from tests.api.conftest import Indexed
 from tests.images import encode, photo
 

@@ -9,8 +9,8 @@ from typing import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-
 from retrieval.api.app import create_app
+
 from tests.api.conftest import Indexed
 
 BIG = 200_000

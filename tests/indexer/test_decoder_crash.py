@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from retrieval.indexer.decode import WorkItem
-from retrieval.indexer.inflight import InflightMarkers
-from retrieval.indexer.isolate import decode_isolated
-from retrieval.cli import app
-from retrieval.preprocess import PreprocessConfig
+from retrieval.cli.app import app
+from retrieval.imaging.decode import WorkItem
+from retrieval.imaging.inflight import InflightMarkers
+from retrieval.imaging.preprocess import PreprocessConfig
+from retrieval.imaging.safe import decode_isolated
 from tests.conftest import make_corpus
 from tests.indexer.crash_codec import register, write_crasher
 
@@ -102,7 +102,7 @@ def test_a_worker_crash_costs_one_file_and_the_run_goes_on(corpus: Path, tiny_mo
 
 def _index_in_subprocess(corpus: Path, model: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     code = ("import sys; from tests.indexer.crash_codec import register; register(); "
-            "from retrieval.cli import app; app()")
+            "from retrieval.cli.app import app; app()")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-c", code, "index", str(corpus), "--model", str(model), "--no-progress",
                            "--json", "-j", "0", "-b", "4", *extra],
@@ -146,7 +146,7 @@ def test_a_worker_crash_while_embedding_a_query_folder_is_a_failure(tmp_path: Pa
 
 
 def test_worker_death_is_recognised_however_torch_reports_it() -> None:
-    from retrieval.indexer.loader import _worker_died
+    from retrieval.imaging.loader import _worker_died
 
     assert _worker_died(RuntimeError("DataLoader worker (pid 123) is killed by signal: Segmentation fault"), 1)
     assert _worker_died(RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly"), 1)

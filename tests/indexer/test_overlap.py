@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from retrieval.indexer.overlap import InlineWriter, ThreadedWriter
 from retrieval.indexer.writer import BatchCounts
+
 from retrieval.vectors import VectorStore
 from tests.indexer.test_pipeline import _bad_files, failures, index, rows
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from retrieval.cli.app import app
 from retrieval.vectors import VectorStore
 from tests.conftest import make_corpus
 from tests.images import encode, photo, write
@@ -125,8 +125,8 @@ def test_incremental_add_change_touch_delete(corpus: Path, tiny_model_dir: Path)
     assert min(new_ids) > max(r[0] for r in before.values()), "ids of deleted images are never reused"
     verify_ok()
     # The changed image's stored vector is the embedding of its new content.
+    from retrieval.imaging.preprocess import load_and_preprocess
     from retrieval.model import load_embedder
-    from retrieval.preprocess import load_and_preprocess
 
     embedder = load_embedder(str(tiny_model_dir), device="cpu")
     pixels, _ = load_and_preprocess(changed.read_bytes(), embedder.preprocess, 10**8)
@@ -158,7 +158,7 @@ def test_bad_inputs_are_recorded_with_reasons_and_skipped(corpus: Path, tiny_mod
     locked = corpus / "locked.jpg"
     write(locked, photo(50, 40, seed=4))
     if os.geteuid() == 0:  # root reads any file: simulate the EACCES that a normal user gets
-        import retrieval.indexer.decode as decode
+        import retrieval.imaging.decode as decode
 
         real_read = decode._read
 

@@ -1,4 +1,4 @@
-"""indexer.loader.regroup: small decode chunks become model batches, results and pixels aligned."""
+"""retrieval.imaging.loader.regroup: small decode chunks become model batches, results and pixels aligned."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.indexer.decode import DecodeResult, WorkItem
-from retrieval.indexer.loader import regroup
+from retrieval.imaging.decode import DecodeResult, WorkItem
+from retrieval.imaging.loader import regroup
 from retrieval.vectors import VectorStore
 from tests.conftest import make_corpus
 from tests.indexer.test_pipeline import index, rows

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from typer.testing import CliRunner
 
-from retrieval.cli import app
+from retrieval.cli.app import app
 from tests.conftest import make_corpus
 
 N_IMAGES = 120
@@ -85,8 +85,8 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, tiny_model_dir: Path) -> No
     assert result.exit_code == 0, result.output  # index ids == DB ids, no duplicates, unit vectors
 
     # Every stored vector belongs to its own file: no row was misaligned by a kill.
+    from retrieval.imaging.preprocess import load_and_preprocess
     from retrieval.model import load_embedder
-    from retrieval.preprocess import load_and_preprocess
     from retrieval.vectors import VectorStore
 
     embedder = load_embedder(str(tiny_model_dir), device="cpu")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.indexer.scan import scan_corpus
-from retrieval.signatures import looks_like_image
 from retrieval.errors import CorpusError
+from retrieval.imaging.scan import scan_corpus
+from retrieval.imaging.signatures import looks_like_image
 from tests.images import encode, photo, write
 
 

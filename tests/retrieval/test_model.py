@@ -14,8 +14,13 @@ import numpy as np
 import pytest
 
 from retrieval.errors import ModelLoadError, RetrievalError
-from retrieval.model import load_embedder, model_fingerprint, resolve_device, resolve_precision
-from retrieval.preprocess import PreprocessConfig, load_and_preprocess
+from retrieval.imaging.preprocess import PreprocessConfig, load_and_preprocess
+from retrieval.model import (
+    load_embedder,
+    model_fingerprint,
+    resolve_device,
+    resolve_precision,
+)
 from tests.images import encode, photo
 
 

@@ -28,8 +28,19 @@ import pytest
 from PIL import Image, ImageOps
 
 from retrieval.errors import ImageDecodeError, PreprocessConfigError, RetrievalError
-from retrieval.preprocess import PreprocessConfig, decode_image, load_and_preprocess
-from tests.images import cmyk_jpeg_bytes, encode, exif_rotated_jpeg_bytes, palette_png, photo, rgba_png
+from retrieval.imaging.preprocess import (
+    PreprocessConfig,
+    decode_image,
+    load_and_preprocess,
+)
+from tests.images import (
+    cmyk_jpeg_bytes,
+    encode,
+    exif_rotated_jpeg_bytes,
+    palette_png,
+    photo,
+    rgba_png,
+)
 
 MAX_PIXELS = 89_478_485  # the application's default limit (Pillow's own)
 COSINE_MIN = 0.999
@@ -413,7 +424,7 @@ def test_max_pixels_above_pillow_default_is_honoured(side, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored whatever a fix does
     header_only = raw_png(side, side, 1, 0, zlib.compress(b"\x00" * 64))
     with warnings.catch_warnings():
-        # What retrieval.preprocess sets at import (pytest resets warning filters for each test).
+        # What retrieval.imaging.preprocess sets at import (pytest resets warning filters for each test).
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         message = _decode_error(header_only, max_pixels=200_000_000)
     # Allowed by our limit, so it gets as far as decoding, which fails on the missing data.

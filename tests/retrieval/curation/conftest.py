@@ -18,13 +18,13 @@ from tests.images import write
 
 @pytest.fixture(scope="session")
 def curation_app() -> typer.Typer:
-    from retrieval.cli import _Group, main
-    from retrieval.curation.commands import register
+    from retrieval.cli.app import _Group, main
+    from retrieval.cli.curation import register
 
     app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                       pretty_exceptions_enable=False)
     app.callback()(main)
-    from retrieval.cli import index
+    from retrieval.cli.app import index
 
     app.command()(index)
     register(app)

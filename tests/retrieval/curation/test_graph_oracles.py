@@ -8,7 +8,7 @@ import pytest
 from retrieval import ann
 from retrieval.curation.graph import Edges, brute_force_edges, knn_edges
 from retrieval.curation.groups import Nodes, build_groups, components
-from retrieval.curation.hashing import phash_codes, phash_edges, hamming
+from retrieval.curation.hashing import hamming, phash_codes, phash_edges
 from retrieval.curation.unionfind import DisjointSet
 
 

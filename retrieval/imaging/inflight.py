@@ -5,8 +5,8 @@ its whole process with it: no exception, no `finally`. So before decoding a file
 process writes the file's corpus-relative path to `<folder>/<pid>`, and empties it afterwards. A
 marker left non-empty names the file that was being decoded when its process died:
 
-* a DataLoader worker: the pipeline notices at once (indexer.loader) and decodes the files named
-  by markers in isolation (indexer.isolate), so the crash costs that file only;
+* a DataLoader worker: the pipeline notices at once (retrieval.imaging.loader) and decodes the files named
+  by markers in isolation (retrieval.imaging.isolate), so the crash costs that file only;
 * the main process (`--workers 0`, the default on small machines): the run dies, and the next run
   finds the marker and decodes that file in isolation before anything else.
 

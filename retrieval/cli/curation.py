@@ -13,16 +13,12 @@ from typing import Any, Optional
 
 import typer
 
+from retrieval.cli.options import DbOpt, IndexDirOpt, JsonOpt, ProgressOpt
+from retrieval.cli.options import settings as _settings
 from retrieval.errors import RetrievalError
-
-IndexDirOpt = typer.Option(None, "--index-dir", help="Index folder [default: ./retrieval-index, env RETRIEVAL_INDEX_DIR].")
-DbOpt = typer.Option(None, "--db", help="SQLAlchemy URL of the metadata DB [default: SQLite in the index folder].")
-ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
-JsonOpt = typer.Option(False, "--json", help="Print the summary as JSON.")
 
 
 def _reader(index_dir: Optional[Path], db: Optional[str]) -> tuple[Any, Any]:
-    from retrieval.cli import _settings
     from retrieval.layout import IndexLayout
     from retrieval.search import IndexReader
 
@@ -183,7 +179,11 @@ def curate(
 
         retrieval curate --queries ./imagenet-val --mode sample -k 4
     """
-    from retrieval.curation.curate import CurateOptions, run_curation, write_curation_report
+    from retrieval.curation.curate import (
+        CurateOptions,
+        run_curation,
+        write_curation_report,
+    )
 
     settings, reader = _reader(index_dir, db)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from retrieval.errors import ImageDecodeError
-from retrieval.preprocess import to_rgb
+from retrieval.imaging.preprocess import to_rgb
 
 logger = logging.getLogger(__name__)
 

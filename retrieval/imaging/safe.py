@@ -1,6 +1,6 @@
 """Decode files in a throwaway process, so that a decoder crash costs one file and names it.
 
-Used for the files that were in flight when a decode process died (indexer.inflight) and for
+Used for the files that were in flight when a decode process died (retrieval.imaging.inflight) and for
 files whose last attempt crashed. A helper process decodes the files one after another and sends
 each result back as soon as it has it; when the helper dies, the file it was on is the culprit:
 it becomes a failure of kind "crash" (reason: the signal), and a fresh helper takes the rest.
@@ -20,8 +20,8 @@ import signal
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
-from retrieval.indexer.decode import DecodeResult, WorkItem, decode_one
-from retrieval.preprocess import PreprocessConfig
+from retrieval.imaging.decode import DecodeResult, WorkItem, decode_one
+from retrieval.imaging.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 

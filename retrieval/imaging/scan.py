@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 from retrieval.errors import CorpusError
+from retrieval.imaging.signatures import looks_like_image
 from retrieval.layout import is_within
-from retrieval.signatures import looks_like_image
 
 logger = logging.getLogger(__name__)
 

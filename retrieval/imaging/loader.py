@@ -4,8 +4,8 @@ A hostile file can crash a C decoder (a segfault) or get its process killed (out
 DataLoader worker that used to stop the whole run, and the next run hit the same file again. Here:
 
 * when a worker dies, the DataLoader is shut down, the files that were in flight (the in-flight
-  markers of indexer.inflight; the next undelivered batch when no marker names one) are decoded
-  in isolation (indexer.isolate), where the culprit becomes a "crash" failure, and a new
+  markers of retrieval.imaging.inflight; the next undelivered batch when no marker names one) are decoded
+  in isolation (retrieval.imaging.isolate), where the culprit becomes a "crash" failure, and a new
   DataLoader goes on with the files not yet delivered;
 * files in flight when an earlier run died (with `--workers 0` a crash takes the main process
   with it), and files whose last attempt crashed, are decoded in isolation before the rest.
@@ -24,10 +24,15 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from retrieval.indexer.decode import DecodeDataset, DecodeResult, WorkItem, collate_results
-from retrieval.indexer.inflight import InflightMarkers
-from retrieval.indexer.isolate import decode_isolated
-from retrieval.preprocess import PreprocessConfig
+from retrieval.imaging.decode import (
+    DecodeDataset,
+    DecodeResult,
+    WorkItem,
+    collate_results,
+)
+from retrieval.imaging.inflight import InflightMarkers
+from retrieval.imaging.preprocess import PreprocessConfig
+from retrieval.imaging.safe import decode_isolated
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from retrieval.cli.options import DbOpt, IndexDirOpt
+from retrieval.cli.options import settings as _settings
 from retrieval.errors import RetrievalError
 
 
@@ -49,22 +51,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-
-IndexDirOpt = typer.Option(None, "--index-dir", help="Index folder [default: ./retrieval-index, env RETRIEVAL_INDEX_DIR].")
-DbOpt = typer.Option(None, "--db", help="SQLAlchemy URL of the metadata DB [default: SQLite in the index folder].")
-
-
-def _settings(**overrides: Any) -> Any:
-    from pydantic import ValidationError
-
-    from retrieval.settings import Settings
-
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise RetrievalError(f"invalid --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (INFO level).")) -> None:
@@ -247,7 +233,7 @@ def serve(
     uvicorn.run("retrieval.api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
 
 
-from retrieval.curation.commands import register as _register_curation  # noqa: E402 - light: imports lazily
+from retrieval.cli.curation import register as _register_curation  # noqa: E402 - light: imports lazily
 
 _register_curation(app)
 

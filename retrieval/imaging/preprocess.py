@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from retrieval.errors import ImageDecodeError, PreprocessConfigError
-from retrieval.signatures import sniff_format
+from retrieval.imaging.signatures import sniff_format
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.indexer.inflight import InflightMarkers
 from retrieval.errors import ImageDecodeError
-from retrieval.preprocess import PreprocessConfig, decode_image, preprocess
+from retrieval.imaging.inflight import InflightMarkers
+from retrieval.imaging.preprocess import PreprocessConfig, decode_image, preprocess
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: 
 class DecodeDataset:
     """Map-style dataset: index -> DecodeResult. Picklable, so DataLoader workers can run it.
 
-    With `markers`, each file is marked as in flight while it decodes (see indexer.inflight).
+    With `markers`, each file is marked as in flight while it decodes (see retrieval.imaging.inflight).
     """
 
     def __init__(self, root: str, items: list[WorkItem], config: PreprocessConfig, max_pixels: int,

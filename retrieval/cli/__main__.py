@@ -1,0 +1,5 @@
+import sys
+
+from retrieval.cli.app import app
+
+sys.exit(app())
