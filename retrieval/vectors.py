@@ -29,6 +29,17 @@ def check_matrix(x: np.ndarray, dim: int | None = None, name: str = "vectors") -
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def clip_cosine(x: np.ndarray | float) -> np.ndarray | float:
+    """Cosines from fp16 unit vectors can land just outside [-1, 1] (1.0002): clip what users see.
+
+    Clip after ranking, never before: clipping ties values that the ranking still tells apart.
+    -inf (the "no candidate" padding of search results) stays -inf.
+    """
+    if isinstance(x, np.ndarray):
+        return np.where(np.isneginf(x), x, np.clip(x, -1.0, 1.0)).astype(x.dtype, copy=False)
+    return min(1.0, max(-1.0, float(x)))
+
+
 class VectorStore:
     """Append/overwrite rows by id; read rows by id through a memory map."""
 

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from retrieval.curation.dedup import fingerprint
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
+from retrieval.vectors import clip_cosine
 from retrieval.store import ClusterAssignment, ClusterRun, Image, utcnow
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def assign(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.n
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
     sims, labels = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
-    return labels[:, 0].astype(np.int64), (1.0 - sims[:, 0]).astype(np.float32)
+    return labels[:, 0].astype(np.int64), (1.0 - clip_cosine(sims[:, 0])).astype(np.float32)
 
 
 def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, seed: int = 0,

@@ -25,6 +25,7 @@ from retrieval.curation.groups import Group, Nodes, build_groups
 from retrieval.curation.policy import DEFAULT_POLICY, check_policy
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
+from retrieval.vectors import clip_cosine
 from retrieval.store import (
     DedupRun,
     DuplicateGroup,
@@ -298,14 +299,14 @@ def _store(reader: IndexReader, run_id: int, nodes: Nodes, groups: list[Group], 
         for number, g in enumerate(groups, 1):
             row = DuplicateGroup(run_id=run_id, number=number, size=len(g.members),
                                  representative_id=None if g.representative is None else int(nodes.image_id[g.representative]),
-                                 reasons=",".join(g.reasons)[:64], weakest_edge=g.weakest_edge,
-                                 min_pairwise=g.min_pairwise, touches_reference=g.touches_reference)
+                                 reasons=",".join(g.reasons)[:64], weakest_edge=clip_cosine(g.weakest_edge),
+                                 min_pairwise=clip_cosine(g.min_pairwise), touches_reference=g.touches_reference)
             s.add(row)
             s.flush()
             s.add_all([DuplicateMember(group_id=row.id, run_id=run_id,
                                        image_id=None if nodes.is_ref[m.pos] else int(nodes.image_id[m.pos]),
                                        path=nodes.path[m.pos], is_reference=bool(nodes.is_ref[m.pos]),
-                                       action=m.action, similarity=round(m.similarity, 6), reason=m.reason)
+                                       action=m.action, similarity=round(clip_cosine(m.similarity), 6), reason=m.reason)
                        for m in _ordered(g)])
         run = s.get(DedupRun, run_id)
         assert run is not None

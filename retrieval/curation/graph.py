@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from retrieval import ann
+from retrieval.vectors import clip_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def search_exact_topk(index: Any, queries: np.ndarray, query_ids: np.ndarray | N
     sims = exact_rows(queries, cand, read)
     kk = min(k, cand.shape[1])
     top = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
-    return np.take_along_axis(sims, top, axis=1), np.take_along_axis(cand, top, axis=1)
+    return clip_cosine(np.take_along_axis(sims, top, axis=1)), np.take_along_axis(cand, top, axis=1)
 
 
 def prefilter_margin(index: Any, queries: np.ndarray, query_ids: np.ndarray, k: int,
