@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import typer
 
-from retrieval.cli.options import DbOpt, IndexDirOpt, JsonOpt, ProgressOpt
+from retrieval.cli.options import DbOpt, IndexDirOpt, JsonOpt, ProgressOpt, RayOpt
 from retrieval.cli.options import settings as _settings
 from retrieval.errors import RetrievalError
 
@@ -126,6 +126,7 @@ def cluster(
     seed: int = typer.Option(0, "--seed", help="Random seed (sampling and initialisation)."),
     report_dir: Path = typer.Option(Path("cluster-report"), "--report-dir", "-o", help="Where clusters.html and clusters.json go."),
     force: bool = typer.Option(False, "--force", help="Recompute even when an identical run on the unchanged index exists."),
+    ray: Optional[str] = RayOpt,
     progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -133,13 +134,14 @@ def cluster(
 
     Example:
 
-        retrieval cluster -k 100 --report-dir ./clusters
+        retrieval cluster -k 100 --report-dir ./clusters      (add --ray auto to assign on a Ray cluster)
     """
     from retrieval.curation.clusters import run_clustering, write_cluster_report
+    from retrieval.distributed import resolve_address
 
     settings, reader = _reader(index_dir, db)
     try:
-        outcome = run_clustering(reader, k, niter, seed, force, progress)
+        outcome = run_clustering(reader, k, niter, seed, force, progress, ray=resolve_address(ray))
         page = write_cluster_report(reader, outcome, report_dir, settings.max_pixels, progress=progress)
     finally:
         reader.close()
