@@ -262,17 +262,20 @@ class Index:
     def dedup(self, *, threshold: float | None = None, k: int = 64, phash_distance: int = 8,
               keep: str = "highest-resolution", max_group_diameter: float | None = None,
               against: str | os.PathLike[str] | None = None, embeddings: bool = True, force: bool = False,
-              progress: bool | None = None) -> "DedupResult":
+              progress: bool | None = None, ray: str | None = None) -> "DedupResult":
         """Find exact, near-exact (pHash) and embedding duplicates; store them as a run.
 
         `threshold`: cosine at or above which two images are copies (default 0.95, 0.90 with
         `against`, a reference folder whose near copies are removed whole). `keep` picks the copy
         that survives (retrieval.curation.policy.POLICIES). An identical rerun on an unchanged
         index returns the stored run (`reused`), unless `force`. Nothing moves: see `apply_dedup`.
+        `ray` builds the k-NN graph on a Ray cluster ("auto", "local" or an address; by default
+        RETRIEVAL_RAY_ADDRESS, else no Ray) with the same groups as a local run.
 
         Example: ``[g.members for g in index.dedup(threshold=0.9).groups]``
         """
         from retrieval.curation.dedup import DedupOptions, load_run, run_dedup
+        from retrieval.distributed import resolve_address
         from retrieval.results import DedupResult
 
         s = self.settings
@@ -280,7 +283,7 @@ class Index:
             threshold=threshold, k=k, phash_distance=phash_distance, keep=keep, max_group_diameter=max_group_diameter,
             against=Path(against) if against is not None else None, embeddings=embeddings,
             progress=show_progress(progress), force=force, max_pixels=s.max_pixels, batch_size=s.batch_size,
-            workers=s.workers or 0))
+            workers=s.workers or 0, ray=resolve_address(ray)))
         return DedupResult.from_document(load_run(self.reader, outcome.run_id), reused=outcome.reused)
 
     def dedup_run(self, run_id: int | None = None) -> "DedupResult":

@@ -62,12 +62,17 @@ class IndexReader:
         return ann.IndexSpec.from_dict(data) if data else None
 
     @property
+    def nprobe(self) -> int:
+        """The nprobe tuned for this index at build time (1 where the index has no lists)."""
+        return int((self.spec.params.get("nprobe") if self.spec else None) or 1)
+
+    @property
     def index(self) -> Any:
         if self._index is None:
             if self.spec is None:
                 raise IndexNotFoundError("the index is empty: no image could be embedded")
             self._index = ann.load_index(self.layout.faiss_path, mmap=self._mmap)
-            ann.set_nprobe(self._index, self.spec.params.get("nprobe") or 1)
+            ann.set_nprobe(self._index, self.nprobe)
         return self._index
 
     def close(self) -> None:

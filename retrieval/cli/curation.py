@@ -52,6 +52,7 @@ def dedup(
     move_to: Optional[Path] = typer.Option(None, "--move-to", help="Folder outside the corpus that removed files move to, keeping their relative paths."),
     force: bool = typer.Option(False, "--force", help="Recompute even when an identical run on the unchanged index exists."),
     run: Optional[int] = typer.Option(None, "--run", help="With --apply: apply this stored run (the id its report shows) instead of the run the other options select."),
+    ray: Optional[str] = RayOpt,
     progress: Optional[bool] = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -74,7 +75,7 @@ def dedup(
     with open_index(index_dir=index_dir, db_url=db) as index:
         result = index.dedup_run(run) if run is not None else index.dedup(
             threshold=threshold, k=k, phash_distance=phash_distance, keep=keep.value, max_group_diameter=max_group_diameter,
-            against=against, embeddings=embeddings, progress=progress, force=force)
+            against=against, embeddings=embeddings, progress=progress, force=force, ray=ray)
         files = index.write_report(result, report_dir, progress)
         applied = None
         if apply:

@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from retrieval.curation import hashing
-from retrieval.curation.graph import Edges, knn_edges, maybe_gpu
+from retrieval.curation.graph import Edges, RayGraph, knn_edges, maybe_gpu
 from retrieval.curation.groups import Group, Nodes, build_groups
 from retrieval.curation.policy import DEFAULT_POLICY, check_policy
 from retrieval.errors import RetrievalError
@@ -64,6 +64,7 @@ class DedupOptions:
     max_pixels: int = 89_478_485
     workers: int = 0
     batch_size: int = 32
+    ray: str | None = None  # a Ray cluster address (retrieval.distributed): the k-NN graph runs there
 
     @property
     def effective_threshold(self) -> float:
@@ -222,8 +223,11 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
             flat = faiss.IndexFlatIP(reader.dim)
             flat.add(np.ascontiguousarray(ref.vectors, dtype=np.float32))
             extra = (flat, offset)
+        on_ray = None
+        if opts.ray is not None:
+            on_ray = RayGraph(opts.ray, str(reader.layout.faiss_path.resolve()), reader.nprobe, reader.vectors)
         emb = knn_edges(index, ids, reader.vectors.read, k, threshold, opts.batch, opts.progress, extra,
-                        stats=graph_stats)
+                        stats=graph_stats, ray=on_ray)
         # A FAISS id the database no longer holds (an index run killed before its sync) must not
         # become an edge: searchsorted below would map it onto an unrelated image.
         # (Edges are canonical, src < dst, so a stale id can sit on either end.)
