@@ -120,6 +120,7 @@ class Index:
         """
         index = cls(make_settings(index_dir=Path(path), db_url=db, model=model, **settings))
         if index._holds_index():
+            index.close()
             raise RetrievalError(f"{index.layout.root} already holds an index; open it with Index.open")
         index.layout.root.mkdir(parents=True, exist_ok=True)
         return index
