@@ -174,7 +174,11 @@ class Index:
         return self.reader.dim  # type: ignore[no-any-return]
 
     def __len__(self) -> int:
+        """How many images the index holds."""
         return self.reader.store.count_images()  # type: ignore[no-any-return]
+
+    def __bool__(self) -> bool:  # a handle is true even when empty (and truth needs no database query)
+        return True
 
     # --- building -----------------------------------------------------------------------------
     def update(self, corpus: str | os.PathLike[str], *, rebuild: bool = False, retry_failed: bool = False,
