@@ -307,15 +307,19 @@ class Index:
         return apply_run(self.reader, run_id, Path(move_to), self.settings)
 
     def cluster(self, k: int | None = None, *, niter: int = 20, seed: int = 0, force: bool = False,
-                progress: bool | None = None) -> "ClusterResult":
+                progress: bool | None = None, ray: str | None = None) -> "ClusterResult":
         """Spherical k-means over every embedding (k defaults to sqrt(N)); stored as a run.
+
+        `ray` assigns the images on a Ray cluster ("auto", "local" or an address; by default
+        RETRIEVAL_RAY_ADDRESS, else no Ray) with the same result as a local run.
 
         Example: ``index.cluster(k=100).sizes``
         """
         from retrieval.curation.clusters import run_clustering
+        from retrieval.distributed import resolve_address
         from retrieval.results import ClusterResult
 
-        o = run_clustering(self.reader, k, niter, seed, force, show_progress(progress))
+        o = run_clustering(self.reader, k, niter, seed, force, show_progress(progress), ray=resolve_address(ray))
         return ClusterResult(run_id=o.run_id, k=o.k, n_images=o.n_images, reused=o.reused, sizes=list(o.sizes))
 
     def curate(self, queries: str | os.PathLike[str], *, mode: str = "sample", k: int = 4, per_cluster: int = 10_000,

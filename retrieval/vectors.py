@@ -52,6 +52,10 @@ class VectorStore:
         self._map: np.memmap | None = None
         self._map_rows = 0
 
+    def __getstate__(self) -> dict:
+        """Pickled (to another process or a Ray worker) without its memory map: the other side maps the file."""
+        return {**self.__dict__, "_map": None, "_map_rows": 0}
+
     @property
     def n_rows(self) -> int:
         """Rows the file can hold (max id + 1 of what was ever written)."""

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import typer
 
-from retrieval.cli.options import DbOpt, IndexDirOpt, JsonOpt, ProgressOpt, open_index
+from retrieval.cli.options import DbOpt, IndexDirOpt, JsonOpt, ProgressOpt, RayOpt, open_index
 from retrieval.curation.policy import DEFAULT_POLICY, POLICIES
 from retrieval.errors import RetrievalError
 
@@ -120,6 +120,7 @@ def cluster(
     seed: int = typer.Option(0, "--seed", help="Random seed (sampling and initialisation)."),
     report_dir: Path = typer.Option(Path("cluster-report"), "--report-dir", "-o", help="Where clusters.html and clusters.json go."),
     force: bool = typer.Option(False, "--force", help="Recompute even when an identical run on the unchanged index exists."),
+    ray: Optional[str] = RayOpt,
     progress: Optional[bool] = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -127,10 +128,10 @@ def cluster(
 
     Example:
 
-        retrieval cluster -k 100 --report-dir ./clusters
+        retrieval cluster -k 100 --report-dir ./clusters      (add --ray auto to assign on a Ray cluster)
     """
     with open_index(index_dir=index_dir, db_url=db) as index:
-        outcome = index.cluster(k, niter=niter, seed=seed, force=force, progress=progress)
+        outcome = index.cluster(k, niter=niter, seed=seed, force=force, progress=progress, ray=ray)
         page = index.write_report(outcome, report_dir, progress)["clusters.html"]
     sizes = outcome.sizes
     data = {"run_id": outcome.run_id, "k": outcome.k, "images": outcome.n_images, "reused": outcome.reused,

@@ -33,3 +33,6 @@ def settings(**overrides: Any) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise RetrievalError(f"invalid --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+RayOpt = typer.Option(None, "--ray", metavar="auto|local|ADDRESS",
+                      help="Run on a Ray cluster: auto (the cluster this machine joined), local (a private "
+                           "one-machine Ray), or an address [default: env RETRIEVAL_RAY_ADDRESS, else no Ray].")
