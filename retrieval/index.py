@@ -120,6 +120,7 @@ class Index:
         """
         index = cls(make_settings(index_dir=Path(path), db_url=db, model=model, **settings))
         if index._holds_index():
+            index.close()
             raise RetrievalError(f"{index.layout.root} already holds an index; open it with Index.open")
         index.layout.root.mkdir(parents=True, exist_ok=True)
         return index
@@ -173,7 +174,11 @@ class Index:
         return self.reader.dim  # type: ignore[no-any-return]
 
     def __len__(self) -> int:
+        """How many images the index holds."""
         return self.reader.store.count_images()  # type: ignore[no-any-return]
+
+    def __bool__(self) -> bool:  # a handle is true even when empty (and truth needs no database query)
+        return True
 
     # --- building -----------------------------------------------------------------------------
     def update(self, corpus: str | os.PathLike[str], *, rebuild: bool = False, retry_failed: bool = False,

@@ -35,7 +35,7 @@ def format_index_summary(summary: Any) -> str:
     ]
     embedded = summary.new + summary.changed
     if embedded:
-        lines.append(f"  embedded {embedded} images at {summary.images_per_s:.1f} img/s with {summary.model} on {summary.device}")
+        lines.append(f"  embedded {plural(embedded, 'image')} at {summary.images_per_s:.1f} img/s with {summary.model} on {summary.device}")
     if summary.index_type:
         quality = "exact" if summary.index_type == "flat" else (
             f"nprobe {summary.nprobe}, recall@10 {summary.recall_at_10:.3f}" if summary.recall_at_10 is not None else "")

@@ -253,7 +253,7 @@ def export(
 
     Example:
 
-        retrieval export -o ./dataset && python -c "import pandas; print(pandas.read_parquet('dataset/images.parquet'))"
+        retrieval export -o ./dataset --batch-size 50000
     """
     from retrieval.report_text import plural
 

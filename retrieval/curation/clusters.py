@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from retrieval.curation.dedup import fingerprint
 from retrieval.errors import RetrievalError
+from retrieval.report_text import plural
 from retrieval.search import IndexReader
 from retrieval.vectors import clip_cosine
 from retrieval.store import ClusterAssignment, ClusterRun, Image, utcnow
@@ -235,7 +236,7 @@ def write_cluster_report(reader: IndexReader, outcome: ClusterOutcome, out_dir: 
         listing.append({"cluster": c, "size": outcome.sizes[c], "nearest": [{"image_id": i, "path": p,
                                                                                "distance": round(d, 6)}
                                                                               for i, p, d in near]})
-        items.append({"id": c, "title": f"cluster {c}: {outcome.sizes[c]} images",
+        items.append({"id": c, "title": f"cluster {c}: {plural(outcome.sizes[c], 'image')}",
                       "detail": "nearest the centroid first; score = cosine distance",
                       "cells": [{"src": thumbs.src(f"i{i}", reader.corpus_root / p), "path": p, "score": d}
                                 for i, p, d in near]})

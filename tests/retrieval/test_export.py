@@ -137,10 +137,19 @@ def test_export_cli(index: retrieval.Index, tmp_path: Path) -> None:
 
 
 def test_export_loads_in_datasets_and_lancedb_when_installed(index: retrieval.Index, tmp_path: Path) -> None:
-    """Optional readers: skipped unless `datasets` / `lancedb` are installed (they are not test deps)."""
+    """Optional readers: skipped unless polars, `datasets` or `lancedb` is installed (not test deps)."""
     out = index.export(tmp_path / "ds", npy=False, progress=False)
     ids, vectors = stored(index)
     checked = 0
+    try:
+        import polars
+    except ImportError:
+        pass
+    else:
+        frame = polars.read_parquet(out.parquet)
+        assert frame["id"].to_list() == ids.tolist()
+        assert np.array_equal(frame["embedding_search"].to_numpy(), vectors)
+        checked += 1
     try:
         import datasets
     except ImportError:
@@ -160,4 +169,4 @@ def test_export_loads_in_datasets_and_lancedb_when_installed(index: retrieval.In
         assert hit["id"] == ids[2]
         checked += 1
     if not checked:
-        pytest.skip("neither datasets nor lancedb is installed")
+        pytest.skip("none of polars, datasets, lancedb is installed")
