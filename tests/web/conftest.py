@@ -55,9 +55,9 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, api_model_dir: Path) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("web")
-    indexed = build_indexed(root, api_model_dir, n=16)
+    indexed = build_indexed(root, tiny_model_dir, n=16)
     reports = root / "reports"
     cli("dedup", "--index-dir", indexed.index_dir, "--no-embeddings", "-o", reports / "d", "--no-progress")
     cli("cluster", "--index-dir", indexed.index_dir, "-k", "3", "-o", reports / "c", "--no-progress")
@@ -76,7 +76,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, api_model_dir: Path) -> Ite
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120  # a startup wait, not an assertion on speed
+        deadline = time.monotonic() + 300  # a startup wait (a loaded CI machine), not an assertion on speed
         while True:
             assert proc.poll() is None, log_path.read_text()
             try:
