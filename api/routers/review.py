@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 from retrieval.api.deps import Authorized, ReaderDep, WriteAuthorized
+from retrieval.api.routers.curation import _public_params as public_params
 from retrieval.api.schemas import (
     DecisionsIn,
     DecisionsOut,
@@ -35,10 +36,7 @@ Page = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number
 
 
 def run_out(run: queries.DedupRunInfo) -> DedupRunOut:
-    params = dict(run.params)
-    if params.get("against"):  # a server path: show the folder's name only
-        params["against"] = str(params["against"]).rstrip("/").rsplit("/", 1)[-1]
-    return DedupRunOut(id=run.id, mode=run.mode, params=params, counts=run.counts, finished_at=run.finished_at,
+    return DedupRunOut(id=run.id, mode=run.mode, params=public_params(run.params), counts=run.counts, finished_at=run.finished_at,
                        applied_at=run.applied_at, decisions=run.decisions, warnings=queries.run_warnings(run))
 
 

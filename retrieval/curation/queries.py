@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any, Iterable, Literal
 
 from sqlalchemy import and_, case, delete, func, select
-from sqlalchemy.orm import Session
 
 from retrieval.errors import RetrievalError
 from retrieval.store import (
@@ -403,3 +402,45 @@ def sample_images(store: Store, n: int = 24) -> list[Image]:
             if len(rows) == n:
                 break
     return rows
+
+
+# --- the JSON API's GET /duplicates (a stricter view of the stored run) --------------------------
+@dataclass
+class StoredGroups:
+    run: DedupRun
+    total: int
+    groups: list[DuplicateGroup]
+    members: dict[int, list[DuplicateMember]]  # group row id -> members at or above the cut
+    live: set[int]  # image ids still in the index
+
+
+def stored_groups(store: Store, mode: str, min_size: int, threshold: float | None, page: int, per_page: int
+                  ) -> StoredGroups:
+    """Groups of the latest completed run of `mode`, keeping members at least `threshold` similar to
+    their representative and groups where at least `min_size` members remain."""
+    with store.session() as s:
+        run = s.scalar(select(DedupRun).where(DedupRun.status == "completed", DedupRun.mode == mode)
+                       .order_by(DedupRun.id.desc()).limit(1))
+        if run is None:
+            raise NotFound("no dedup run yet: run `retrieval dedup` on this index")
+        run_threshold = float(run.params.get("threshold", 0.0))
+        if threshold is not None and threshold < run_threshold:
+            raise InvalidRequest(f"the latest dedup run used threshold {run_threshold}; a lower threshold "
+                                 f"needs a new run (`retrieval dedup -t {threshold}`)")
+        cut = threshold if threshold is not None else -1.0
+        passing = (select(DuplicateMember.group_id)
+                   .where(DuplicateMember.run_id == run.id, DuplicateMember.similarity >= cut)
+                   .group_by(DuplicateMember.group_id).having(func.count() >= min_size))
+        where = (DuplicateGroup.run_id == run.id, DuplicateGroup.id.in_(passing))
+        total = s.scalar(select(func.count(DuplicateGroup.id)).where(*where)) or 0
+        groups = list(s.scalars(select(DuplicateGroup).where(*where).order_by(DuplicateGroup.number)
+                                .offset((page - 1) * per_page).limit(per_page)))
+        members: dict[int, list[DuplicateMember]] = {g.id: [] for g in groups}
+        if groups:
+            for m in s.scalars(select(DuplicateMember).where(DuplicateMember.group_id.in_(list(members)),
+                                                             DuplicateMember.similarity >= cut)
+                               .order_by(DuplicateMember.group_id, DuplicateMember.similarity.desc())):
+                members[m.group_id].append(m)
+        live = {i for part in chunked(m.image_id for ms in members.values() for m in ms if m.image_id is not None)
+                for i in s.scalars(select(Image.id).where(Image.id.in_(part)))}
+    return StoredGroups(run, total, groups, members, live)

@@ -1,8 +1,8 @@
 """A real `retrieval serve` on loopback and Debian's chromium driven by Playwright (no browser download).
 
 Every page runs with the network blocked: any request not to 127.0.0.1 is aborted and recorded.
-Screenshots land in a pytest temp folder (printed); with RETRIEVAL_UPDATE_SCREENSHOTS=1 they are
-also copied to docs/screenshots/ for the README.
+Screenshots land in a pytest temp folder (printed); with SAVE_UI_SCREENSHOTS=1 they are also
+copied to docs/screenshots/ for the README.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval.cli.app import app as cli_app
-from tests.api.conftest import Indexed, build_indexed
+from tests.api.conftest import Indexed, _ids, run_index
 from tests.api.test_serve import free_port
 from tests.conftest import make_corpus
+from tests.images import photo, write
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -48,16 +49,34 @@ class Served:
     def shot(self, page: Any, name: str) -> Path:
         path = self.shots / f"{name}.png"
         page.screenshot(path=str(path), full_page=False)
-        if os.environ.get("RETRIEVAL_UPDATE_SCREENSHOTS"):
+        if os.environ.get("SAVE_UI_SCREENSHOTS"):
             (ROOT / "docs" / "screenshots").mkdir(parents=True, exist_ok=True)
             shutil.copy(path, ROOT / "docs" / "screenshots" / path.name)
         return path
 
 
+def _corpus_with_copies(root: Path, model: Path) -> Indexed:
+    """16 pictures, the dup/ pair of the API tests, and a few more copies (exact, resized) in other folders."""
+    from PIL import Image
+
+    corpus = root / "corpus"
+    make_corpus(corpus, 16)
+    write(corpus / "dup" / "orig.jpg", photo(120, 90, seed=777), "JPEG", quality=95)
+    write(corpus / "dup" / "copy.jpg", photo(120, 90, seed=777), "JPEG", quality=80)
+    (corpus / "backup" / "old").mkdir(parents=True)
+    shutil.copy(corpus / "a" / "img0001.jpg", corpus / "backup" / "img0001.jpg")
+    shutil.copy(corpus / "a" / "img0001.jpg", corpus / "backup" / "old" / "img0001 (1).jpg")
+    small = Image.open(corpus / "b" / "img0002.jpg").resize((64, 48), Image.Resampling.LANCZOS)
+    write(corpus / "resized" / "img0002_small.jpg", small, "JPEG", quality=90)
+    index_dir = root / "index"
+    run_index(corpus, index_dir, model)
+    return Indexed(corpus, index_dir, model, _ids(index_dir))
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("web")
-    indexed = build_indexed(root, tiny_model_dir, n=16)
+    indexed = _corpus_with_copies(root, tiny_model_dir)
     reports = root / "reports"
     cli("dedup", "--index-dir", indexed.index_dir, "--no-embeddings", "-o", reports / "d", "--no-progress")
     cli("cluster", "--index-dir", indexed.index_dir, "-k", "3", "-o", reports / "c", "--no-progress")

@@ -84,10 +84,11 @@ def test_review_flip_a_decision_reload_and_apply(page: Any, served: Served, tmp_
     assert "keep" in copy.get_attribute("class").split() and "reviewed" in copy.get_attribute("class").split()
     assert "remove" in orig.get_attribute("class").split()
     assert copy.locator("button[data-set=keep]").get_attribute("aria-pressed") == "true"
+    copy.scroll_into_view_if_needed()
+    served.shot(page, "duplicates-reviewed")
     # Keyboard: j focuses the first group.
     page.keyboard.press("j")
     assert page.locator(".group.focused").count() == 1
-    served.shot(page, "duplicates-reviewed")
     # The CSV export carries the decisions.
     with page.expect_download() as download:
         page.click("text=Export CSV")

@@ -122,3 +122,14 @@ def test_apply_a_hand_edited_remove_list(planted, cli, tmp_path: Path) -> None:
     code, out = cli("dedup", "--index-dir", index_dir, "--apply", "--remove-list", tmp_path / "missing.txt",
                     "--move-to", tmp_path / "m", ok=False)
     assert code == 1 and "cannot read the remove list" in out
+
+
+def test_run_warnings_name_what_to_check_first() -> None:
+    run = queries.DedupRunInfo(id=1, mode="self", status="completed", params={"threshold": 0.5}, finished_at=None,
+                               applied_at=None, counts={"images": 100, "images_to_remove": 80, "largest_group": 70,
+                                                        "chained_groups": 3})
+    text = " ".join(queries.run_warnings(run))
+    assert "80 of 100 images (80%)" in text and "70 images" in text and "3 groups are chained" in text
+    calm = queries.DedupRunInfo(id=2, mode="self", status="completed", params={}, finished_at=None, applied_at=None,
+                                counts={"images": 100, "images_to_remove": 5, "largest_group": 3, "chained_groups": 0})
+    assert queries.run_warnings(calm) == []
