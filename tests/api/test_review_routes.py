@@ -137,3 +137,13 @@ def test_docs_work_offline(local: TestClient) -> None:
         r = local.get(f"/static/docs/{asset}")
         assert r.status_code == 200 and len(r.content) > 50_000
     assert local.get("/static/app.js").status_code == 200
+
+
+def test_every_web_file_ships_in_the_wheel() -> None:
+    import tomllib
+    from fnmatch import fnmatch
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["retrieval.api"]
+    files = [p.relative_to(root / "api").as_posix() for p in (root / "api" / "web").rglob("*") if p.is_file()]
+    assert files and [f for f in files if not any(fnmatch(f, pat) for pat in patterns)] == []
