@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from pathlib import Path
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from retrieval.api.errors import BodyLimitMiddleware, install_error_handlers
 from retrieval.api.metrics import Metrics
 from retrieval.api.metrics import router as metrics_router
-from retrieval.api.routers import curation, health, images, search
+from retrieval.api.routers import curation, health, images, review, search, ui
 from retrieval.api.settings import ApiSettings
 from retrieval.api.state import AppState
 from starlette.concurrency import run_in_threadpool
@@ -46,7 +47,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await state.batcher.stop()
             state.close()
 
-    app = FastAPI(title="retrieval", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc are served from assets installed with the package (no CDN): see offline_docs.
+    app = FastAPI(title="retrieval", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.retrieval = None
     install_error_handlers(app)
@@ -54,6 +57,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(search.router)
     app.include_router(images.router)
     app.include_router(curation.router)
+    app.include_router(review.router)
+    app.include_router(ui.router)
+    app.include_router(ui.pages)
+    offline_docs(app)
     app.include_router(metrics_router)
     app.state.metrics = Metrics(lambda: app.state.retrieval)
 
@@ -74,3 +81,46 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     return app
+
+
+def docs_assets() -> Path:
+    """Swagger UI and ReDoc as installed by the fastapi-offline package (maintained, vendored bundles)."""
+    import fastapi_offline
+
+    return Path(fastapi_offline.__file__).resolve().parent / "static"
+
+
+def offline_docs(app: FastAPI) -> None:
+    """/static (the web UI's files), /static/docs (Swagger UI, ReDoc), /docs and /redoc, all local."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static/docs", StaticFiles(directory=docs_assets()), name="docs-assets")
+    app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "web" / "static"), name="static")
+
+    # The bundles know a few outside addresses (ReDoc's logo on a CDN): the browser is told to fetch
+    # nothing but this server, so the pages never wait on, or leak to, the network.
+    csp = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' "
+                                      "'unsafe-inline'; script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; "
+                                      "font-src 'self' data:; connect-src 'self'"}
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        page = get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} · API docs",
+                                   swagger_js_url="/static/docs/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/docs/swagger-ui.css",
+                                   swagger_favicon_url="/static/docs/favicon.png")
+        return with_headers(page, csp)
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        page = get_redoc_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} · API reference",
+                              redoc_js_url="/static/docs/redoc.standalone.js",
+                              redoc_favicon_url="/static/docs/favicon.png", with_google_fonts=False)
+        return with_headers(page, csp)
+
+
+def with_headers(response: Any, headers: dict[str, str]) -> Any:
+    response.headers.update(headers)
+    return response

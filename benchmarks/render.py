@@ -460,6 +460,23 @@ def _incremental(d: dict[str, Any]) -> list[str]:
     return [desc, _table(["run", "wall s", "detail"], rows), goal]
 
 
+def _ui_render(d: dict[str, Any]) -> list[str]:
+    desc = (f"`benchmarks/ui_render.py`: an index of {_n(d['images'])} images (dim {d.get('dim', '?')}, FAISS "
+            f"`{d.get('index_kind', '?')}`) holding a dedup run of {_n(d['groups'])} groups "
+            f"({_n(d.get('group_members'))} images), served by a real `retrieval serve`; Debian's chromium "
+            f"(Playwright) opens each page {d['repeats']} times. FCP = first contentful paint from the browser's "
+            f"paint timing; server = the response's Server-Timing; medians. Peers in the same run: the JSON API "
+            f"for the same data and the static report.html of the same run.")
+    rows = [[r["case"], r["kind"], _n(r.get("fcp_ms")), _n(r.get("server_ms")),
+             _n(r.get("api_ms"))] for r in d["rows"]]
+    table = _table(["page", "kind", "FCP ms", "server ms", "JSON round trip ms"], rows)
+    ui = [r["fcp_ms"] for r in d["rows"] if r["kind"] == "web UI" and r.get("fcp_ms") is not None]
+    scale = "" if d["images"] >= 100_000 else f" (measured at {_n(d['images'])} images, not 100,000)"
+    goal = (f"**Goal** (the pages stay fast on 100,000 images): slowest web UI first render {_n(max(ui) if ui else None)} "
+            f"ms{scale}.")
+    return [desc, table, goal]
+
+
 Renderer = Callable[[dict[str, Any]], list[str]]
 ORDER: list[tuple[str, str, Renderer]] = [
     ("embed_throughput", "Embedding throughput", _embed),
@@ -469,6 +486,7 @@ ORDER: list[tuple[str, str, Renderer]] = [
     ("dedup_quality", "Dedup quality vs imagededup and cleanvision", _dedup_quality),
     ("api_batching", "API throughput and batching", _api),
     ("incremental_reindex", "Incremental re-index", _incremental),
+    ("ui_render", "Web UI first render", _ui_render),
 ]
 NAMES = [name for name, _, _ in ORDER]
 

@@ -309,6 +309,17 @@ class Index:
         run_id = run if isinstance(run, int) else run.run_id
         return apply_run(self.reader, run_id, Path(move_to), self.settings)
 
+    def apply_remove_list(self, remove_list: str | os.PathLike[str], move_to: str | os.PathLike[str]) -> Any:
+        """Move the files a hand-edited list names (corpus-relative paths, e.g. an edited remove.txt)
+        to `move_to` and drop them from the index, with the same safety rules as apply_dedup.
+
+        Example: ``index.apply_remove_list("dedup-report/remove.txt", "../removed").moved``
+        """
+        from retrieval.curation.apply import apply_list, read_remove_list
+
+        paths = read_remove_list(Path(remove_list))
+        return apply_list(self.reader, paths, Path(move_to), self.settings)
+
     def cluster(self, k: int | None = None, *, niter: int = 20, seed: int = 0, force: bool = False,
                 progress: bool | None = None, ray: str | None = None) -> "ClusterResult":
         """Spherical k-means over every embedding (k defaults to sqrt(N)); stored as a run.

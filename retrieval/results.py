@@ -64,6 +64,7 @@ class DedupMember:
     action: str  # keep or remove
     similarity: float  # exact cosine to the group's representative
     reason: str  # exact, phash, embedding, reference, or representative
+    reviewed: bool = False  # the action is a person's decision from the review page, not the keep rule's
 
 
 @dataclass

@@ -337,3 +337,14 @@ def remove_images(store: Store, image_ids: list[int], failure_paths: list[str]) 
             s.execute(delete(Image).where(Image.id.in_(part)))
         for part in chunked(failure_paths):
             s.execute(delete(Failure).where(Failure.path.in_(part)))
+
+
+class ReviewDecision(Base):
+    """A person's keep/remove choice for one member of a dedup run; overrides the computed action."""
+
+    __tablename__ = "review_decisions"
+
+    member_id: Mapped[int] = mapped_column(ForeignKey("duplicate_members.id", ondelete="CASCADE"), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("dedup_runs.id", ondelete="CASCADE"), index=True)
+    action: Mapped[str] = mapped_column(String(8))  # keep or remove
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -233,6 +233,11 @@ def serve(
     if allow_url_queries:
         os.environ["RETRIEVAL_ALLOW_URL_QUERIES"] = "1"
     logging.getLogger("api").setLevel(log_level.upper())
+    if not os.environ.get("RETRIEVAL_API_KEY") and not host.startswith(("127.", "localhost", "::1")):
+        typer.echo(f"note: listening on {host} without RETRIEVAL_API_KEY: the API is open to the network and "
+                   "review decisions cannot be changed (set RETRIEVAL_API_KEY)", err=True)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    typer.echo(f"retrieval: open http://{shown}:{port}/ in a browser (API docs at /docs)", err=True)
     uvicorn.run("retrieval.api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
 
 

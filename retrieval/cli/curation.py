@@ -51,7 +51,8 @@ def dedup(
     apply: bool = typer.Option(False, "--apply", help="Move the files marked remove to --move-to and drop them from the index (default: dry run)."),
     move_to: Optional[Path] = typer.Option(None, "--move-to", help="Folder outside the corpus that removed files move to, keeping their relative paths."),
     force: bool = typer.Option(False, "--force", help="Recompute even when an identical run on the unchanged index exists."),
-    run: Optional[int] = typer.Option(None, "--run", help="With --apply: apply this stored run (the id its report shows) instead of the run the other options select."),
+    run: Optional[int] = typer.Option(None, "--run", help="With --apply: apply this stored run (the id its report shows, with the keep/remove decisions reviewed in `retrieval serve`) instead of the run the other options select."),
+    remove_list: Optional[Path] = typer.Option(None, "--remove-list", help="With --apply: move the files this list names (corpus-relative paths, one a line, e.g. an edited remove.txt) instead of a run's."),
     ray: Optional[str] = RayOpt,
     progress: Optional[bool] = ProgressOpt,
     as_json: bool = JsonOpt,
@@ -59,8 +60,9 @@ def dedup(
     """Find exact, near-exact and embedding duplicates; write reports; optionally move the extra copies.
 
     Nothing is deleted, ever: --apply moves files to --move-to. Without --apply this is a dry run.
-    Review a run's report, then apply exactly that run with --apply --run ID (or repeat the same
-    options with --apply: an identical run on an unchanged index is reused, not recomputed).
+    Review a run in the web UI (`retrieval serve`, then Duplicates) or in its report, then apply
+    exactly that run, with your decisions, with --apply --run ID; or edit remove.txt and apply it
+    with --apply --remove-list FILE.
 
     Example:
 
@@ -72,6 +74,20 @@ def dedup(
         raise RetrievalError("--move-to only acts together with --apply (the default is a dry run)")
     if run is not None and not apply:
         raise RetrievalError("--run selects the stored run that --apply acts on; without --apply there is nothing to do")
+    if remove_list is not None:
+        if not apply:
+            raise RetrievalError("--remove-list names the files --apply moves; without --apply there is nothing to do")
+        if run is not None:
+            raise RetrievalError("--remove-list and --run both say what to move; give one of them")
+        assert move_to is not None
+        with open_index(index_dir=index_dir, db_url=db) as index:
+            listed = index.apply_remove_list(remove_list, move_to)
+        n_listed = len(listed.moved) + len(listed.skipped)
+        _print({"listed": n_listed, "moved": listed.moved, "skipped": listed.skipped, "move_to": listed.move_to},
+               as_json, [f"moved {len(listed.moved)} of {_plural(n_listed, 'listed file')} to {listed.move_to}; "
+                         f"skipped {len(listed.skipped)}"]
+               + [f"  not moved: {x['path']} ({x['reason']})" for x in listed.skipped[:20]])
+        return
     with open_index(index_dir=index_dir, db_url=db) as index:
         result = index.dedup_run(run) if run is not None else index.dedup(
             threshold=threshold, k=k, phash_distance=phash_distance, keep=keep.value, max_group_diameter=max_group_diameter,

@@ -1,5 +1,8 @@
 """`dedup --apply --move-to DIR`: move the removed files out of the corpus and update the index.
 
+What moves: the members a stored run marks `remove`, with the review decisions made in the web UI
+applied on top (`apply_run`), or the corpus-relative paths of a hand-edited list (`apply_list`).
+
 Nothing is deleted: each file moves to DIR/<its corpus-relative path>. A file that changed since
 it was indexed (size or mtime differ), vanished, or whose destination already exists is skipped
 and listed. Moved images leave the database, and the FAISS index is synced (same code path as
@@ -19,7 +22,7 @@ from sqlalchemy import select
 from retrieval.errors import RetrievalError
 from retrieval.layout import IndexLock, is_within
 from retrieval.search import IndexReader
-from retrieval.store import DedupRun, DuplicateMember, Image, chunked, utcnow
+from retrieval.store import DedupRun, Image, chunked, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +35,56 @@ class ApplyResult:
 
 
 def apply_run(reader: IndexReader, run_id: int, move_to: Path, settings: Any) -> ApplyResult:
-    """Move every image the run marks `remove`, then drop them from the index."""
+    """Move every image the run marks `remove` (review decisions included), then drop them from the index."""
+    from retrieval.curation.queries import effective_members
+
+    rows = [(image_id, path) for _, image_id, path, ref, action, *_ in effective_members(reader.store, run_id)
+            if action == "remove" and not ref and image_id is not None]
+    result = _move(reader, rows, move_to, settings)
+    with reader.store.session() as s, s.begin():
+        run = s.get(DedupRun, run_id)
+        if run is not None:
+            run.applied_at = utcnow()
+    return result
+
+
+def read_remove_list(path: Path) -> list[str]:
+    """Corpus-relative paths, one a line; blank lines and lines starting with # are ignored."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RetrievalError(f"cannot read the remove list {path}: {exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def apply_list(reader: IndexReader, paths: list[str], move_to: Path, settings: Any) -> ApplyResult:
+    """Move the listed corpus-relative files out of the corpus; paths the index does not hold are skipped."""
+    root = reader.corpus_root
+    wanted = list(dict.fromkeys(_relative(p, root) for p in paths))
+    with reader.store.session() as s:
+        known = {path: i for part in chunked(wanted)
+                 for i, path in s.execute(select(Image.id, Image.path).where(Image.path.in_(part)))}
+    rows = [(known[p], p) for p in wanted if p in known]
+    result = _move(reader, rows, move_to, settings)
+    result.skipped[:0] = [{"path": p, "reason": "not an indexed image path (paths are relative to the corpus root)"}
+                          for p in wanted if p not in known]
+    for item in result.skipped[: len(wanted) - len(rows)]:
+        logger.warning("not moved: %s (%s)", item["path"], item["reason"])
+    return result
+
+
+def _relative(path: str, root: Path) -> str:
+    """A listed path as the index stores it: corpus-relative POSIX (absolute paths inside the corpus too)."""
+    if Path(path).is_absolute() and is_within(Path(path), root):
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    path = path.replace("\\", "/")
+    while path.startswith("./"):
+        path = path[2:]
+    return path
+
+
+def _move(reader: IndexReader, rows: list[tuple[int, str]], move_to: Path, settings: Any) -> ApplyResult:
+    """Move (image id, corpus-relative path) files to `move_to`, unless they changed; drop the moved ones."""
     from retrieval.store import remove_images
     from retrieval.sync import SyncOptions, sync_index
 
@@ -44,9 +96,6 @@ def apply_run(reader: IndexReader, run_id: int, move_to: Path, settings: Any) ->
     result = ApplyResult(move_to=str(move_to.resolve()))
     with IndexLock(reader.layout):
         with reader.store.session() as s:
-            rows = s.execute(select(DuplicateMember.image_id, DuplicateMember.path).where(
-                DuplicateMember.run_id == run_id, DuplicateMember.action == "remove",
-                DuplicateMember.is_reference.is_(False))).all()
             images = {r.id: r for part in chunked(r[0] for r in rows)
                       for r in s.scalars(select(Image).where(Image.id.in_(part)))}
         moved_ids: list[int] = []
@@ -79,10 +128,6 @@ def apply_run(reader: IndexReader, run_id: int, move_to: Path, settings: Any) ->
             sync_index(reader.store, VectorStore(reader.layout.vectors_path, dim), reader.layout, SyncOptions(
                 memory_budget=settings.memory_budget, exact_threshold=settings.exact_threshold,
                 recall_target=settings.recall_target))
-        with reader.store.session() as s, s.begin():
-            run = s.get(DedupRun, run_id)
-            if run is not None:
-                run.applied_at = utcnow()
     reader._index = None  # the FAISS file changed
     for item in result.skipped:
         logger.warning("not moved: %s (%s)", item["path"], item["reason"])

@@ -32,6 +32,7 @@ from retrieval.store import (
     DuplicateMember,
     Image,
     IndexRun,
+    ReviewDecision,
     utcnow,
 )
 
@@ -333,22 +334,35 @@ def load_run(reader: IndexReader, run_id: int | None = None) -> dict[str, Any]:
             raise RetrievalError("no completed dedup run in this index; run `retrieval dedup` first")
         groups = s.scalars(select(DuplicateGroup).where(DuplicateGroup.run_id == run.id)
                            .order_by(DuplicateGroup.number)).all()
-        members = s.scalars(select(DuplicateMember).where(DuplicateMember.run_id == run.id)
-                            .order_by(DuplicateMember.id)).all()
+        # Review decisions (made in the web UI) override the computed actions.
+        members = s.execute(select(DuplicateMember, ReviewDecision.action)
+                            .outerjoin(ReviewDecision, ReviewDecision.member_id == DuplicateMember.id)
+                            .where(DuplicateMember.run_id == run.id).order_by(DuplicateMember.id)).all()
     by_group: dict[int, list[dict[str, Any]]] = {}
-    for m in members:
+    for m, decided in members:
         by_group.setdefault(m.group_id, []).append({
-            "image_id": m.image_id, "path": m.path, "reference": m.is_reference, "action": m.action,
-            "similarity": m.similarity, "reason": m.reason})
+            "image_id": m.image_id, "path": m.path, "reference": m.is_reference, "action": decided or m.action,
+            "similarity": m.similarity, "reason": m.reason, **({"reviewed": True} if decided else {})})
     return {
         "schema": "retrieval.duplicates", "schema_version": SCHEMA_VERSION,
         "run": {"id": run.id, "mode": run.mode, "params": run.params, "started_at": str(run.started_at),
                 "finished_at": str(run.finished_at), "applied_at": str(run.applied_at) if run.applied_at else None},
         "corpus_root": str(reader.corpus_root),
-        "summary": run.counts or {},
+        "summary": _reviewed_summary(run.counts or {}, by_group),
         "reference_failures": run.reference_failures or [],
         "groups": [{"group": g.number, "size": g.size, "representative_id": g.representative_id,
                     "reasons": [r for r in g.reasons.split(",") if r], "weakest_edge": round(g.weakest_edge, 6),
                     "min_pairwise_similarity": round(g.min_pairwise, 6), "touches_reference": g.touches_reference,
                     "members": by_group.get(g.id, [])} for g in groups],
     }
+
+
+def _reviewed_summary(counts: dict[str, Any], by_group: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The run's counts, with the removal count after review decisions when there are any."""
+    members = [m for ms in by_group.values() for m in ms if not m["reference"]]
+    reviewed = sum(1 for m in members if m.get("reviewed"))
+    if not reviewed:
+        return counts
+    remove = sum(1 for m in members if m["action"] == "remove")
+    return {**counts, "reviewed_decisions": reviewed, "images_to_remove": remove,
+            "images_to_keep": (counts.get("images") or 0) - remove}
