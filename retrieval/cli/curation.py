@@ -23,7 +23,8 @@ def _reader(index_dir: Optional[Path], db: Optional[str]) -> tuple[Any, Any]:
     from retrieval.search import IndexReader
 
     settings = _settings(index_dir=index_dir, db_url=db)
-    return settings, IndexReader(IndexLayout(settings.index_dir), settings.db_url)
+    # dedup, cluster and curate record their runs in the index: they write
+    return settings, IndexReader(IndexLayout(settings.index_dir), settings.db_url, writable=True)
 
 
 def _print(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
@@ -81,6 +82,11 @@ def dedup(
         doc = load_run(reader, outcome.run_id)
         files = write_dedup_reports(doc, report_dir, settings.max_pixels, progress)
         applied = None
+        if apply and run is None and not outcome.reused:
+            raise RetrievalError(
+                f"the index or the options changed since the last dedup report, so this computed a new run "
+                f"{outcome.run_id} (report in {report_dir}); nothing was moved. Review it, then apply exactly "
+                f"that run with --apply --run {outcome.run_id}")
         if apply:
             assert move_to is not None
             applied = apply_run(reader, outcome.run_id, move_to, settings)
