@@ -63,7 +63,7 @@ def dedup(
 
         retrieval dedup --report-dir ./dedup && retrieval dedup --apply --run 1 --move-to ../removed
     """
-    from retrieval.curation.apply import apply_run
+    from retrieval.curation.apply import apply_run, check_move_to
     from retrieval.curation.dedup import DedupOptions, load_run, run_dedup
     from retrieval.curation.report import write_dedup_reports
 
@@ -75,6 +75,8 @@ def dedup(
         raise RetrievalError("--run selects the stored run that --apply acts on; without --apply there is nothing to do")
     settings, reader = _reader(index_dir, db)
     try:
+        if move_to is not None:
+            check_move_to(reader.corpus_root, move_to)
         outcome = SimpleNamespace(run_id=run, reused=True) if run is not None else run_dedup(reader, DedupOptions(
             threshold=threshold, k=k, phash_distance=phash_distance, keep=keep, max_group_diameter=max_group_diameter,
             against=against, embeddings=embeddings, progress=progress, force=force, max_pixels=settings.max_pixels,
@@ -100,7 +102,7 @@ def dedup(
         f"dedup run {outcome.run_id}{' (reused: nothing changed)' if outcome.reused else ''}: "
         f"{s.get('images_in_groups', 0)} of {s.get('images', 0)} images in {s.get('groups', 0)} groups; "
         f"{s.get('images_to_remove', 0)} to remove ({', '.join(f'{k}: {v}' for k, v in s.get('removed_by_reason', {}).items()) or 'none'})",
-        f"reports: {report_dir.resolve()} (report.html, duplicates.json, duplicates.csv, remove.txt, keep.txt)",
+        f"reports: {report_dir.resolve()} (report.html, duplicates.json, duplicates.csv, remove.txt, keep.txt, and remove.nul, keep.nul: NUL-separated)",
     ]
     if doc["reference_failures"]:
         lines.append(f"{len(doc['reference_failures'])} reference files could not be used (listed in duplicates.json)")

@@ -73,6 +73,13 @@ def _keeper_problem(root: Path, keepers: list[tuple[int | None, str, bool]], ima
     return None
 
 
+def check_move_to(root: Path, move_to: Path) -> None:
+    """--move-to must lie outside the corpus (checked before any run is computed)."""
+    if is_within(move_to, root):
+        raise RetrievalError(f"--move-to {move_to} lies inside the corpus {root}; the next index run would find "
+                             f"the files again. Choose a folder outside the corpus")
+
+
 def _move(src: Path, dst: Path) -> str | None:
     """Move one file; None when it moved, else why not. Nothing is lost either way: a copy made to
     another file system whose source cannot then be deleted (a read-only corpus) is removed again."""
@@ -101,9 +108,7 @@ def apply_run(reader: IndexReader, run_id: int, move_to: Path, settings: Any) ->
 
     root = reader.corpus_root
     move_to = Path(move_to)
-    if is_within(move_to, root):
-        raise RetrievalError(f"--move-to {move_to} lies inside the corpus {root}; the next index run would find "
-                             f"the files again. Choose a folder outside the corpus")
+    check_move_to(root, move_to)
     result = ApplyResult(move_to=str(move_to.resolve()))
     with IndexLock(reader.layout):
         remove_stale_temporaries(reader.layout.root)
