@@ -153,8 +153,8 @@ class DecodedImage:
 def bomb_error(exc: Exception, max_pixels: int) -> ImageDecodeError:
     """Pillow's decompression-bomb guard fired: the reason quotes the configured limit, not Pillow's."""
     size = re.search(r"Image size \((\d+) pixels\)", str(exc))
-    found = f"{int(size.group(1)) / 1e6:.1f} MP " if size else ""
-    return ImageDecodeError(f"too many pixels: the image's {found}exceed the limit of {max_pixels / 1e6:.1f} MP "
+    found = f"the image has {int(size.group(1)) / 1e6:.1f} MP, " if size else ""
+    return ImageDecodeError(f"too many pixels: {found}over the limit of {max_pixels / 1e6:.1f} MP "
                             f"(raise it with --max-pixels if this image is legitimate)", "too_large")
 
 
