@@ -18,9 +18,7 @@ from retrieval.errors import ImageDecodeError
 from retrieval.imaging.preprocess import PreprocessConfig, load_and_preprocess
 from tests.api.conftest import Indexed
 from tests.images import encode, photo
-from tests.indexer.crash_codec import MAGIC, register
-from tests.indexer.hang_codec import MAGIC as HANG_MAGIC
-from tests.indexer.hang_codec import register as register_hang
+from tests.indexer.crash_codec import HANG_MAGIC, MAGIC, register
 
 CONFIG = PreprocessConfig(resize_shortest_edge=64, crop_height=56, crop_width=56)
 CRASHER = MAGIC + b"\x00" * 64
@@ -30,7 +28,6 @@ HANGER = HANG_MAGIC + b"\x00" * 64
 @pytest.fixture(autouse=True)
 def _crash_codec() -> None:
     register()
-    register_hang()
 
 
 def _jpeg(seed: int) -> bytes:

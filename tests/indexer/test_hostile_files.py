@@ -27,8 +27,8 @@ from retrieval.imaging.preprocess import PreprocessConfig
 from retrieval.imaging.safe import decode_isolated
 from retrieval.imaging.scan import scan_corpus
 from tests.conftest import make_corpus
-from tests.indexer.hang_codec import register as register_hang
-from tests.indexer.hang_codec import write_hanger
+from tests.indexer.crash_codec import register as register_hang
+from tests.indexer.crash_codec import write_hanger
 
 runner = CliRunner()
 
