@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import HTTPException, Request, status
-from retrieval.api.decoding import CRASH_DETAIL, DecoderCrashed
+from retrieval.api.decoding import DecoderCrashed
 from retrieval.api.schemas import DuplicateOut, HitOut, ImageOut
 from retrieval.api.state import AppState, ReaderHandle
 
@@ -50,7 +50,7 @@ def parse_ref(ref: str) -> int | str:
 def get_image(handle: ReaderHandle, image_id: int) -> Image:
     if not 0 <= image_id < 2**63:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no indexed image with this id")
-    with handle.reader.store.session() as s:
+    with handle.reader.rows.session() as s:  # the generation the FAISS index and vectors belong to
         row = s.get(Image, image_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no indexed image with this id")
@@ -192,8 +192,8 @@ async def embed_upload(state: AppState, handle: ReaderHandle, data: bytes) -> np
         pixels = await state.decoder.decode(data, embedder.preprocess, state.settings.max_pixels)
     except ImageDecodeError as exc:
         raise decode_error(exc) from None
-    except DecoderCrashed:
-        raise HTTPException(422, CRASH_DETAIL) from None
+    except DecoderCrashed as exc:
+        raise HTTPException(422, str(exc)) from None
     if embedder.fingerprint != handle.reader.meta.get("model_fingerprint"):
         # The reader this request holds was built with another model than the one now loaded
         # (a re-index with a new model happened meanwhile): its vectors are not comparable.

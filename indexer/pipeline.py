@@ -27,7 +27,7 @@ from retrieval.imaging.decode import WorkItem
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.loader import decode_batches, regroup
 from retrieval.imaging.scan import IMAGE_EXTENSIONS, scan_corpus
-from retrieval.layout import IndexLayout, IndexLock
+from retrieval.layout import IndexLayout, IndexLock, remove_stale_temporaries
 from retrieval.settings import Settings
 from retrieval.store import (
     ClusterAssignment,
@@ -201,6 +201,8 @@ def run_index(opts: IndexOptions) -> IndexSummary:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     with IndexLock(layout):
+        for name in remove_stale_temporaries(layout.root):
+            logger.info("removed %s, left by an interrupted save", name)
         store = Store(s.db_url or layout.default_db_url())
         try:
             _close_killed_runs(store)
@@ -327,7 +329,7 @@ def _fail_running(store: Store, exc: BaseException) -> None:
             for run in s.query(IndexRun).filter(IndexRun.status == "running"):
                 run.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
                 run.finished_at = utcnow()
-                run.error = str(exc)[:2000]
+                run.error = (str(exc) or type(exc).__name__)[:2000]
     except Exception:  # noqa: BLE001 - never mask the original error
         logger.exception("could not record the failed run")
 
@@ -360,7 +362,7 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
     pin = embedder.device.startswith("cuda")
     chunk = worker_chunk(len(items), workers, s.batch_size)
     chunks = decode_batches(root, items, embedder.preprocess, s.max_pixels, chunk, workers, markers,
-                            suspects=crashed, pin_memory=pin)
+                            suspects=crashed, pin_memory=pin, timeout_s=s.decode_timeout_s or None)
     batches = closing(regroup(chunks, s.batch_size, pin_memory=pin) if chunk < s.batch_size else chunks)
     vectors = VectorStore(layout.vectors_path, embedder.dim)
     wait = embed = 0.0

@@ -13,9 +13,9 @@ from typing import Iterable
 
 from sqlalchemy import select
 
-from retrieval.imaging.decode import WorkItem
+from retrieval.imaging.decode import TIMEOUT_KIND, WorkItem
 from retrieval.imaging.safe import CRASH_KIND
-from retrieval.imaging.scan import ScanEntry
+from retrieval.imaging.scan import ScanEntry, text_path
 from retrieval.store import Failure, Image, Store, chunked
 
 ALWAYS_RETRY = frozenset({"unreadable", "vanished", "io_error"})
@@ -53,7 +53,7 @@ def make_plan(store: Store, entries: Iterable[ScanEntry], retry_failed: bool = F
     changed: list[WorkItem] = []
     for entry in entries:
         plan.scanned += 1
-        seen.add(entry.path)
+        seen.add(text_path(entry.path))
         known = images.get(entry.path)
         if known is not None:
             image_id, size, mtime = known
@@ -62,12 +62,12 @@ def make_plan(store: Store, entries: Iterable[ScanEntry], retry_failed: bool = F
             else:
                 changed.append(WorkItem(entry.path, entry.size, entry.mtime_ns, image_id))
             continue
-        failed = failures.get(entry.path)
+        failed = failures.get(text_path(entry.path))
         if (failed is not None and not retry_failed and failed[2] not in ALWAYS_RETRY
                 and failed[0] == entry.size and failed[1] == entry.mtime_ns):
             plan.known_failures += 1
             continue
-        if failed is not None and failed[2] == CRASH_KIND:
+        if failed is not None and failed[2] in (CRASH_KIND, TIMEOUT_KIND):
             plan.crashed.add(entry.path)
         plan.todo.append(WorkItem(entry.path, entry.size, entry.mtime_ns))
     plan.todo.extend(_with_known_hashes(store, changed))

@@ -13,6 +13,7 @@ import numpy as np
 from sqlalchemy import delete
 
 from retrieval.imaging.decode import DecodeResult
+from retrieval.imaging.scan import text_path
 from retrieval.store import Failure, Image, Store, to_signed64, utcnow
 from retrieval.vectors import VectorStore
 
@@ -27,8 +28,9 @@ class BatchCounts:
 
 def _record_failure(session, result: DecodeResult) -> None:  # noqa: ANN001
     item = result.item
-    session.execute(delete(Failure).where(Failure.path == item.path))
-    session.add(Failure(path=item.path, size=max(item.size, 0), mtime_ns=item.mtime_ns,
+    path = text_path(item.path)  # a name that is not UTF-8 is recorded with its bad bytes as \xNN
+    session.execute(delete(Failure).where(Failure.path == path))
+    session.add(Failure(path=path, size=max(item.size, 0), mtime_ns=item.mtime_ns,
                         kind=result.failure_kind or "corrupt", reason=result.failure_reason or "unknown"))
 
 

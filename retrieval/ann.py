@@ -344,14 +344,32 @@ def save_index(index: Any, path: Path) -> None:
     import faiss
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        faiss.write_index(index, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except (RuntimeError, OSError) as exc:
+        tmp.unlink(missing_ok=True)  # a half-written index must not keep a full disk full
+        raise RetrievalError(f"cannot write the FAISS index {path}: {_write_failure(path, exc)}") from None
     fsync_dir(path.parent)
+
+
+def _write_failure(path: Path, exc: BaseException) -> str:
+    """One line for a failed write: FAISS's own message is a multi-line C++ trace."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    try:
+        st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return "no space left on the device"
+    except OSError:
+        pass
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def load_index(path: Path, mmap: bool = False) -> Any:

@@ -92,6 +92,7 @@ class Index:
         self.settings = settings
         self.layout = IndexLayout(Path(settings.index_dir))
         self._reader: Any = None
+        self._writer: Any = None
 
     # --- opening ------------------------------------------------------------------------------
     @classmethod
@@ -135,6 +136,19 @@ class Index:
         return True
 
     @property
+    def writer(self) -> Any:
+        """A view that may record runs (dedup, cluster, curate), opened on first use.
+
+        `reader` never writes nor migrates (it works on read-only media); the curation methods are
+        writers and go through this one.
+        """
+        if self._writer is None:
+            from retrieval.search import IndexReader
+
+            self._writer = IndexReader(self.layout, self.settings.db_url, settings=self.settings, writable=True)
+        return self._writer
+
+    @property
     def reader(self) -> Any:
         """The underlying read view (retrieval.search.IndexReader), opened on first use."""
         if self._reader is None:
@@ -144,9 +158,10 @@ class Index:
         return self._reader
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        for view in (self._reader, self._writer):
+            if view is not None:
+                view.close()
+        self._reader = self._writer = None
 
     def __enter__(self) -> "Index":
         return self
@@ -284,12 +299,12 @@ class Index:
         from retrieval.results import DedupResult
 
         s = self.settings
-        outcome = run_dedup(self.reader, DedupOptions(
+        outcome = run_dedup(self.writer, DedupOptions(
             threshold=threshold, k=k, phash_distance=phash_distance, keep=keep, max_group_diameter=max_group_diameter,
             against=Path(against) if against is not None else None, embeddings=embeddings,
             progress=show_progress(progress), force=force, max_pixels=s.max_pixels, batch_size=s.batch_size,
             workers=s.workers or 0, ray=resolve_address(ray)))
-        return DedupResult.from_document(load_run(self.reader, outcome.run_id), reused=outcome.reused)
+        return DedupResult.from_document(load_run(self.writer, outcome.run_id), reused=outcome.reused)
 
     def dedup_run(self, run_id: int | None = None) -> "DedupResult":
         """A stored dedup run (the latest completed one by default)."""
@@ -333,7 +348,7 @@ class Index:
         from retrieval.distributed import resolve_address
         from retrieval.results import ClusterResult
 
-        o = run_clustering(self.reader, k, niter, seed, force, show_progress(progress), ray=resolve_address(ray))
+        o = run_clustering(self.writer, k, niter, seed, force, show_progress(progress), ray=resolve_address(ray))
         return ClusterResult(run_id=o.run_id, k=o.k, n_images=o.n_images, reused=o.reused, sizes=list(o.sizes))
 
     def curate(self, queries: str | os.PathLike[str], *, mode: str = "sample", k: int = 4, per_cluster: int = 10_000,
@@ -351,7 +366,7 @@ class Index:
         from retrieval.results import CuratedImage, CurationResult
 
         s = self.settings
-        o = run_curation(self.reader, CurateOptions(
+        o = run_curation(self.writer, CurateOptions(
             queries=Path(queries), mode=mode, k=k, per_cluster=per_cluster, min_queries=min_queries,
             max_images=max_images, cluster_run=cluster_run, seed=seed, progress=show_progress(progress),
             max_pixels=s.max_pixels, batch_size=s.batch_size, workers=s.workers or 0, force=force))

@@ -50,7 +50,7 @@ def format_index_summary(summary: Any) -> str:
 def collect_info(layout: IndexLayout, db_url: str | None, list_failures: bool = False) -> dict[str, Any]:
     if db_url is None and not layout.exists():
         raise IndexNotFoundError(f"no index in {layout.root.resolve()}; run `retrieval index CORPUS` first")
-    store = Store(db_url or layout.default_db_url())
+    store = Store(db_url or layout.default_db_url(), readonly=True)
     try:
         meta = store.all_meta()
         with store.session() as s:

@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import select
 
 from retrieval import ann
-from retrieval.errors import IndexNotFoundError, QueryError
+from retrieval.errors import IndexNotFoundError, QueryError, RetrievalError
 from retrieval.layout import IndexLayout, is_within
 from retrieval.store import Image, Store
 from retrieval.vectors import VectorStore
@@ -23,6 +23,10 @@ from retrieval.vectors import VectorStore
 logger = logging.getLogger(__name__)
 
 MAX_K = 1000
+
+
+class IndexChangedError(RetrievalError):
+    """The index files were replaced while a pinned reader was opening; opening again succeeds."""
 
 
 @dataclass
@@ -36,25 +40,83 @@ class Hit:
 
 
 class IndexReader:
-    """A read-only view of one index directory, for the CLI, the API and curation."""
+    """A view of one index directory, for the CLI, the API and curation.
 
-    def __init__(self, layout: IndexLayout, db_url: str | None = None, mmap: bool = False, settings: Any = None):
+    Read-only unless `writable`: it then neither migrates nor writes, and works on read-only media.
+    Curation commands that record their runs open it `writable` (they are writers).
+
+    `pin` (the server): FAISS index, vectors and image rows are one generation, fixed when the
+    reader opens: the FAISS and vector files it opened stay mapped, and `rows` reads the database
+    through one read transaction (a WAL snapshot). An `index --rebuild` meanwhile deletes and
+    rewrites all three; a pinned reader keeps answering from the old generation, never from a mix,
+    until the server opens the new one. `store` always reads the current database (runs, curation).
+    """
+
+    def __init__(self, layout: IndexLayout, db_url: str | None = None, mmap: bool = False, writable: bool = False,
+                 pin: bool = False, settings: Any = None):
         if db_url is None and not layout.exists():
             raise IndexNotFoundError(
                 f"no index in {layout.root.resolve()}; run `retrieval index CORPUS` here first or pass --index-dir"
             )
         self.layout = layout
-        self.store = Store(db_url or layout.default_db_url())
-        self.meta = self.store.all_meta()
-        if not self.meta.get("dim"):
-            raise IndexNotFoundError(f"the index in {layout.root} holds no embeddings yet; run `retrieval index` first")
-        self.dim: int = self.meta["dim"]
-        self.corpus_root = Path(self.meta["corpus_root"])
-        self.vectors = VectorStore(layout.vectors_path, self.dim)
         self._mmap = mmap
         self._settings = settings  # device and precision of the query embedder; None: the environment's
         self._index: Any = None
         self._embedder: Any = None
+        url = db_url or layout.default_db_url()
+        self.store = Store(url, readonly=not writable)
+        self.rows = self.store  # where image rows are read: a snapshot when pinned
+        files: dict[Path, int] = {}
+        try:
+            if pin:
+                files = self._open_files()
+                self._index = ann.load_index(layout.faiss_path, mmap=mmap)
+                self.rows = Store(url, snapshot=True)
+            self.meta = self.rows.all_meta()
+            if not self.meta.get("dim"):
+                raise IndexNotFoundError(f"the index in {layout.root} holds no embeddings yet; run `retrieval index` first")
+            self.dim: int = self.meta["dim"]
+            self.corpus_root = Path(self.meta["corpus_root"])
+            self.vectors = VectorStore(layout.vectors_path, self.dim)
+            if pin:
+                self.vectors.pin(files[layout.vectors_path])
+                self._check_unchanged(files)
+                if self.spec is None:
+                    raise IndexNotFoundError("the index is empty: no image could be embedded")
+                ann.set_nprobe(self._index, self.spec.params.get("nprobe") or 1)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for fd in files.values():
+                os.close(fd)
+
+    def _open_files(self) -> dict[Path, int]:
+        """Hold the FAISS and vector files open, so that their identity can be checked after the snapshot."""
+        files: dict[Path, int] = {}
+        for path in (self.layout.faiss_path, self.layout.vectors_path):
+            try:
+                files[path] = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                for fd in files.values():
+                    os.close(fd)
+                raise IndexNotFoundError(f"{path} is missing: the index is being rebuilt or was never built") from None
+        return files
+
+    def _check_unchanged(self, files: dict[Path, int]) -> None:
+        """The files loaded are still the current ones after the snapshot began: they belong to it.
+
+        Files are only replaced (FAISS: rename) or deleted (--rebuild) after the database commit that
+        makes them current, so a file current both before and after the snapshot began matches it.
+        """
+        for path, fd in files.items():
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                raise IndexChangedError(f"{path.name} changed while the index was being opened; try again")
 
     @property
     def spec(self) -> ann.IndexSpec | None:
@@ -76,18 +138,20 @@ class IndexReader:
         return self._index
 
     def close(self) -> None:
+        if getattr(self, "rows", None) is not None and self.rows is not self.store:
+            self.rows.close()
         self.store.close()
 
     # --- resolving references -----------------------------------------------------------------
     def image(self, image_id: int) -> Image:
-        with self.store.session() as s:
+        with self.rows.session() as s:
             row = s.get(Image, image_id)
         if row is None:
             raise QueryError(f"no indexed image with id {image_id}")
         return row
 
     def image_by_path(self, rel_path: str) -> Image | None:
-        with self.store.session() as s:
+        with self.rows.session() as s:
             return s.scalar(select(Image).where(Image.path == rel_path))
 
     def relative_path(self, path: Path) -> str | None:
@@ -133,7 +197,7 @@ class IndexReader:
         valid = [(int(i), float(sc)) for i, sc in zip(ids, scores) if i >= 0]
         if not valid:
             return []
-        with self.store.session() as s:
+        with self.rows.session() as s:
             rows = {row.id: row for row in s.scalars(select(Image).where(Image.id.in_([i for i, _ in valid])))}
         return [
             Hit(id=i, path=rows[i].path, score=sc, width=rows[i].width, height=rows[i].height, format=rows[i].format)

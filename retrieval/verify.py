@@ -33,7 +33,7 @@ def _examples(ids: np.ndarray, n: int = 5) -> str:
 
 def verify_index(layout: IndexLayout, db_url: str | None = None) -> VerifyReport:
     report = VerifyReport()
-    store = Store(db_url or layout.default_db_url())
+    store = Store(db_url or layout.default_db_url(), readonly=True)
     try:
         meta = store.all_meta()
         ids = np.fromiter(store.image_ids(), dtype=np.int64)

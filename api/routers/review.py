@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
-from retrieval.api.deps import Authorized, ReaderDep, WriteAuthorized
+from retrieval.api.deps import Authorized, ReaderDep, StateDep, WriteAuthorized
 from retrieval.api.routers.curation import _public_params as public_params
 from retrieval.api.schemas import (
     DecisionsIn,
@@ -79,8 +79,8 @@ def review_groups(
 
 @router.post("/review/runs/{run_id}/decisions", response_model=DecisionsOut, responses=WRITE_ERRORS,
              dependencies=WriteAuthorized, summary="Set keep/remove for members (null resets one)")
-async def post_decisions(handle: ReaderDep, run_id: RunId, body: DecisionsIn) -> DecisionsOut:
-    store = handle.reader.store
+async def post_decisions(state: StateDep, run_id: RunId, body: DecisionsIn) -> DecisionsOut:
+    store = state.writer_store()
     changed = await run_in_threadpool(queries.set_decisions, store, run_id, body.decisions)
     run = await run_in_threadpool(queries.dedup_run, store, run_id)
     return DecisionsOut(run_id=run_id, changed=changed, decisions=run.decisions)
@@ -88,9 +88,9 @@ async def post_decisions(handle: ReaderDep, run_id: RunId, body: DecisionsIn) ->
 
 @router.post("/review/runs/{run_id}/groups/{number}/decision", response_model=DecisionsOut, responses=WRITE_ERRORS,
              dependencies=WriteAuthorized, summary="Keep or remove a whole group, or reset it")
-async def post_group_decision(handle: ReaderDep, run_id: RunId, number: Annotated[int, Path(ge=1, le=2**62)],
+async def post_group_decision(state: StateDep, run_id: RunId, number: Annotated[int, Path(ge=1, le=2**62)],
                               body: GroupDecisionIn) -> DecisionsOut:
-    store = handle.reader.store
+    store = state.writer_store()
     changed = await run_in_threadpool(queries.set_group_decision, store, run_id, number, body.action)
     run = await run_in_threadpool(queries.dedup_run, store, run_id)
     return DecisionsOut(run_id=run_id, changed=changed, decisions=run.decisions)

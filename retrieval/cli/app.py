@@ -33,6 +33,13 @@ class _Group(TyperGroup):
             first = str(getattr(exc, "orig", exc)).splitlines()[0]
             typer.echo(f"Error: database error: {first}", err=True)
             raise typer.Exit(1) from None
+        except MemoryError:
+            typer.echo("Error: out of memory", err=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            typer.echo(f"Error: {exc.strerror or exc}{where}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("Interrupted. Run the same command again to resume where it stopped.", err=True)
             raise typer.Exit(130) from None
@@ -86,6 +93,7 @@ def index(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass [default: 32]."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decode worker processes; 0 decodes in the main process [default: from the CPU count]."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject images with more pixels (decompression bombs) [default: 89478485]."),
+    decode_timeout: Optional[float] = typer.Option(None, "--decode-timeout", help="Seconds one file may take to decode before it is stopped and recorded as a timeout; 0 = no limit [default: 60]."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="RAM for the FAISS index, e.g. 2GB [default: 4GB]."),
     index_factory: Optional[str] = typer.Option(None, "--index-factory", help="FAISS factory string to use instead of the automatic choice, e.g. 'IVF1024,PQ32'; later runs keep it until 'auto'."),
     exact_threshold: Optional[int] = typer.Option(None, "--exact-threshold", help="Below this many images the index is exact [default: 50000]."),
@@ -106,7 +114,8 @@ def index(
     """
     index = open_index(index_dir=index_dir, db_url=db, model=model, device=device, precision=precision,
                        batch_size=batch_size, workers=workers, max_pixels=max_pixels, memory_budget=memory_budget,
-                       exact_threshold=exact_threshold, recall_target=recall_target)
+                       decode_timeout_s=decode_timeout, exact_threshold=exact_threshold,
+                       recall_target=recall_target)
     summary = index.update(corpus, rebuild=rebuild, retry_failed=retry_failed, index_factory=index_factory,
                            progress=progress)
     if as_json:

@@ -89,11 +89,20 @@ def dedup(
                + [f"  not moved: {x['path']} ({x['reason']})" for x in listed.skipped[:20]])
         return
     with open_index(index_dir=index_dir, db_url=db) as index:
+        if move_to is not None:
+            from retrieval.curation.apply import check_move_to
+
+            check_move_to(index.corpus_root, move_to)
         result = index.dedup_run(run) if run is not None else index.dedup(
             threshold=threshold, k=k, phash_distance=phash_distance, keep=keep.value, max_group_diameter=max_group_diameter,
             against=against, embeddings=embeddings, progress=progress, force=force, ray=ray)
         files = index.write_report(result, report_dir, progress)
         applied = None
+        if apply and run is None and not result.reused:
+            raise RetrievalError(
+                f"the index or the options changed since the last dedup report, so this computed a new run "
+                f"{result.run_id} (report in {report_dir}); nothing was moved. Review it, then apply exactly "
+                f"that run with --apply --run {result.run_id}")
         if apply:
             assert move_to is not None
             applied = index.apply_dedup(result, move_to)
@@ -105,7 +114,7 @@ def dedup(
         f"dedup run {result.run_id}{' (reused: nothing changed)' if result.reused else ''}: "
         f"{s.get('images_in_groups', 0)} of {_plural(s.get('images', 0), 'image')} in {_plural(s.get('groups', 0), 'group')}; "
         f"{s.get('images_to_remove', 0)} to remove ({', '.join(f'{k}: {v}' for k, v in s.get('removed_by_reason', {}).items()) or 'none'})",
-        f"reports: {report_dir.resolve()} (report.html, duplicates.json, duplicates.csv, remove.txt, keep.txt)",
+        f"reports: {report_dir.resolve()} (report.html, duplicates.json, duplicates.csv, remove.txt, keep.txt, and remove.nul, keep.nul: NUL-separated)",
     ]
     if result.reference_failures:
         lines.append(f"{_plural(len(result.reference_failures), 'reference file')} could not be used (listed in duplicates.json)")

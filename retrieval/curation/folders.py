@@ -21,6 +21,7 @@ from retrieval.imaging.decode import WorkItem
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.loader import decode_batches
 from retrieval.imaging.scan import scan_corpus
+from retrieval.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def embed_folder(folder: Path, embedder: Any, max_pixels: int, batch_size: int =
     parts: list[np.ndarray] = []
     with tempfile.TemporaryDirectory(prefix="retrieval-decoding-") as tmp, InflightMarkers(tmp) as markers, \
             closing(decode_batches(str(folder.resolve()), items, embedder.preprocess, max_pixels, batch_size,
-                                   workers, markers)) as batches, \
+                                   workers, markers, timeout_s=get_settings().decode_timeout_s or None)) as batches, \
             tqdm(total=len(items), unit="img", desc=f"embedding {what}", disable=not progress) as bar:
         for results, pixels in batches:
             good = [r for r in results if r.embeddable]

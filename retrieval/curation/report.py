@@ -93,8 +93,18 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def escape_line(path: str) -> str:
+    """A path on one line: backslash, newline and carriage return written as \\\\, \\n and \\r."""
+    return path.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def write_text_lines(path: Path, lines: Iterable[str]) -> None:
-    atomic_write_bytes(path, "".join(f"{line}\n" for line in lines).encode())
+    """`path` (one path a line, escaped by escape_line so that each is one line) and, beside it,
+    the same paths separated by NUL bytes, exactly as they are (`<name>.nul`, for `xargs -0`)."""
+    items = list(lines)
+    atomic_write_bytes(path, "".join(f"{escape_line(line)}\n" for line in items).encode("utf-8", "surrogateescape"))
+    atomic_write_bytes(path.with_suffix(".nul"), b"".join(line.encode("utf-8", "surrogateescape") + b"\0"
+                                                          for line in items))
 
 
 def write_dedup_reports(doc: dict[str, Any], out_dir: Path, max_pixels: int, progress: bool = False,

@@ -9,14 +9,76 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
+import stat
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from retrieval.errors import ImageDecodeError
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.preprocess import PreprocessConfig, decode_image, preprocess
+from retrieval.imaging.scan import text_path
+
+TIMEOUT_KIND = "timeout"
+# Bytes a file may hold per allowed pixel (--max-pixels) before it is refused unread: an uncompressed
+# 16-bit RGBA image needs 8, so no legitimate image within the pixel limit is refused.
+FILE_BYTES_PER_PIXEL = 8
+FILE_BYTES_SLACK = 16 << 20
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file read into memory for decoding: derived from the pixel limit (documented)."""
+    return FILE_BYTES_PER_PIXEL * max_pixels + FILE_BYTES_SLACK
+
+
+def timeout_reason(seconds: float | None) -> str:
+    return (f"decoding took longer than {seconds:g} s (--decode-timeout); the decoder was stopped"
+            if seconds else "decoding did not finish")
+
+
+class DecodeTimeout(BaseException):
+    """Raised in the decoding process when a file runs past its time limit (not an Exception: no
+    `except Exception` in a decoder plugin may swallow it)."""
+
+
+@contextmanager
+def hard_time_limit(seconds: float | None) -> Iterator[None]:
+    """In a process of its own: SIGALRM with its default action ends the process after `seconds`,
+    even inside a C call that never returns to Python. The parent reads the signal as a timeout."""
+    if not seconds:
+        yield
+        return
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+@contextmanager
+def soft_time_limit(seconds: float | None) -> Iterator[None]:
+    """In a process that must survive (decoding in the main process, `-j 0`): raise DecodeTimeout
+    after `seconds`. Pillow decodes chunk by chunk from Python, so the signal handler gets to run.
+    Signal handlers belong to the main thread; elsewhere there is no limit."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(_signum: int, _frame: Any) -> None:
+        raise DecodeTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
 
 
 @dataclass(frozen=True)
@@ -53,11 +115,38 @@ def _failure(item: WorkItem, kind: str, reason: str) -> DecodeResult:
     return DecodeResult(item=item, failure_kind=kind, failure_reason=reason)
 
 
-def _read(root: str, item: WorkItem) -> bytes:
-    path = os.path.join(root, item.path)
+class NotRegularFile(OSError):
+    """The path holds a FIFO, a device or a socket (swapped in after the scan): never read it."""
+
+
+class FileTooLarge(OSError):
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"the file is {size:,} bytes, over the {limit:,}-byte limit for reading it whole "
+                         f"(8 bytes per pixel allowed by --max-pixels)")
+
+
+def read_regular_file(path: str, limit: int | None = None) -> bytes:
+    """The bytes of a regular file, opened without blocking (a FIFO would block an open() forever).
+
+    Raises NotRegularFile for anything else and FileTooLarge when it holds more than `limit` bytes,
+    checked before reading (a sparse 64 GB file must not be read into memory).
+    """
     # O_NOFOLLOW is not used: the scanner already checked that symlinks stay inside the corpus.
-    with open(path, "rb") as f:
-        return f.read()
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile("not a regular file (a FIFO, device or socket)")
+        if limit is not None and st.st_size > limit:
+            raise FileTooLarge(st.st_size, limit)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _read(root: str, item: WorkItem, limit: int | None = None) -> bytes:
+    return read_regular_file(os.path.join(root, item.path), limit)
 
 
 def perceptual_hash(image) -> int:  # noqa: ANN001 - a PIL image
@@ -72,8 +161,14 @@ def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: 
     """Read, hash, decode and preprocess one file; every failure becomes a DecodeResult with a reason."""
     if item.size < 0:
         return _failure(item, "unreadable", "cannot stat the file (permission denied or it vanished)")
+    if text_path(item.path) != item.path:
+        return _failure(item, "bad_name", "the file name is not valid UTF-8; rename the file to index it")
     try:
-        data = _read(root, item)
+        data = _read(root, item, max_file_bytes(max_pixels))
+    except NotRegularFile as exc:
+        return _failure(item, "not_a_file", str(exc))
+    except FileTooLarge as exc:
+        return _failure(item, "too_large", str(exc))
     except PermissionError:
         return _failure(item, "unreadable", "permission denied: the file cannot be read by this user")
     except FileNotFoundError:
@@ -112,12 +207,17 @@ class DecodeDataset:
     """Map-style dataset: index -> DecodeResult. Picklable, so DataLoader workers can run it.
 
     With `markers`, each file is marked as in flight while it decodes (see retrieval.imaging.inflight).
+    With `timeout_s`, a file that decodes longer is stopped: in a worker process the worker is ended
+    (the loader then decodes the marked file in isolation, where it becomes a "timeout" failure); in
+    the process that made the dataset (`-j 0`) the file becomes a "timeout" failure at once.
     """
 
     def __init__(self, root: str, items: list[WorkItem], config: PreprocessConfig, max_pixels: int,
-                 markers: InflightMarkers | None = None):
+                 markers: InflightMarkers | None = None, timeout_s: float | None = None):
         self.root, self.items, self.config, self.max_pixels = root, items, config, max_pixels
         self.markers = markers
+        self.timeout_s = timeout_s
+        self._owner = os.getpid()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -125,9 +225,19 @@ class DecodeDataset:
     def __getitem__(self, i: int) -> DecodeResult:
         item = self.items[i]
         if self.markers is None:
-            return decode_one(self.root, item, self.config, self.max_pixels)
+            return self._decode(item)
         with self.markers.decoding(item.path):
-            return decode_one(self.root, item, self.config, self.max_pixels)
+            return self._decode(item)
+
+    def _decode(self, item: WorkItem) -> DecodeResult:
+        if os.getpid() != self._owner:  # a worker: ending it is safe, and works even inside C code
+            with hard_time_limit(self.timeout_s):
+                return decode_one(self.root, item, self.config, self.max_pixels)
+        try:
+            with soft_time_limit(self.timeout_s):
+                return decode_one(self.root, item, self.config, self.max_pixels)
+        except DecodeTimeout:
+            return _failure(item, TIMEOUT_KIND, timeout_reason(self.timeout_s))
 
 
 def collate_results(results: list[DecodeResult]) -> tuple[list[DecodeResult], Any]:

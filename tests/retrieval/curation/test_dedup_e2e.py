@@ -93,6 +93,7 @@ def test_keep_policies(planted, cli, tmp_path: Path) -> None:
 def test_apply_moves_exactly_the_listed_files(planted, cli, tmp_path: Path) -> None:
     corpus, index_dir, copies = planted
     moved_to = tmp_path / "removed"
+    cli("dedup", "--index-dir", index_dir, "-t", T, "-o", tmp_path / "r", "--no-progress")  # the reviewed report
     _, out = cli("dedup", "--index-dir", index_dir, "-t", T, "-o", tmp_path / "r", "--no-progress", "--json",
                  "--apply", "--move-to", moved_to)
     result = json.loads(out)
