@@ -11,9 +11,11 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
+from retrieval.api.deps import Authorized
 from retrieval.api.errors import BodyLimitMiddleware, install_error_handlers
 from retrieval.api.metrics import Metrics
 from retrieval.api.metrics import router as metrics_router
+from retrieval.api.openapi import install_openapi
 from retrieval.api.routers import curation, health, images, search
 from retrieval.api.settings import ApiSettings
 from retrieval.api.state import AppState
@@ -24,7 +26,8 @@ logger = logging.getLogger("api")
 DESCRIPTION = """Search an image index built by `retrieval index`: by image id, by corpus path, or by upload.
 
 Scores are exact cosine similarities of DINOv2 embeddings. When the server runs with
-`RETRIEVAL_API_KEY`, every endpoint but `/healthz` needs `Authorization: Bearer <key>`.
+`RETRIEVAL_API_KEY`, every endpoint but `/healthz` (this schema and `/docs` included) needs
+`Authorization: Bearer <key>`.
 """
 
 
@@ -46,7 +49,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await state.batcher.stop()
             state.close()
 
-    app = FastAPI(title="retrieval", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="retrieval", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)  # served by api.openapi, behind the key
     app.state.settings = settings
     app.state.retrieval = None
     install_error_handlers(app)
@@ -55,6 +59,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(images.router)
     app.include_router(curation.router)
     app.include_router(metrics_router)
+    install_openapi(app, Authorized)
     app.state.metrics = Metrics(lambda: app.state.retrieval)
 
     @app.middleware("http")

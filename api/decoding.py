@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import ImageDecodeError
+from retrieval.errors import ImageDecodeError, RetrievalError
 from retrieval.imaging.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 CRASH_DETAIL = "the image crashed the image decoder"
 
 
-class DecoderCrashed(Exception):
+class DecoderCrashed(RetrievalError):
     """The upload crashed the decoding process, twice."""
+
+    kind = "unprocessable"
 
 
 def _decode(data: bytes, config: PreprocessConfig, max_pixels: int) -> np.ndarray | tuple[str, str]:
@@ -44,7 +46,7 @@ def _decode(data: bytes, config: PreprocessConfig, max_pixels: int) -> np.ndarra
     try:
         pixels, _ = load_and_preprocess(data, config, max_pixels)
     except ImageDecodeError as exc:
-        return exc.kind, str(exc)
+        return exc.failure_kind, str(exc)
     return pixels
 
 

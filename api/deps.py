@@ -9,10 +9,12 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Iterator
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from retrieval.api.settings import ApiSettings
 from retrieval.api.state import AppState, ReaderHandle
+
+from retrieval.errors import RetrievalError
 
 _bearer = HTTPBearer(auto_error=False, description="Needed when the server runs with RETRIEVAL_API_KEY.")
 
@@ -24,7 +26,7 @@ def get_settings(request: Request) -> ApiSettings:
 def get_state(request: Request) -> AppState:
     state: AppState | None = getattr(request.app.state, "retrieval", None)
     if state is None or state.handle is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the index is not loaded yet")
+        raise RetrievalError("the index is not loaded yet", "unavailable")
     return state
 
 
@@ -51,8 +53,7 @@ def require_api_key(
         return
     given = credentials.credentials if credentials is not None and credentials.scheme.lower() == "bearer" else ""
     if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise RetrievalError("missing or invalid API key", "unauthorized")
 
 
 Authorized = [Depends(require_api_key)]

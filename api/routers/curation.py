@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, Path, Query
 from retrieval.api.deps import Authorized, ReaderDep
 from retrieval.api.schemas import (
     ClusterMemberOut,
@@ -22,6 +22,8 @@ from retrieval.api.schemas import (
 )
 from sqlalchemy import func, select
 
+from retrieval import runs
+from retrieval.errors import RetrievalError
 from retrieval.store import (
     ClusterAssignment,
     ClusterRun,
@@ -50,10 +52,10 @@ def _public_params(params: dict) -> dict:
 
 
 def _latest_run(session, model: type, detail: str, *where: Any) -> Any:  # noqa: ANN001
-    """The newest completed run of `model` (DedupRun, ClusterRun), or a 404 naming the command."""
-    run = session.scalar(select(model).where(model.status == "completed", *where).order_by(model.id.desc()).limit(1))
+    """The newest completed run of `model` (DedupRun, ClusterRun), or not_found naming the command."""
+    run = runs.latest(session, model, *where)
     if run is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail)
+        raise RetrievalError(detail, "not_found")
     return run
 
 
@@ -73,8 +75,8 @@ def duplicate_groups(
         run = _latest_run(s, DedupRun, NO_DEDUP_RUN, DedupRun.mode == mode)
         run_threshold = float(run.params.get("threshold", 0.0))
         if threshold is not None and threshold < run_threshold:
-            raise HTTPException(422, f"the latest dedup run used threshold {run_threshold}; a lower threshold "
-                                     f"needs a new run (`retrieval dedup -t {threshold}`)")
+            raise RetrievalError(f"the latest dedup run used threshold {run_threshold}; a lower threshold "
+                                 f"needs a new run (`retrieval dedup -t {threshold}`)", "unprocessable")
         cut = threshold if threshold is not None else -1.0
         passing = (select(DuplicateMember.group_id)
                    .where(DuplicateMember.run_id == run.id, DuplicateMember.similarity >= cut)
@@ -127,7 +129,7 @@ def cluster_members(handle: ReaderDep, cluster: Annotated[int, Path(ge=0, le=10_
     with handle.reader.store.session() as s:
         run = _latest_run(s, ClusterRun, NO_CLUSTER_RUN)
         if cluster >= run.k:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such cluster in the latest clustering run")
+            raise RetrievalError("no such cluster in the latest clustering run", "not_found")
         rows = s.execute(
             select(ClusterAssignment, Image.path).join(Image, Image.id == ClusterAssignment.image_id)
             .where(ClusterAssignment.run_id == run.id, ClusterAssignment.cluster == cluster)

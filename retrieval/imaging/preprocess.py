@@ -149,7 +149,8 @@ class DecodedImage:
     offset: tuple[float, float] = (0.0, 0.0)
 
 
-def _classify_open_error(exc: Exception, head: bytes) -> ImageDecodeError:
+def classify_decode_error(exc: Exception, head: bytes) -> ImageDecodeError:
+    """The ImageDecodeError for a decoder exception: one classification for indexing, uploads and thumbnails."""
     if isinstance(exc, UnidentifiedImageError):
         fmt = sniff_format(head)
         if fmt is not None:
@@ -235,7 +236,7 @@ def decode_image(data: bytes, config: PreprocessConfig, max_pixels: int) -> Deco
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError,
             Image.DecompressionBombError, Image.DecompressionBombWarning, struct.error) as exc:
-        raise _classify_open_error(exc, data[:16]) from None
+        raise classify_decode_error(exc, data[:16]) from None
     return DecodedImage(image=rgb, width=width, height=height, format=fmt, scale=scale, offset=offset)
 
 
