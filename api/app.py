@@ -9,12 +9,14 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
+from retrieval.api.deps import Authorized
 from retrieval.api.errors import BodyLimitMiddleware, install_error_handlers
 from retrieval.api.metrics import Metrics
 from retrieval.api.metrics import router as metrics_router
+from retrieval.api.openapi import install_openapi
 from retrieval.api.routers import curation, health, images, review, search, ui
 from retrieval.api.settings import ApiSettings
 from retrieval.api.state import AppState
@@ -25,7 +27,8 @@ logger = logging.getLogger("api")
 DESCRIPTION = """Search an image index built by `retrieval index`: by image id, by corpus path, or by upload.
 
 Scores are exact cosine similarities of DINOv2 embeddings. When the server runs with
-`RETRIEVAL_API_KEY`, every endpoint but `/healthz` needs `Authorization: Bearer <key>`.
+`RETRIEVAL_API_KEY`, every endpoint but `/healthz` (this schema and `/docs` included) needs
+`Authorization: Bearer <key>`.
 """
 
 
@@ -47,9 +50,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await state.batcher.stop()
             state.close()
 
-    # /docs and /redoc are served from assets installed with the package (no CDN): see offline_docs.
+    # /openapi.json, /docs and /redoc follow the API key (api.openapi); the docs pages load their
+    # assets from this server (offline_docs), never from a CDN.
     app = FastAPI(title="retrieval", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  openapi_url=None, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.retrieval = None
     install_error_handlers(app)
@@ -62,6 +66,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(ui.pages)
     offline_docs(app)
     app.include_router(metrics_router)
+    install_openapi(app, Authorized)
     app.state.metrics = Metrics(lambda: app.state.retrieval)
 
     @app.middleware("http")
@@ -91,36 +96,8 @@ def docs_assets() -> Path:
 
 
 def offline_docs(app: FastAPI) -> None:
-    """/static (the web UI's files), /static/docs (Swagger UI, ReDoc), /docs and /redoc, all local."""
-    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-    from fastapi.responses import HTMLResponse
+    """/static (the web UI's files) and /static/docs (Swagger UI, ReDoc, for the pages of api.openapi)."""
     from fastapi.staticfiles import StaticFiles
 
     app.mount("/static/docs", StaticFiles(directory=docs_assets()), name="docs-assets")
     app.mount("/static", StaticFiles(directory=Path(__file__).resolve().parent / "web" / "static"), name="static")
-
-    # The bundles know a few outside addresses (ReDoc's logo on a CDN): the browser is told to fetch
-    # nothing but this server, so the pages never wait on, or leak to, the network.
-    csp = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' "
-                                      "'unsafe-inline'; script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; "
-                                      "font-src 'self' data:; connect-src 'self'"}
-
-    @app.get("/docs", include_in_schema=False)
-    async def swagger_ui() -> HTMLResponse:
-        page = get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} · API docs",
-                                   swagger_js_url="/static/docs/swagger-ui-bundle.js",
-                                   swagger_css_url="/static/docs/swagger-ui.css",
-                                   swagger_favicon_url="/static/docs/favicon.png")
-        return with_headers(page, csp)
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        page = get_redoc_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} · API reference",
-                              redoc_js_url="/static/docs/redoc.standalone.js",
-                              redoc_favicon_url="/static/docs/favicon.png", with_google_fonts=False)
-        return with_headers(page, csp)
-
-
-def with_headers(response: Any, headers: dict[str, str]) -> Any:
-    response.headers.update(headers)
-    return response

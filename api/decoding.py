@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from retrieval.errors import ImageDecodeError
+from retrieval.errors import ImageDecodeError, RetrievalError
 from retrieval.imaging.preprocess import PreprocessConfig
 from retrieval.imaging.safe import DecoderDied, DecoderPool, decode_bytes
 
@@ -22,8 +22,10 @@ CRASH_DETAIL = "the image crashed the image decoder"
 TIMEOUT_DETAIL = "the image took too long to decode"
 
 
-class DecoderCrashed(Exception):
+class DecoderCrashed(RetrievalError):
     """The upload crashed its decoding process or ran past the time limit; str() is the HTTP detail."""
+
+    kind = "unprocessable"
 
 
 class UploadDecoder:

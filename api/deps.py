@@ -9,10 +9,12 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Iterator
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from retrieval.api.settings import ApiSettings
 from retrieval.api.state import AppState, ReaderHandle
+
+from retrieval.errors import RetrievalError
 
 _bearer = HTTPBearer(auto_error=False, description="Needed when the server runs with RETRIEVAL_API_KEY.")
 
@@ -24,7 +26,7 @@ def get_settings(request: Request) -> ApiSettings:
 def get_state(request: Request) -> AppState:
     state: AppState | None = getattr(request.app.state, "retrieval", None)
     if state is None or state.handle is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the index is not loaded yet")
+        raise RetrievalError("the index is not loaded yet", "unavailable")
     return state
 
 
@@ -68,8 +70,7 @@ def require_api_key(
     if settings.api_key is None:
         return
     if not key_matches(settings, request_key(request, credentials)):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise RetrievalError("missing or invalid API key", "unauthorized")
 
 
 Authorized = [Depends(require_api_key)]
@@ -91,12 +92,11 @@ def require_write_access(request: Request, settings: SettingsDep,
     if settings.api_key is None:
         server = request.scope.get("server") or (None, None)
         if not is_loopback(server[0]):
-            raise HTTPException(status.HTTP_403_FORBIDDEN,
-                                "this server listens beyond loopback without an API key; set RETRIEVAL_API_KEY "
-                                "to change review decisions")
+            raise RetrievalError("this server listens beyond loopback without an API key; set RETRIEVAL_API_KEY "
+                                 "to change review decisions", "forbidden")
     origin = request.headers.get("origin")
     if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host", ""):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-origin request refused")
+        raise RetrievalError("cross-origin request refused", "forbidden")
 
 
 WriteAuthorized = [Depends(require_write_access)]

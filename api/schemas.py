@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _as_utc(value: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone; they are stored in UTC."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+# A timestamp always sent with its zone (RFC 3339 date-time, as the schema says).
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class FieldErrorOut(BaseModel):
+    loc: list[str | int] = Field(..., description="Where the bad value is, e.g. [\"query\", \"k\"].")
+    msg: str
+    type: str
 
 
 class ErrorOut(BaseModel):
-    detail: str = Field(..., examples=["no indexed image with id 42"])
+    """Every error body: a one-line `detail`; a malformed request also lists its bad fields."""
+
+    detail: str = Field(..., examples=["no indexed image with this id"])
+    errors: list[FieldErrorOut] | None = Field(None, description="Request validation errors (422 only).")
 
 
 class ImageOut(BaseModel):
@@ -97,8 +115,8 @@ class StatsOut(BaseModel):
     index_factory: str | None
     nprobe: int | None
     index_run_id: int | None
-    index_run_finished_at: datetime | None
-    loaded_at: datetime
+    index_run_finished_at: UtcDatetime | None
+    loaded_at: UtcDatetime
     reloads: int
     batching: dict[str, Any]
 
@@ -129,7 +147,7 @@ class DuplicateGroupsOut(BaseModel):
     mode: str
     params: dict[str, Any]
     counts: dict[str, Any] | None
-    finished_at: datetime | None
+    finished_at: UtcDatetime | None
     page: int
     per_page: int
     total_groups: int
@@ -146,7 +164,7 @@ class ClustersOut(BaseModel):
     run_id: int
     k: int
     n_images: int
-    finished_at: datetime | None
+    finished_at: UtcDatetime | None
     page: int
     per_page: int
     clusters: list[ClusterSummaryOut] = Field(..., description="Largest clusters first.")

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 from retrieval.api.batcher import Batcher
 from retrieval.api.decoding import UploadDecoder
 from retrieval.api.settings import ApiSettings
-from sqlalchemy import func, select
 
+from retrieval import runs
 from retrieval.errors import ModelLoadError, RetrievalError
 from retrieval.layout import IndexLayout
 from retrieval.search import IndexChangedError, IndexReader
@@ -39,8 +39,6 @@ class ReaderHandle:
         self.users = 0
         self.retired = False
         self.lock = threading.Lock()
-        # Per-request nprobe changes shared FAISS state; IVF searches are serialised by this lock.
-        self.search_lock = threading.Lock()
 
     def enter(self) -> bool:
         """Count one more user; False when the reader was retired (and maybe closed) already."""
@@ -73,10 +71,10 @@ def index_version(reader: IndexReader, pinned: bool = False) -> tuple[int | None
     generation the reader holds, rather than of the database now.
     """
     with (reader.rows if pinned else reader.store).session() as s:
-        run_id = s.scalar(select(func.max(IndexRun.id)).where(IndexRun.status == "completed"))
+        run = runs.latest(s, IndexRun)
         meta = s.get(Meta, "index")
     spec = json.loads(meta.value) if meta is not None else None
-    return run_id, (spec or {}).get("params", {}).get("built_at")
+    return (run.id if run is not None else None), (spec or {}).get("params", {}).get("built_at")
 
 
 class AppState:

@@ -21,7 +21,7 @@ from retrieval.indexer.plan import Plan, make_plan
 from retrieval.indexer.writer import BatchCounts, write_batch
 from sqlalchemy import delete, text
 
-from retrieval import ann
+from retrieval import ann, runs
 from retrieval.errors import CorpusError, IndexMismatchError
 from retrieval.imaging.decode import WorkItem
 from retrieval.imaging.inflight import InflightMarkers
@@ -204,8 +204,11 @@ def run_index(opts: IndexOptions) -> IndexSummary:
         for name in remove_stale_temporaries(layout.root):
             logger.info("removed %s, left by an interrupted save", name)
         store = Store(s.db_url or layout.default_db_url())
+        run: int | None = None
         try:
-            _close_killed_runs(store)
+            # Runs still 'running' while we hold the lock were killed; this run finishes their work.
+            runs.close_abandoned(store, IndexRun, "the process was killed before the run finished; "
+                                                  "a later run resumed its work")
             previous_ref = store.get_meta("model_ref")  # --rebuild keeps the model unless --model says otherwise
             if opts.rebuild:
                 _reset_index(layout, store)
@@ -268,7 +271,7 @@ def run_index(opts: IndexOptions) -> IndexSummary:
             _finish_run(store, run, summary)
             return summary
         except BaseException as exc:
-            _fail_running(store, exc)
+            runs.fail(store, IndexRun, run, exc)
             raise
         finally:
             store.close()
@@ -289,49 +292,19 @@ def _start_run(store: Store, root: str, embedder: Any) -> int:
         elif store.get_meta("corpus_root") is None:
             store.set_meta(s, corpus_root=root)
     meta = store.all_meta()
-    with store.session() as s, s.begin():
-        run = IndexRun(status="running", corpus_root=root,
-                       model_ref=meta.get("model_ref") or (embedder.model_ref if embedder else ""),
-                       model_fingerprint=meta.get("model_fingerprint") or "",
-                       dim=meta.get("dim") or 0, preprocess=meta.get("preprocess") or {},
-                       device=f"{embedder.device}/{embedder.precision}" if embedder else "-")
-        s.add(run)
-        s.flush()
-        return run.id
+    return runs.start(store, IndexRun, corpus_root=root,
+                      model_ref=meta.get("model_ref") or (embedder.model_ref if embedder else ""),
+                      model_fingerprint=meta.get("model_fingerprint") or "",
+                      dim=meta.get("dim") or 0, preprocess=meta.get("preprocess") or {},
+                      device=f"{embedder.device}/{embedder.precision}" if embedder else "-")
 
 
 def _finish_run(store: Store, run_id: int, summary: IndexSummary) -> None:
     with store.session() as s, s.begin():
-        run = s.get(IndexRun, run_id)
-        assert run is not None
-        run.status = "completed"
-        run.finished_at = utcnow()
-        run.index_type = summary.index_type
-        spec = store.get_meta("index")
-        run.index_params = spec
-        run.counts = {k: getattr(summary, k) for k in
-                      ("new", "changed", "unchanged", "touched", "removed", "failed", "known_failures", "total_images")}
-        run.timings = summary.timings
-        run.images_per_s = summary.images_per_s
-
-
-def _close_killed_runs(store: Store) -> None:
-    """Runs still 'running' while we hold the lock were killed; this run finishes their work."""
-    with store.session() as s, s.begin():
-        for run in s.query(IndexRun).filter(IndexRun.status == "running"):
-            run.status = "interrupted"
-            run.error = "the process was killed before the run finished; a later run resumed its work"
-
-
-def _fail_running(store: Store, exc: BaseException) -> None:
-    try:
-        with store.session() as s, s.begin():
-            for run in s.query(IndexRun).filter(IndexRun.status == "running"):
-                run.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                run.finished_at = utcnow()
-                run.error = (str(exc) or type(exc).__name__)[:2000]
-    except Exception:  # noqa: BLE001 - never mask the original error
-        logger.exception("could not record the failed run")
+        runs.complete(s, IndexRun, run_id, index_type=summary.index_type, index_params=store.get_meta("index"),
+                      counts={k: getattr(summary, k) for k in ("new", "changed", "unchanged", "touched", "removed",
+                                                                "failed", "known_failures", "total_images")},
+                      timings=summary.timings, images_per_s=summary.images_per_s)
 
 
 def _embed_all(opts: IndexOptions, root: str, items: list[WorkItem], embedder: Any, store: Store,

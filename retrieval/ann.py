@@ -223,9 +223,33 @@ def remove(index: Any, ids: np.ndarray) -> int:
 
 
 def set_nprobe(index: Any, nprobe: int) -> None:
+    """The default nprobe of an index, set once when it is built or loaded (searches pass their own)."""
     ivf = _ivf_or_none(index)
     if ivf is not None:
         ivf.nprobe = int(nprobe)
+
+
+def search_params(index: Any, nprobe: int | None) -> Any:
+    """FAISS SearchParameters with `nprobe` for one search call, or None (no IVF, or no nprobe given).
+
+    Per-call parameters leave the shared index untouched, so threads searching the same index with
+    different nprobe values need no lock. Wrappers (pre-transforms, id maps, refinement) get the
+    matching parameter object around the IVF one.
+    """
+    import faiss
+
+    if nprobe is None or _ivf_or_none(index) is None:
+        return None
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(nprobe=int(nprobe))
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=search_params(index.index, nprobe))
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return search_params(index.index, nprobe)
+    if isinstance(index, faiss.IndexRefine):
+        return faiss.IndexRefineSearchParameters(base_index_params=search_params(index.base_index, nprobe))
+    raise RetrievalError(f"cannot set nprobe per search on a {type(index).__name__} index")
 
 
 def rerank_depth(k: int) -> int:
@@ -238,13 +262,13 @@ def search_reranked(
 ) -> tuple[np.ndarray, np.ndarray]:
     """ANN candidates, then exact cosine from the stored vectors. Returns (scores, ids), -1 padded.
 
+    `nprobe` applies to this call only (the index's own default otherwise).
+
     `exclude[i]` (an id or -1) is dropped from the results of query i (query-by-id without self).
     """
     queries = check_matrix(queries, index.d, "queries")
-    if nprobe is not None:
-        set_nprobe(index, nprobe)
     depth = min(rerank_depth(k) + (1 if exclude is not None else 0), max(1, index.ntotal))
-    _, cand = index.search(queries, depth)
+    _, cand = index.search(queries, depth, params=search_params(index, nprobe))
     out_ids = np.full((len(queries), k), -1, dtype=np.int64)
     out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     for i, row in enumerate(cand):

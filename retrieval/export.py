@@ -87,8 +87,9 @@ def arrow_schema(dims: dict[str, int], metadata: dict[str, Any]) -> Any:
 
 
 def _latest(reader: IndexReader, model: Any) -> int | None:
-    with reader.store.session() as s:
-        return s.scalar(select(model.id).where(model.status == "completed").order_by(model.id.desc()).limit(1))
+    from retrieval import runs
+
+    return runs.latest_id(reader.store, model)
 
 
 def _batches(reader: IndexReader, batch_size: int) -> Iterator[list[Any]]:

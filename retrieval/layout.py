@@ -80,7 +80,7 @@ class IndexLock:
             os.close(self._fd)
             self._fd = None
             raise RetrievalError(
-                f"another `retrieval` process is writing to {self._path.parent}; wait for it to finish"
+                f"another `retrieval` process is writing to {self._path.parent}; wait for it to finish", "conflict"
             ) from None
         return self
 

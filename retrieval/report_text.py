@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from retrieval import runs
 from retrieval.errors import IndexNotFoundError
 from retrieval.layout import IndexLayout
 from retrieval.store import Failure, Image, IndexRun, Store
@@ -58,7 +59,7 @@ def collect_info(layout: IndexLayout, db_url: str | None, list_failures: bool = 
             n_bytes = s.scalar(select(func.coalesce(func.sum(Image.size), 0))) or 0
             kinds = dict(s.execute(select(Failure.kind, func.count()).group_by(Failure.kind)).all())
             formats = dict(s.execute(select(Image.format, func.count()).group_by(Image.format)).all())
-            last = s.scalar(select(IndexRun).order_by(IndexRun.id.desc()).limit(1))
+            last = runs.latest(s, IndexRun, any_status=True)
             failures = [
                 {"path": f.path, "kind": f.kind, "reason": f.reason}
                 for f in s.scalars(select(Failure).order_by(Failure.path))

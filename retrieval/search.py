@@ -147,7 +147,7 @@ class IndexReader:
         with self.rows.session() as s:
             row = s.get(Image, image_id)
         if row is None:
-            raise QueryError(f"no indexed image with id {image_id}")
+            raise QueryError(f"no indexed image with id {image_id}", "not_found")
         return row
 
     def image_by_path(self, rel_path: str) -> Image | None:
@@ -169,7 +169,7 @@ class IndexReader:
             settings = self._settings or get_settings()
             self._embedder = load_embedder(self.meta["model_ref"], settings.device, settings.precision)
             if self._embedder.dim != self.dim:
-                raise QueryError(f"model {self.meta['model_ref']} no longer gives {self.dim}-d vectors")
+                raise QueryError(f"model {self.meta['model_ref']} no longer gives {self.dim}-d vectors", "conflict")
         return self._embedder
 
     def embed_bytes(self, data: bytes, max_pixels: int) -> np.ndarray:
@@ -215,7 +215,7 @@ def search_file(reader: IndexReader, image: str, k: int, exclude_self: bool, max
         image_id = int(image)
         return f"stored vector of id {image_id}", reader.search_id(image_id, k, exclude_self)
     if not path.is_file():
-        raise QueryError(f"{image} is neither a file nor an indexed image id")
+        raise QueryError(f"{image} is neither a file nor an indexed image id", "not_found")
     rel = reader.relative_path(path)
     if rel is not None:
         row = reader.image_by_path(rel)

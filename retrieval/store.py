@@ -325,13 +325,6 @@ class Store:
         with self.session() as s:
             yield from s.scalars(select(Image.id).order_by(Image.id)).yield_per(50_000)
 
-    def latest_run(self, completed: bool = True) -> IndexRun | None:
-        with self.session() as s:
-            q = select(IndexRun).order_by(IndexRun.id.desc()).limit(1)
-            if completed:
-                q = q.where(IndexRun.status == "completed")
-            return s.scalar(q)
-
 
 SQL_IN_CHUNK = 10_000  # SQLite allows at most 32,766 bound variables per statement
 

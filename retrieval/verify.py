@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import func, select
 
-from retrieval import ann
+from retrieval import ann, runs
 from retrieval.layout import IndexLayout
 from retrieval.report_text import plural
 from retrieval.store import Image, IndexRun, Store
@@ -46,10 +46,10 @@ def verify_index(layout: IndexLayout, db_url: str | None = None) -> VerifyReport
         report.checked.append(f"model {meta.get('model_ref')} ({dim}-d)")
         with store.session() as s:
             stale = s.scalar(select(func.count(Image.id)).where(Image.indexed.is_(False))) or 0
-            last_run = s.scalar(select(IndexRun).order_by(IndexRun.id.desc()).limit(1))
+            last_run = runs.latest(s, IndexRun, any_status=True)
         if stale:
             report.problems.append(f"{plural(stale, 'image')} {'is' if stale == 1 else 'are'} embedded but not yet in the FAISS index (an interrupted run); run `retrieval index` again")
-        if last_run is not None and last_run.status != "completed":
+        if last_run is not None and last_run.status != runs.COMPLETED:
             report.problems.append(
                 f"the last index run (#{last_run.id}) is {last_run.status}: it did not finish; "
                 "run `retrieval index` again to complete the work")

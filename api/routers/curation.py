@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, Path, Query
 from retrieval.api.deps import Authorized, ReaderDep
 from retrieval.api.schemas import (
     ClusterMemberOut,
@@ -22,6 +22,7 @@ from retrieval.api.schemas import (
 )
 
 from retrieval.curation import queries
+from retrieval.errors import RetrievalError
 
 router = APIRouter(tags=["curation"], dependencies=Authorized)
 
@@ -86,7 +87,7 @@ def cluster_members(handle: ReaderDep, cluster: Annotated[int, Path(ge=0, le=10_
                     page: Page = 1, per_page: PerPage = 100) -> ClusterOut:
     run = queries.cluster_run(handle.reader.store)
     if cluster >= run.k:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such cluster in the latest clustering run")
+        raise RetrievalError("no such cluster in the latest clustering run", "not_found")
     rows = queries.cluster_members(handle.reader.store, run, cluster, page, per_page)
     size = (run.sizes or [0] * run.k)[cluster]
     return ClusterOut(run_id=run.id, cluster=cluster, size=size, page=page, per_page=per_page,

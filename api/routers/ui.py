@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
 from retrieval.api import service
+from retrieval.api.errors import SignInRequired, error_status, public_detail
 from retrieval.api.deps import SESSION_COOKIE, ReaderDep, SettingsDep, StateDep, _bearer, key_matches, request_key
 from retrieval.api.routers.review import group_out, run_out
 from retrieval.api.schemas import HitOut
@@ -28,6 +29,7 @@ from retrieval.api.state import ReaderHandle
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.curation import queries
+from retrieval.errors import RetrievalError
 from retrieval.search import MAX_K
 
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -54,8 +56,7 @@ def ui_login_required(request: Request, settings: SettingsDep,
     """Pages send a person without the key to the sign-in form instead of answering 401."""
     if settings.api_key is not None and not key_matches(settings, request_key(request, credentials)):
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        raise HTTPException(status.HTTP_303_SEE_OTHER, "sign in first",
-                            headers={"Location": "/login?" + urlencode({"next": target})})
+        raise SignInRequired("/login?" + urlencode({"next": target}))
 
 
 router = APIRouter(include_in_schema=False)
@@ -88,7 +89,7 @@ def login(request: Request, settings: SettingsDep, key: Annotated[str, Form(max_
     if settings.api_key is None or not key_matches(settings, key):
         return render(request, "login.html", status_code=401, next=_safe_next(next),
                       error=None if settings.api_key is None else "That is not the server's API key.")
-    response = RedirectResponse(_safe_next(next), status_code=status.HTTP_303_SEE_OTHER)
+    response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(SESSION_COOKIE, key, httponly=True, samesite="strict", secure=request.url.scheme == "https",
                         path="/")
     return response
@@ -96,7 +97,7 @@ def login(request: Request, settings: SettingsDep, key: Annotated[str, Form(max_
 
 @router.post("/logout")
 def logout() -> Response:
-    response = RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+    response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
@@ -131,8 +132,8 @@ def search_page(request: Request, handle: ReaderDep, settings: SettingsDep,
     if image:
         try:
             context["query"], context["results"] = _search_stored(handle, image.strip(), k, min_score, threshold)
-        except HTTPException as exc:
-            context["error"], code = exc.detail, exc.status_code
+        except RetrievalError as exc:
+            context["error"], code = public_detail(exc), error_status(exc)
     else:
         context["sample"] = queries.sample_images(handle.reader.store, 24)
     return render(request, "search.html", status_code=code, **context)

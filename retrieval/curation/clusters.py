@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from retrieval.curation.dedup import fingerprint
+from retrieval import runs
 from retrieval.errors import RetrievalError
 from retrieval.report_text import plural
 from retrieval.search import IndexReader
-from retrieval.vectors import clip_cosine
-from retrieval.store import ClusterAssignment, ClusterRun, Image, utcnow
-from retrieval.vectors import VectorStore
+from retrieval.store import ClusterAssignment, ClusterRun, Image
+from retrieval.vectors import VectorStore, clip_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +119,9 @@ def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, s
     if k > n:
         raise RetrievalError(f"-k {k} is larger than the number of indexed images ({n})")
     params = {"k": k, "niter": niter, "seed": seed, "spherical": True}
-    fp = fingerprint(reader, params)
+    fp = runs.fingerprint(reader.store, reader.meta.get("model_fingerprint"), params)
     if not force:
-        with reader.store.session() as s:
-            candidates = s.scalars(select(ClusterRun).where(ClusterRun.fingerprint == fp,
-                                                            ClusterRun.status == "completed")
-                                   .order_by(ClusterRun.id.desc())).all()
+        candidates = runs.reusable(reader.store, ClusterRun, fp)
         # A run whose centroid file was deleted cannot serve `curate --mode cluster`: recompute.
         old = next((r for r in candidates if _centroid_file(reader, r) is not None), None)
         if old is not None:
@@ -140,11 +136,7 @@ def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, s
     starts = np.searchsorted(label[order], np.arange(k))
     rank[order] = np.arange(n) - np.repeat(starts, np.bincount(label, minlength=k))
     sizes = np.bincount(label, minlength=k).tolist()
-    with reader.store.session() as s, s.begin():
-        run = ClusterRun(status="running", k=k, n_images=n, fingerprint=fp, params=params)
-        s.add(run)
-        s.flush()
-        run_id = run.id
+    run_id = runs.start(reader.store, ClusterRun, k=k, n_images=n, fingerprint=fp, params=params)
     try:
         _save_centroids(centroids_path(reader.layout.root, run_id), centroids)
         with reader.store.session() as s, s.begin():
@@ -153,14 +145,9 @@ def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, s
                 s.execute(ClusterAssignment.__table__.insert(), [
                     {"run_id": run_id, "image_id": int(i), "cluster": int(c), "distance": float(d), "rank": int(r)}
                     for i, c, d, r in zip(ids[sl], label[sl], dist[sl], rank[sl])])
-            row = s.get(ClusterRun, run_id)
-            assert row is not None
-            row.status, row.finished_at, row.sizes = "completed", utcnow(), sizes
-    except BaseException:
-        with reader.store.session() as s, s.begin():
-            row = s.get(ClusterRun, run_id)
-            if row is not None:
-                row.status, row.finished_at = "failed", utcnow()
+            runs.complete(s, ClusterRun, run_id, sizes=sizes)
+    except BaseException as exc:
+        runs.fail(reader.store, ClusterRun, run_id, exc)
         raise
     return ClusterOutcome(run_id, k, n, False, sizes)
 
@@ -195,9 +182,9 @@ def _centroid_file(reader: IndexReader, run: ClusterRun) -> Path | None:
 
 def load_centroids(reader: IndexReader, run_id: int) -> np.ndarray:
     with reader.store.session() as s:
-        run = s.get(ClusterRun, run_id)
-    if run is None or run.status != "completed":
-        raise RetrievalError(f"no completed clustering run {run_id}; run `retrieval cluster` first")
+        run = runs.completed(s, ClusterRun, run_id)
+    if run is None:
+        raise RetrievalError(f"no completed clustering run {run_id}; run `retrieval cluster` first", "not_found")
     path = _centroid_file(reader, run)
     if path is None:
         raise RetrievalError(f"the centroids of clustering run {run_id} are missing "
@@ -206,8 +193,7 @@ def load_centroids(reader: IndexReader, run_id: int) -> np.ndarray:
 
 
 def latest_run(reader: IndexReader) -> int | None:
-    with reader.store.session() as s:
-        return s.scalar(select(ClusterRun.id).where(ClusterRun.status == "completed").order_by(ClusterRun.id.desc()))
+    return runs.latest_id(reader.store, ClusterRun)
 
 
 def members(reader: IndexReader, run_id: int, cluster: int, limit: int | None = None) -> list[tuple[int, str, float]]:

@@ -8,8 +8,6 @@ Results are stored in SQLite; a rerun with the same parameters on an unchanged i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 
+from retrieval import runs
 from retrieval.curation import hashing
 from retrieval.curation.graph import Edges, RayGraph, knn_edges, maybe_gpu
 from retrieval.curation.groups import Group, Nodes, build_groups
@@ -31,9 +30,7 @@ from retrieval.store import (
     DuplicateGroup,
     DuplicateMember,
     Image,
-    IndexRun,
     ReviewDecision,
-    utcnow,
 )
 
 logger = logging.getLogger(__name__)
@@ -127,16 +124,6 @@ def _with_references(nodes: Nodes, ref: Any) -> Nodes:
         is_ref=np.r_[nodes.is_ref, np.ones(m, bool)])
 
 
-def fingerprint(reader: IndexReader, params: dict[str, Any], extra: Any = None) -> str:
-    """Changes whenever the parameters, the indexed images or the reference folder change."""
-    with reader.store.session() as s:
-        state = s.execute(select(func.count(Image.id), func.max(Image.id), func.max(Image.updated_at))).one()
-        last_run = s.scalar(select(func.max(IndexRun.id)))
-    h = hashlib.sha256(json.dumps([params, [str(x) for x in state], last_run, reader.meta.get("model_fingerprint"),
-                                   extra], sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
 def _folder_state(folder: Path) -> list[Any]:
     from retrieval.imaging.scan import scan_corpus
 
@@ -150,27 +137,19 @@ def run_dedup(reader: IndexReader, opts: DedupOptions) -> DedupOutcome:
     ref_state = _folder_state(Path(opts.against)) if opts.against else None
     if opts.against and not Path(opts.against).is_dir():
         raise RetrievalError(f"reference folder {opts.against} does not exist or is not a folder")
-    fp = fingerprint(reader, params, ref_state)
+    fp = runs.fingerprint(reader.store, reader.meta.get("model_fingerprint"), params, ref_state)
     if not opts.force:
-        with reader.store.session() as s:
-            old = s.scalar(select(DedupRun).where(DedupRun.fingerprint == fp, DedupRun.status == "completed")
-                           .order_by(DedupRun.id.desc()).limit(1))
+        old = next(iter(runs.reusable(reader.store, DedupRun, fp)), None)
         if old is not None:
             logger.info("reusing dedup run %d: same parameters, index unchanged", old.id)
             return DedupOutcome(run_id=old.id, reused=True, counts=old.counts or {})
-    with reader.store.session() as s, s.begin():
-        run = DedupRun(status="running", mode="relative" if opts.against else "self", fingerprint=fp, params=params)
-        s.add(run)
-        s.flush()
-        run_id = run.id
+    run_id = runs.start(reader.store, DedupRun, mode="relative" if opts.against else "self", fingerprint=fp,
+                        params=params)
     try:
         counts, groups, nodes, failures = _compute(reader, opts)
         _store(reader, run_id, nodes, groups, counts, failures)
     except BaseException as exc:
-        with reader.store.session() as s, s.begin():
-            row = s.get(DedupRun, run_id)
-            if row is not None:
-                row.status, row.error, row.finished_at = "failed", str(exc)[:2000], utcnow()
+        runs.fail(reader.store, DedupRun, run_id, exc)
         raise
     return DedupOutcome(run_id=run_id, reused=False, counts=counts)
 
@@ -313,9 +292,7 @@ def _store(reader: IndexReader, run_id: int, nodes: Nodes, groups: list[Group], 
                                        path=nodes.path[m.pos], is_reference=bool(nodes.is_ref[m.pos]),
                                        action=m.action, similarity=round(clip_cosine(m.similarity), 6), reason=m.reason)
                        for m in _ordered(g)])
-        run = s.get(DedupRun, run_id)
-        assert run is not None
-        run.status, run.finished_at, run.counts, run.reference_failures = "completed", utcnow(), counts, failures
+        runs.complete(s, DedupRun, run_id, counts=counts, reference_failures=failures)
 
 
 def _ordered(g: Group) -> list[Any]:
@@ -326,12 +303,11 @@ def _ordered(g: Group) -> list[Any]:
 def load_run(reader: IndexReader, run_id: int | None = None) -> dict[str, Any]:
     """A stored run as the versioned duplicates.json document (latest completed run by default)."""
     with reader.store.session() as s:
-        q = select(DedupRun).where(DedupRun.status == "completed")
-        run = s.get(DedupRun, run_id) if run_id is not None else s.scalar(q.order_by(DedupRun.id.desc()).limit(1))
-        if run_id is not None and (run is None or run.status != "completed"):
-            raise RetrievalError(f"no completed dedup run with id {run_id} in this index")
+        run = runs.latest(s, DedupRun) if run_id is None else runs.completed(s, DedupRun, run_id)
+        if run is None and run_id is not None:
+            raise RetrievalError(f"no completed dedup run with id {run_id} in this index", "not_found")
         if run is None:
-            raise RetrievalError("no completed dedup run in this index; run `retrieval dedup` first")
+            raise RetrievalError("no completed dedup run in this index; run `retrieval dedup` first", "not_found")
         groups = s.scalars(select(DuplicateGroup).where(DuplicateGroup.run_id == run.id)
                            .order_by(DuplicateGroup.number)).all()
         # Review decisions (made in the web UI) override the computed actions.

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Literal
 
 from sqlalchemy import and_, case, delete, func, select
 
+from retrieval import runs
 from retrieval.errors import RetrievalError
 from retrieval.store import (
     ClusterAssignment,
@@ -45,9 +46,13 @@ GIANT_GROUP = 50
 class NotFound(RetrievalError):
     """The run, group, cluster or member asked for does not exist."""
 
+    kind = "not_found"
+
 
 class InvalidRequest(RetrievalError):
     """A decision that cannot be stored (unknown member, a reference file, a bad action)."""
+
+    kind = "unprocessable"
 
 
 # --- runs --------------------------------------------------------------------------------------
@@ -73,7 +78,7 @@ def dedup_runs(store: Store, limit: int = 100) -> list[DedupRunInfo]:
     with store.session() as s:
         n = (select(ReviewDecision.run_id, func.count().label("n")).group_by(ReviewDecision.run_id).subquery())
         rows = s.execute(select(DedupRun, n.c.n).outerjoin(n, n.c.run_id == DedupRun.id)
-                         .where(DedupRun.status == "completed").order_by(DedupRun.id.desc()).limit(limit)).all()
+                         .where(DedupRun.status == runs.COMPLETED).order_by(DedupRun.id.desc()).limit(limit)).all()
     return [_run_info(run, count or 0) for run, count in rows]
 
 
@@ -81,15 +86,12 @@ def dedup_run(store: Store, run_id: int | None = None, mode: str | None = None) 
     """One completed run (the latest, optionally of one mode, when `run_id` is None)."""
     with store.session() as s:
         if run_id is None:
-            q = select(DedupRun).where(DedupRun.status == "completed")
-            if mode is not None:
-                q = q.where(DedupRun.mode == mode)
-            run = s.scalar(q.order_by(DedupRun.id.desc()).limit(1))
+            run = runs.latest(s, DedupRun, *([DedupRun.mode == mode] if mode is not None else []))
             if run is None:
                 raise NotFound("no dedup run yet: run `retrieval dedup` on this index")
         else:
-            run = s.get(DedupRun, run_id)
-            if run is None or run.status != "completed":
+            run = runs.completed(s, DedupRun, run_id)
+            if run is None:
                 raise NotFound(f"no completed dedup run with id {run_id} in this index")
         decisions = s.scalar(select(func.count()).select_from(ReviewDecision)
                              .where(ReviewDecision.run_id == run.id)) or 0
@@ -315,12 +317,8 @@ class ClusterMember:
 
 def cluster_run(store: Store, run_id: int | None = None) -> ClusterRun:
     with store.session() as s:
-        if run_id is None:
-            run = s.scalar(select(ClusterRun).where(ClusterRun.status == "completed")
-                           .order_by(ClusterRun.id.desc()).limit(1))
-        else:
-            run = s.get(ClusterRun, run_id)
-    if run is None or run.status != "completed":
+        run = runs.latest(s, ClusterRun) if run_id is None else runs.completed(s, ClusterRun, run_id)
+    if run is None:
         raise NotFound("no clustering run yet: run `retrieval cluster` on this index" if run_id is None
                        else f"no completed clustering run with id {run_id}")
     return run
@@ -361,7 +359,7 @@ def cluster_members(store: Store, run: ClusterRun, cluster: int, page: int = 1, 
 # --- curation runs -----------------------------------------------------------------------------
 def curation_runs(store: Store, limit: int = 100) -> list[CurationRun]:
     with store.session() as s:
-        return list(s.scalars(select(CurationRun).where(CurationRun.status == "completed")
+        return list(s.scalars(select(CurationRun).where(CurationRun.status == runs.COMPLETED)
                               .order_by(CurationRun.id.desc()).limit(limit)))
 
 
@@ -369,8 +367,8 @@ def curation_items(store: Store, run_id: int, page: int = 1, per_page: int = 100
                    ) -> tuple[CurationRun, int, list[CurationItem]]:
     """A curation run, its number of items, and one page of them (best score first)."""
     with store.session() as s:
-        run = s.get(CurationRun, run_id)
-        if run is None or run.status != "completed":
+        run = runs.completed(s, CurationRun, run_id)
+        if run is None:
             raise NotFound(f"no completed curation run with id {run_id}")
         total = s.scalar(select(func.count()).select_from(CurationItem).where(CurationItem.run_id == run_id)) or 0
         items = list(s.scalars(select(CurationItem).where(CurationItem.run_id == run_id)
@@ -419,8 +417,7 @@ def stored_groups(store: Store, mode: str, min_size: int, threshold: float | Non
     """Groups of the latest completed run of `mode`, keeping members at least `threshold` similar to
     their representative and groups where at least `min_size` members remain."""
     with store.session() as s:
-        run = s.scalar(select(DedupRun).where(DedupRun.status == "completed", DedupRun.mode == mode)
-                       .order_by(DedupRun.id.desc()).limit(1))
+        run = runs.latest(s, DedupRun, DedupRun.mode == mode)
         if run is None:
             raise NotFound("no dedup run yet: run `retrieval dedup` on this index")
         run_threshold = float(run.params.get("threshold", 0.0))

@@ -187,7 +187,7 @@ def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: 
         pixels = preprocess(decoded, config)
         phash = perceptual_hash(decoded.image)
     except ImageDecodeError as exc:
-        return _failure(item, exc.kind, str(exc))
+        return _failure(item, exc.failure_kind, str(exc))
     except MemoryError:
         return _failure(item, "too_large", "out of memory while decoding this image")
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the run

@@ -158,7 +158,8 @@ def bomb_error(exc: Exception, max_pixels: int) -> ImageDecodeError:
                             f"(raise it with --max-pixels if this image is legitimate)", "too_large")
 
 
-def _classify_open_error(exc: Exception, head: bytes, max_pixels: int) -> ImageDecodeError:
+def classify_decode_error(exc: Exception, head: bytes, max_pixels: int) -> ImageDecodeError:
+    """The ImageDecodeError for a decoder exception: one classification for indexing, uploads and thumbnails."""
     if isinstance(exc, UnidentifiedImageError):
         fmt = sniff_format(head)
         if fmt is not None:
@@ -244,7 +245,7 @@ def decode_image(data: bytes, config: PreprocessConfig, max_pixels: int) -> Deco
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError,
             Image.DecompressionBombError, Image.DecompressionBombWarning, struct.error) as exc:
-        raise _classify_open_error(exc, data[:16], max_pixels) from None
+        raise classify_decode_error(exc, data[:16], max_pixels) from None
     return DecodedImage(image=rgb, width=width, height=height, format=fmt, scale=scale, offset=offset)
 
 

@@ -176,7 +176,7 @@ def decode_bytes(data: bytes, config: PreprocessConfig, max_pixels: int) -> np.n
     try:
         pixels, _ = load_and_preprocess(data, config, max_pixels)
     except ImageDecodeError as exc:
-        return exc.kind, str(exc)
+        return exc.failure_kind, str(exc)
     return pixels
 
 

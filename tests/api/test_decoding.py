@@ -43,7 +43,7 @@ def test_decodes_like_the_indexer_and_reports_bad_input(workers: int) -> None:
         np.testing.assert_array_equal(got, load_and_preprocess(_jpeg(1), CONFIG, 10**8)[0])
         with pytest.raises(ImageDecodeError) as err:
             asyncio.run(decoder.decode(b"not an image at all", CONFIG, 10**8))
-        assert err.value.kind == "not_an_image"
+        assert err.value.failure_kind == "not_an_image"
     finally:
         decoder.close()
 
