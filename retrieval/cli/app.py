@@ -194,12 +194,6 @@ def verify(
 
 
 @app.command()
-def settings_api_key_missing() -> bool:
-    import os
-
-    return not os.environ.get("RETRIEVAL_API_KEY")
-
-
 def serve(
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
@@ -236,7 +230,7 @@ def serve(
     if allow_url_queries:
         os.environ["RETRIEVAL_ALLOW_URL_QUERIES"] = "1"
     logging.getLogger("api").setLevel(log_level.upper())
-    if settings_api_key_missing() and not host.startswith(("127.", "localhost", "::1")):
+    if not os.environ.get("RETRIEVAL_API_KEY") and not host.startswith(("127.", "localhost", "::1")):
         typer.echo(f"note: listening on {host} without RETRIEVAL_API_KEY: the API is open to the network and "
                    "review decisions cannot be changed (set RETRIEVAL_API_KEY)", err=True)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host

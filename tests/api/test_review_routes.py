@@ -10,17 +10,11 @@ from typing import Iterator
 import pytest
 from fastapi.testclient import TestClient
 from retrieval.api.app import create_app
-from typer.testing import CliRunner
 
-from retrieval.cli.app import app as cli_app
 from tests.api.conftest import Indexed, build_indexed
+from tests.api.test_curation_routes import _cli
 
 LOOPBACK = "http://127.0.0.1"
-
-
-def _cli(*args: object) -> None:
-    result = CliRunner().invoke(cli_app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
 
 
 @pytest.fixture(scope="module")
