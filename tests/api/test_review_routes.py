@@ -117,6 +117,7 @@ def test_pages_render(local: TestClient, reviewed: Indexed) -> None:
     assert clusters.status_code == 200 and "/ui/clusters/0" in clusters.text
     assert local.get("/ui/clusters/0").status_code == 200 and local.get("/ui/clusters/7").status_code == 404
     assert "No curation run" in local.get("/ui/curation").text
+    assert local.get("/ui/curation/" + "9" * 30).status_code == 422
     up = local.post("/ui/search", params={"k": 2},
                     files={"file": ("q.jpg", (reviewed.corpus / "dup/orig.jpg").read_bytes(), "image/jpeg")})
     assert up.status_code == 200 and up.text.count('class="card"') == 2
