@@ -179,6 +179,8 @@ def _page_times(browser: Any, url: str, repeats: int) -> list[dict[str, Any]]:
         page = ctx.new_page()
         page.goto(url, wait_until="load", timeout=120_000)
         out.append(page.evaluate(_FCP))
+        # Let the lazy thumbnails finish, so they do not compete with the next measurement.
+        page.wait_for_load_state("networkidle", timeout=120_000)
         ctx.close()
     return out
 
@@ -197,6 +199,7 @@ def _upload_times(browser: Any, base: str, image: Path, repeats: int) -> list[di
         server = page.evaluate("performance.getEntriesByType('resource').filter(e => e.name.includes('/ui/search'))"
                                ".map(e => e.serverTiming && e.serverTiming[0] ? e.serverTiming[0].duration : null)[0]")
         out.append({"fcp_ms": ms, "server_ms": server})
+        page.wait_for_load_state("networkidle", timeout=120_000)
         ctx.close()
     return out
 
