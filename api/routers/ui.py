@@ -12,11 +12,11 @@ any script; api/web/static/app.js adds uploads, decisions and keyboard navigatio
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
@@ -32,7 +32,7 @@ from retrieval.curation import queries
 from retrieval.errors import RetrievalError
 from retrieval.search import MAX_K
 
-WEB = Path(__file__).resolve().parent.parent / "web"
+WEB = FsPath(__file__).resolve().parent.parent / "web"
 templates = Jinja2Templates(directory=str(WEB / "templates"))
 UI_MAX_K = min(MAX_K, 500)
 
@@ -195,7 +195,7 @@ def clusters_page(request: Request, handle: ReaderDep, run: Annotated[int | None
 
 
 @pages.get("/ui/clusters/{cluster}", response_class=HTMLResponse)
-def cluster_page(request: Request, handle: ReaderDep, cluster: int,
+def cluster_page(request: Request, handle: ReaderDep, cluster: Annotated[int, Path(ge=0, le=10_000_000)],
                  run: Annotated[int | None, Query(ge=1, le=2**62)] = None,
                  page: Annotated[int, Query(ge=1, le=1_000_000)] = 1) -> HTMLResponse:
     store = handle.reader.store
@@ -218,7 +218,7 @@ def curation_list(request: Request, handle: ReaderDep) -> HTMLResponse:
 
 
 @pages.get("/ui/curation/{run_id}", response_class=HTMLResponse)
-def curation_run(request: Request, handle: ReaderDep, run_id: int,
+def curation_run(request: Request, handle: ReaderDep, run_id: Annotated[int, Path(ge=1, le=2**62)],
                  page: Annotated[int, Query(ge=1, le=1_000_000)] = 1) -> HTMLResponse:
     per_page = 60
     crun, total, items = queries.curation_items(handle.reader.store, run_id, page, per_page)

@@ -10,17 +10,11 @@ from typing import Iterator
 import pytest
 from fastapi.testclient import TestClient
 from retrieval.api.app import create_app
-from typer.testing import CliRunner
 
-from retrieval.cli.app import app as cli_app
 from tests.api.conftest import Indexed, build_indexed
+from tests.api.test_curation_routes import _cli
 
 LOOPBACK = "http://127.0.0.1"
-
-
-def _cli(*args: object) -> None:
-    result = CliRunner().invoke(cli_app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +117,7 @@ def test_pages_render(local: TestClient, reviewed: Indexed) -> None:
     assert clusters.status_code == 200 and "/ui/clusters/0" in clusters.text
     assert local.get("/ui/clusters/0").status_code == 200 and local.get("/ui/clusters/7").status_code == 404
     assert "No curation run" in local.get("/ui/curation").text
+    assert local.get("/ui/curation/" + "9" * 30).status_code == 422
     up = local.post("/ui/search", params={"k": 2},
                     files={"file": ("q.jpg", (reviewed.corpus / "dup/orig.jpg").read_bytes(), "image/jpeg")})
     assert up.status_code == 200 and up.text.count('class="card"') == 2

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
 from retrieval.cli.app import app as cli_app
 from tests.api.conftest import Indexed, _ids, run_index
-from tests.api.test_serve import free_port
+from tests.api.test_serve import running_server
 from tests.conftest import make_corpus
 from tests.images import photo, write
 
@@ -84,38 +80,13 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     make_corpus(queries, 2, start=3)  # the same pictures as a/img0003.png and b/img0004.jpg
     cli("curate", "--index-dir", indexed.index_dir, "--queries", queries, "-k", "3", "-o", reports / "q",
         "--no-progress")
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETRIEVAL_")}
-    env.update({"PYTHONPATH": str(ROOT), "RETRIEVAL_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    env.update({"RETRIEVAL_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                 "RETRIEVAL_UPLOAD_DECODE_WORKERS": "1", "RETRIEVAL_RELOAD_CHECK_S": "0"})
-    log_path = root / "server.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index-dir", str(indexed.index_dir),
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300  # a startup wait (a loaded CI machine), not an assertion on speed
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
+    with running_server(indexed.index_dir, root, env, startup_s=300) as base:
         shots = tmp_path_factory.mktemp("ui-screenshots")
         print(f"screenshots: {shots}")
         yield Served(base, indexed, shots)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ def test_upload_an_image_and_see_its_copy_first(page: Any, served: Served, tmp_p
     upload = tmp_path / "my-upload.jpg"
     shutil.copy(served.indexed.corpus / "a" / "img0005.jpg", upload)  # a copy of a corpus image
     page.goto(served.base + "/")
+    page.wait_for_selector("body[data-ready]")
     assert _images_loaded(page, ".results img") > 0  # a starting sample of the index
     served.shot(page, "search-start")
     page.fill("input[name=k]", "8")
@@ -45,7 +46,7 @@ def test_upload_an_image_and_see_its_copy_first(page: Any, served: Served, tmp_p
     # More like this: click the second result; the search is now in the URL and can be shared.
     second_path = page.locator(".results .card .path").nth(1).inner_text()
     page.locator(".results .card a.more").nth(1).click()
-    page.wait_for_selector(".query")
+    page.wait_for_selector("body[data-ready] .query")
     assert "image=" in page.url and "k=8" in page.url
     assert second_path in page.locator(".query").inner_text()
     # Keyboard: arrows move over results, Enter searches by the focused one.
@@ -60,6 +61,7 @@ def test_upload_an_image_and_see_its_copy_first(page: Any, served: Served, tmp_p
 
 def test_review_flip_a_decision_reload_and_apply(page: Any, served: Served, tmp_path: Path) -> None:
     page.goto(served.base + "/ui/duplicates")
+    page.wait_for_selector("body[data-ready]")
     copy = page.locator(".member", has=page.locator(".path", has_text="dup/copy.jpg"))
     orig = page.locator(".member", has=page.locator(".path", has_text="dup/orig.jpg"))
     assert "remove" in copy.get_attribute("class") and "keep" in orig.get_attribute("class")
@@ -79,6 +81,7 @@ def test_review_flip_a_decision_reload_and_apply(page: Any, served: Served, tmp_
     page.wait_for_function("document.querySelector('#review-status').textContent === 'Saved.' && "
                            "document.querySelector('#decision-count').textContent === '2'")
     page.reload()
+    page.wait_for_selector("body[data-ready]")
     copy = page.locator(".member", has=page.locator(".path", has_text="dup/copy.jpg"))
     orig = page.locator(".member", has=page.locator(".path", has_text="dup/orig.jpg"))
     assert "keep" in copy.get_attribute("class").split() and "reviewed" in copy.get_attribute("class").split()

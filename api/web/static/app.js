@@ -142,4 +142,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "search") initSearch();
   if (page === "review") initReview();
+  document.body.dataset.ready = "1";  // handlers attached (tests wait for this before using keys)
 });
