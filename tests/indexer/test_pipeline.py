@@ -162,10 +162,10 @@ def test_bad_inputs_are_recorded_with_reasons_and_skipped(corpus: Path, tiny_mod
 
         real_read = decode._read
 
-        def deny(root: str, item):  # noqa: ANN001
+        def deny(root: str, item, *rest):  # noqa: ANN001, ANN002
             if item.path == "locked.jpg":
                 raise PermissionError(13, "Permission denied")
-            return real_read(root, item)
+            return real_read(root, item, *rest)
 
         monkeypatch.setattr(decode, "_read", deny)
     else:
