@@ -7,7 +7,7 @@ import pytest
 
 from retrieval import ann
 from retrieval.curation import hamming as hamming_search
-from retrieval.curation.graph import Edges, brute_force_edges, knn_edges
+from retrieval.curation.graph import Edges, brute_force_edges, knn_edges, sampled_edge_recall
 from retrieval.curation.groups import Nodes, build_groups, components
 from retrieval.curation.hashing import hamming, phash_codes, phash_edges
 
@@ -193,3 +193,17 @@ def test_phash_edges_equal_brute_force_hamming(monkeypatch: pytest.MonkeyPatch, 
     want = {(i, j) for i in range(len(h)) for j in range(i + 1, len(h)) if hamming(int(h[i]), int(h[j])) <= 5}
     assert set(zip(got.src.tolist(), got.dst.tolist())) == want and len(want) >= 30
     assert phash_codes(np.array([1], np.int64)).tolist() == [[0, 0, 0, 0, 0, 0, 0, 1]]
+
+
+def test_sampled_edge_recall_counts_the_exact_k_nn_edges_a_graph_misses() -> None:
+    x = planted_vectors(900, 16, n_groups=60, per_group=5, noise=0.05, seed=9)
+    ids = np.arange(10, 910, dtype=np.int64)  # ids are not positions
+    read = lambda q: x[np.asarray(q) - 10]  # noqa: E731
+    truth = brute_force_edges(ids, x, 0.9, k=3)
+    full = sampled_edge_recall(truth, ids, read, k=3, threshold=0.9, sample=900, block=97)
+    assert full["queries"] == 900 and full["true_edges"] == len(truth) > 200 and full["recall"] == 1.0
+    half = Edges(truth.src[::2], truth.dst[::2], truth.sim[::2])
+    part = sampled_edge_recall(half, ids, read, k=3, threshold=0.9, sample=900, block=97)
+    assert part["recall"] == pytest.approx(len(half) / len(truth), abs=1e-4)
+    some = sampled_edge_recall(half, ids, read, k=3, threshold=0.9, sample=100)
+    assert some["queries"] == 100 and 0 < some["true_edges"] < len(truth)
