@@ -41,6 +41,7 @@ COPY_FRACTION = 0.01  # originals that get planted copies
 EXACT_COPY_SHARE = 0.2  # of the copies: byte-identical (same sha256, pHash and vector)
 PHASH_NEAR_SHARE = 0.5  # of the other copies: pHash within 0-4 bits (re-encoded / resized)
 SAMPLE_NODES = 2000  # nodes whose exact k-NN edges are checked against the graph
+KEEP_OTHER = False  # --keep-other
 SPILL_ABOVE = 2_000_000  # larger corpora keep their float32 vectors in a memory-mapped file
 
 
@@ -288,21 +289,34 @@ def _spawn_child(index_dir: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100k vectors, peer at 10k and 20k")
-    parser.add_argument("--sizes", "--n", type=int, nargs="+", default=None, help="corpus sizes (e.g. --n 10000000)")
+    parser.add_argument("--sizes", "--n", type=int, nargs="*", default=None, help="corpus sizes (e.g. --n 10000000)")
     parser.add_argument("--peer-sizes", type=int, nargs="*", default=None)
     parser.add_argument("--peer-timeout", type=float, default=900.0)
+    parser.add_argument("--keep-other", action="store_true",
+                        help="keep the saved sizes (or side by side) when this run measures only the other part")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global KEEP_OTHER
+    KEEP_OTHER = args.keep_other
     if args.child is not None:
         print(json.dumps(child_dedup(args.child)))
         return
-    sizes = args.sizes or ([100_000] if args.quick else [100_000, 1_000_000])
+    sizes = args.sizes if args.sizes is not None else ([100_000] if args.quick else [100_000, 1_000_000])
     peer_sizes = args.peer_sizes if args.peer_sizes is not None else ([10_000, 20_000] if args.quick
                                                                       else [10_000, 20_000, 40_000])
     tmp = Path(tempfile.mkdtemp(prefix="bench-dedup-"))
     results: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
     try:
+        # side by side first (small sizes, minutes), on the first n of one corpus of the largest peer size
+        if peer_sizes:
+            corpus = make_corpus(max(peer_sizes))
+            for m in sorted(peer_sizes):
+                peers.append(side_by_side(corpus, m, tmp, args.peer_timeout))
+                save(results, peers, args.quick)
+                if "error" in peers[-1]["imagededup"]:
+                    break  # it will not complete at a larger size either
+            del corpus
         for n in sizes:
             t = time.perf_counter()
             corpus = make_corpus(n, spill=tmp / f"vectors-{n}.npy" if n > SPILL_ABOVE else None)
@@ -314,41 +328,50 @@ def main() -> None:
             quality = graph_quality(corpus, found_groups(index_dir, dedup["run_id"]))
             row = {"n": n, "dim": DIM, "make_corpus_s": round(make_s, 1), **build, "dedup": dedup, "quality": quality}
             results.append(row)
-            print(f"N={n}: dedup {dedup['wall_s']} s, peak RSS {dedup['peak_rss_mb']} MB, "
-                  f"stages {dedup['counts'].get('timings')}, quality {quality}", flush=True)
+            print(f"N={n}: dedup {dedup['wall_s']} s (CPU {dedup['cpu_s']} s), peak RSS {dedup['peak_rss_mb']} MB, "
+                  f"stages {dedup['counts'].get('timings')}, graph {dedup['counts'].get('graph')}, "
+                  f"quality {quality}", flush=True)
             shutil.rmtree(index_dir, ignore_errors=True)
             save(results, peers, args.quick)
-            if n == max(sizes):
-                for m in peer_sizes:
-                    if m > n:
-                        continue
-                    peer = run_peer(corpus["vectors"], m, 0.95, tmp, args.peer_timeout)
-                    ours = ours_on_subset(corpus, m, tmp)
-                    mine, theirs = ours.pop("group_sets"), peer.pop("groups", None)
-                    entry = {"n": m, "imagededup": peer, "ours": ours}
-                    if theirs is not None:
-                        entry["identical_groups"] = mine == theirs
-                        entry["groups_only_ours"] = len(mine - theirs)
-                        entry["groups_only_imagededup"] = len(theirs - mine)
-                    if "wall_s" in peer:
-                        entry["speedup_vs_imagededup"] = round(peer["wall_s"] / ours["dedup_wall_s"], 1)
-                    peers.append(entry)
-                    print(f"n={m}: imagededup {peer.get('wall_s', peer.get('error'))} s vs ours "
-                          f"{ours['dedup_wall_s']} s, identical groups {entry.get('identical_groups')}", flush=True)
-                    save(results, peers, args.quick)
-                    if "error" in peer:
-                        break  # it will not complete at a larger size either
             del corpus
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     save(results, peers, args.quick)
 
 
+def side_by_side(corpus: dict[str, Any], m: int, tmp: Path, timeout: float) -> dict[str, Any]:
+    """imagededup and our dedup on the first m vectors; their groups compared."""
+    peer = run_peer(corpus["vectors"], m, 0.95, tmp, timeout)
+    ours = ours_on_subset(corpus, m, tmp)
+    mine, theirs = ours.pop("group_sets"), peer.pop("groups", None)
+    entry = {"n": m, "imagededup": peer, "ours": ours}
+    if theirs is not None:
+        entry["identical_groups"] = mine == theirs
+        entry["groups_only_ours"] = len(mine - theirs)
+        entry["groups_only_imagededup"] = len(theirs - mine)
+    if "wall_s" in peer:
+        entry["speedup_vs_imagededup"] = round(peer["wall_s"] / ours["dedup_wall_s"], 1)
+    print(f"n={m}: imagededup {peer.get('wall_s', peer.get('error'))} s vs ours {ours['dedup_wall_s']} s, "
+          f"identical groups {entry.get('identical_groups')}", flush=True)
+    return entry
+
+
 def save(results: list[dict[str, Any]], peers: list[dict[str, Any]], quick: bool) -> Path | None:
-    """Write what has been measured so far (called after every size and every side-by-side size)."""
-    if not results:
+    """Write what has been measured so far (called after every size and every side-by-side size).
+
+    With --keep-other, a part this run does not measure (sizes, or the side by side) is kept from the
+    saved result, so the two parts can be run at different times."""
+    if KEEP_OTHER:
+        from benchmarks.common import RESULTS
+
+        old_path = RESULTS / ("dedup_scale" + ("_quick" if quick else "") + ".json")
+        if old_path.exists():
+            old = json.loads(old_path.read_text())
+            results = results or old.get("sizes", [])
+            peers = peers or old.get("side_by_side", [])
+    if not results and not peers:
         return None
-    largest = max(results, key=lambda r: r["n"])
+    largest = max(results, key=lambda r: r["n"]) if results else {"n": 0, "dedup": {"wall_s": None, "peak_rss_mb": 0}}
     both = [p for p in peers if "speedup_vs_imagededup" in p]
     recalls = [r["dedup"]["counts"].get("graph", {}).get("edge_recall_sample", {}).get("recall") for r in results]
     recalls = [r for r in recalls if r is not None]
@@ -356,7 +379,7 @@ def save(results: list[dict[str, Any]], peers: list[dict[str, Any]], quick: bool
     goals = {
         "1M_under_3_min": None if largest["n"] != 1_000_000 else wall < 180,
         "10M_under_1_hour": None if largest["n"] < 10_000_000 else wall < 3600,
-        "under_8_GB": rss < 8192,
+        "under_8_GB": rss < 8192 if results else None,
         "knn_edge_recall_at_threshold_at_least_0.995": min(recalls) >= 0.995 if recalls else None,
         "20x_faster_than_imagededup_at_largest_common_size": (both[-1]["speedup_vs_imagededup"] >= 20) if both else None,
         "identical_groups_where_both_run": all(p.get("identical_groups") for p in peers if "identical_groups" in p)
