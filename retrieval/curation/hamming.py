@@ -4,20 +4,26 @@ Brute force compares every pair (N^2 / 2); at a million hashes that is what made
 the slowest part of `retrieval dedup`. Multi-index hashing (Norouzi et al.) uses the pigeonhole
 principle instead: cut the hash into m chunks and give chunk c a radius s_c with
 sum(s_c + 1) = radius + 1. If two hashes are within `radius`, their chunk distances sum to at most
-`radius`, so at least one chunk c is within s_c. Every pair is therefore found by looking up, for
-each chunk, the chunk values within s_c of a hash's own (the s_c-bit flip patterns) in a table of
-all hashes sorted by that chunk; candidates are then verified exactly on the whole hash.
+`radius`, so on at least one chunk c they are within s_c. Only pairs that are that close on some
+chunk become candidates, and every candidate is verified exactly on the whole hash.
 
 With s_c = 0 for every chunk (m = radius + 1) this is plain bucketing by chunk value; it is exact
 but its short chunks make huge buckets on a large collection (a 64-bit pHash at radius 8 has 7-bit
 chunks: a million hashes put ~8,000 in each bucket). Longer chunks with a small radius each (three
-21-22 bit chunks within 2 bits for the same pHash) trade a few hundred table look-ups per hash for
-buckets that are almost empty. The chunking is picked per call by a cost model of both terms.
+21-22 bit chunks within 2 bits for the same pHash) trade flip patterns for buckets that are almost
+empty. The chunking is picked per call by a cost model of both terms.
 
-A pair found through several chunks is kept only from the first chunk whose radius it meets, so no
-global de-duplication of pairs is needed. Memory is bounded: queries are processed in blocks and
-candidates are expanded in batches of `CANDIDATE_BATCH`, so a bucket of millions of identical
-hashes costs time in proportion to its pairs but not memory beyond the pairs it returns.
+* `range_pairs` (self-join) meets in the middle: every hash enters one sorted list per flip pattern
+  of at most h = ceil(s_c / 2) bits of its chunk; two hashes within 2h bits on the chunk share a
+  key there (a ^ p == b ^ q). Only runs of equal keys are expanded into candidates.
+* `range_pairs_dihedral` puts the 8n variant hashes into one table per chunk and looks each plain
+  hash up once per flip pattern of at most s_c bits, so the look-ups are not repeated per variant.
+
+A pair is reported once: within a chunk, only its canonical (p, q) split is kept; across chunks, only
+the first chunk that finds it. Memory is bounded: entries are sorted in key ranges of at most
+ENTRY_BATCH, look-ups go in blocks, and candidates are expanded in batches of CANDIDATE_BATCH, so a
+bucket of millions of identical hashes costs time in proportion to its pairs but not memory beyond
+the pairs it returns.
 """
 
 from __future__ import annotations

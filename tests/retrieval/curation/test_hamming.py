@@ -80,7 +80,7 @@ def test_clustered_codes_and_big_buckets() -> None:
     flip = rng.random((400, 8)) < 0.05
     codes = codes ^ (flip * rng.integers(1, 256, (400, 8))).astype(np.uint8)
     old = hamming.CANDIDATE_BATCH
-    hamming.CANDIDATE_BATCH = 97  # force the batched and the sliced big-run paths
+    hamming.CANDIDATE_BATCH = 20  # force the batched and the sliced big-run paths (runs of ~80)
     try:
         got = force_mih(range_pairs, codes, 6)
     finally:
@@ -132,3 +132,13 @@ def test_dihedral_equal_brute_force(nbytes: int, radius: int) -> None:
     assert as_set(force_mih(range_pairs_dihedral, codes, variants, radius)) == want
     assert as_set(range_pairs_dihedral(codes, variants, radius)) == want
     assert as_set(hamming._range_pairs_dihedral(codes, variants, radius, method="brute")) == want
+
+
+def test_key_ranges_and_small_batches_give_the_same_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounded-memory paths (entries sorted in several key ranges, tiny candidate batches)."""
+    rng = np.random.default_rng(11)
+    codes = planted(rng, 400, 8, 7)
+    want = oracle(codes, 7)
+    monkeypatch.setattr(hamming, "ENTRY_BATCH", 1000)
+    monkeypatch.setattr(hamming, "CANDIDATE_BATCH", 50)
+    assert as_set(force_mih(range_pairs, codes, 7)) == want
