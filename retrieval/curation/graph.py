@@ -202,7 +202,7 @@ def knn_edges(index: Any, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarr
 
 
 def sampled_edge_recall(edges: Edges, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int,
-                        threshold: float, sample: int = 256, block: int = 65_536, seed: int = 0) -> dict[str, Any]:
+                        threshold: float, sample: int = 256, block: int = 16_384, seed: int = 0) -> dict[str, Any]:
     """Edge recall at the threshold against brute force, on `sample` query nodes.
 
     For each sampled node the exact top k (by a scan of every stored vector, in blocks of `block`
