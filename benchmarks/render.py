@@ -323,14 +323,27 @@ def _dedup_scale(d: dict[str, Any]) -> list[str]:
         counts = dd.get("counts", {})
         q = s.get("quality", {})
         grouped = q.get("planted_pairs_grouped", {})
+        peaks = counts.get("peak_rss_mb_after", {})
+        er = counts.get("graph", {}).get("edge_recall_sample", {})
+        cpu = counts.get("cpu_s", {})
         rows.append([_n(s["n"]), f"`{s.get('index', '?')}`", _n(s.get("index_build_s")), _n(dd["wall_s"]),
                      " / ".join(_n(t.get(k)) for k in ("exact_s", "phash_s", "graph_s", "groups_s")),
-                     _n(dd.get("peak_rss_mb"), 0), _n(counts.get("groups")), _n(counts.get("images_to_remove")),
+                     (_n(dd.get("cpu_s")) + " (" + " / ".join(_n(cpu.get(k)) for k in ("exact", "phash", "graph", "groups"))
+                      + ")") if cpu else "–",
+                     " / ".join(_n(peaks.get(k), 0) if peaks.get(k) is not None else "–"
+                                for k in ("exact", "phash", "graph", "groups")) if peaks else "–",
+                     _n(dd.get("peak_rss_mb"), 0),
+                     (f"{_n(er['recall'], 4)} ({_n(er.get('true_edges'))} edges)" if er.get("recall") is not None
+                      else ("exact index" if t and "graph_recall_check_s" not in t and peaks else "–")),
+                     _n(counts.get("groups")), _n(counts.get("images_to_remove")),
                      " / ".join(_n(grouped.get(k), 3) if grouped.get(k) is not None else "–"
                                 for k in ("exact", "phash_near", "embedding_only")),
                      _n(q.get("edge_recall_in_groups"), 4) if q.get("edge_recall_in_groups") is not None else "–"])
     out = [desc, _table(["N", "index", "index build s", "dedup wall s", "exact / pHash / graph / groups s",
-                         "dedup peak RSS MiB", "groups", "images to remove",
+                         "dedup CPU s (exact / pHash / graph / groups)",
+                         "peak RSS after each stage MiB", "dedup peak RSS MiB",
+                         "k-NN edge recall at the threshold vs brute force (sample, in the run)", "groups",
+                         "images to remove",
                          "planted pairs grouped (exact / pHash-near / embedding-only)",
                          "exact k-NN edges >= threshold kept in groups (sample)"], rows)]
     side = d.get("side_by_side", [])
@@ -345,24 +358,37 @@ def _dedup_scale(d: dict[str, Any]) -> list[str]:
                 peer_cells = [_short(peer.get("error", "did not complete"), 120), "–"]
             speed = (_ratio(peer["wall_s"] / ours["dedup_wall_s"]) if "wall_s" in peer and ours.get("dedup_wall_s")
                      else "–")
+            same = {True: "yes", False: (f"no ({p.get('groups_only_ours')} only ours, "
+                                         f"{p.get('groups_only_imagededup')} only imagededup)")}.get(
+                p.get("identical_groups"), "–")
             srows.append([_n(p["n"])] + peer_cells + [_n(ours.get("index_build_s")), _n(ours.get("dedup_wall_s")),
-                                                     _n(ours.get("peak_rss_mb"), 0), speed])
+                                                     _n(ours.get("peak_rss_mb"), 0), speed, same])
         out.append("Side by side with imagededup's `find_duplicates(encoding_map=...)` (cosine over all pairs, "
                    "on the first n of the same vectors, in its own environment):")
         out.append(_table(["n", "imagededup s", "imagededup peak memory MiB", "ours: index build s",
-                           "ours: dedup s", "ours: dedup peak RSS MiB", "speed-up (dedup vs its search)"], srows))
+                           "ours: dedup s", "ours: dedup peak RSS MiB", "speed-up (dedup vs its search)",
+                           "identical groups"], srows))
     # goals
     parts = []
     big = [s for s in sizes if s["n"] >= 1_000_000]
     if big:
         s = max(big, key=lambda r: r["n"])
         wall, rss = s["dedup"]["wall_s"], s["dedup"].get("peak_rss_mb")
-        parts.append(f"{_n(s['n'])} vectors in {_n(wall / 60)} min (< 30 min: {_below(wall, 1800)})")
+        limit = 3600 if s["n"] >= 10_000_000 else 180
+        parts.append(f"{_n(s['n'])} vectors in {_n(wall / 60)} min (< {limit // 60} min: {_below(wall, limit)})")
         if rss is not None:
             parts.append(f"peak RSS {_n(rss / 1024)} GiB (< 8 GiB: {_below(rss, 8192)})")
+        if s["n"] < 10_000_000:
+            parts.append("10M vectors < 1 hour and < 8 GiB: not run yet")
     else:
         largest = max((s["n"] for s in sizes), default=0)
-        parts.append(f"1M vectors < 30 min and < 8 GiB: not measured yet (largest N run: {_n(largest)})")
+        parts.append(f"1M vectors < 3 min, 10M < 1 hour and < 8 GiB: not measured yet (largest N run: {_n(largest)})")
+    recalls = [s["dedup"].get("counts", {}).get("graph", {}).get("edge_recall_sample", {}).get("recall")
+               for s in sizes]
+    recalls = [r for r in recalls if r is not None]
+    if recalls:
+        parts.append(f"k-NN edge recall at the threshold >= 0.995: lowest {_n(min(recalls), 4)} "
+                     f"({'met' if min(recalls) >= 0.995 else 'missed'})")
     both = [p for p in side if "wall_s" in p.get("imagededup", {}) and p.get("ours", {}).get("dedup_wall_s")]
     if both:
         p = max(both, key=lambda r: r["n"])

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from retrieval import runs
 from retrieval.curation import hashing
-from retrieval.curation.graph import Edges, RayGraph, knn_edges, maybe_gpu
+from retrieval.curation.graph import Edges, RayGraph, knn_edges, maybe_gpu, sampled_edge_recall, scores_are_exact
 from retrieval.curation.groups import Group, Nodes, build_groups
 from retrieval.curation.policy import DEFAULT_POLICY, check_policy
 from retrieval.errors import RetrievalError
@@ -43,6 +43,19 @@ DEFAULT_THRESHOLD = 0.95
 DEFAULT_REFERENCE_THRESHOLD = 0.90
 DEFAULT_K = 64
 SCHEMA_VERSION = 1
+RECALL_SAMPLE = 256
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (VmHWM), for the run record; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 @dataclass
@@ -63,6 +76,7 @@ class DedupOptions:
     workers: int = 0
     batch_size: int = 32
     ray: str | None = None  # a Ray cluster address (retrieval.distributed): the k-NN graph runs there
+    recall_sample: int = RECALL_SAMPLE  # nodes whose exact k-NN edges check the graph (0: not measured)
 
     @property
     def effective_threshold(self) -> float:
@@ -179,6 +193,7 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
     graph_stats: dict[str, Any] = {}
     exact_links: set[tuple[int, int]] = set()
     t = time.perf_counter()
+    cpu0 = time.process_time()
     all_pos = np.arange(len(nodes))
     parts.append(hashing.sha256_edges(all_pos, nodes.sha256.astype(str)))
     if opts.pixels:
@@ -187,10 +202,14 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
         exact_links = {(int(a), int(b)) for a, b in zip(np.minimum(px.src, px.dst), np.maximum(px.src, px.dst))}
         parts.append(px)
     timings["exact_s"] = time.perf_counter() - t
+    peaks = {"exact": _peak_rss_mb()}
+    cpu = {"exact": time.process_time() - cpu0}
     t = time.perf_counter()
     if opts.phash_distance >= 0:
         parts.append(hashing.phash_edges(all_pos, nodes.phash, opts.phash_distance, progress=opts.progress))
     timings["phash_s"] = time.perf_counter() - t
+    peaks["phash"] = _peak_rss_mb()
+    cpu["phash"] = time.process_time() - cpu0 - sum(cpu.values())
     t = time.perf_counter()
     if opts.embeddings:
         import faiss
@@ -208,6 +227,11 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
             on_ray = RayGraph(opts.ray, str(reader.layout.faiss_path.resolve()), reader.nprobe, reader.vectors)
         emb = knn_edges(index, ids, reader.vectors.read, k, threshold, opts.batch, opts.progress, extra,
                         stats=graph_stats, ray=on_ray)
+        if opts.recall_sample > 0 and not scores_are_exact(reader.index):
+            t_recall = time.perf_counter()
+            graph_stats["edge_recall_sample"] = sampled_edge_recall(emb, ids, reader.vectors.read, k, threshold,
+                                                                    sample=opts.recall_sample)
+            timings["graph_recall_check_s"] = time.perf_counter() - t_recall
         # A FAISS id the database no longer holds (an index run killed before its sync) must not
         # become an edge: searchsorted below would map it onto an unrelated image.
         # (Edges are canonical, src < dst, so a stale id can sit on either end.)
@@ -216,7 +240,9 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
         is_ref_dst = emb.dst >= offset
         dst = np.where(is_ref_dst, n + (emb.dst - offset), np.searchsorted(ids, np.minimum(emb.dst, offset - 1)))
         parts.append(Edges(np.searchsorted(ids, emb.src), dst, emb.sim))
-    timings["graph_s"] = time.perf_counter() - t
+    timings["graph_s"] = time.perf_counter() - t - timings.get("graph_recall_check_s", 0.0)
+    peaks["graph"] = _peak_rss_mb()
+    cpu["graph"] = time.process_time() - cpu0 - sum(cpu.values())
     edges = Edges.concat(parts).canonical()
 
     def vectors_of(pos: np.ndarray) -> np.ndarray:
@@ -239,7 +265,11 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
         # (a plain `dedup` does self-deduplication).
         groups = [g for g in groups if g.touches_reference]
     timings["groups_s"] = time.perf_counter() - t
+    peaks["groups"] = _peak_rss_mb()
+    cpu["groups"] = time.process_time() - cpu0 - sum(cpu.values())
     counts = _counts(groups, nodes, n, threshold, ref, timings)
+    counts["peak_rss_mb_after"] = peaks
+    counts["cpu_s"] = {k: round(v, 3) for k, v in cpu.items()}  # CPU time per stage (all threads)
     if graph_stats:
         counts["graph"] = graph_stats  # e.g. the measured ANN pre-filter margin, for the record
     return counts, groups, nodes, failures
