@@ -69,6 +69,7 @@ def index(
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local save_pretrained folder, or cached hub id [default: facebook/dinov2-small, or the model the index was built with]."),
+    copy_model: Optional[str] = typer.Option(None, "--copy-model", help="Copy-detection model for dedup (the `copy` role): sscd, sscd-int8, sscd-distilled, a .pt/.onnx file or a transformers model; added to an existing index by embedding only that role [env: RETRIEVAL_COPY_MODEL; default: the one the index has, else none]."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N [default: auto]."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16, bf16 [default: auto: fp16/bf16 on GPU, fp32 on CPU]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass [default: 32]."),
@@ -94,8 +95,8 @@ def index(
     """
     from retrieval.indexer.pipeline import IndexOptions, run_index
 
-    settings = _settings(index_dir=index_dir, db_url=db, model=model, device=device, precision=precision,
-                         batch_size=batch_size, workers=workers, max_pixels=max_pixels, memory_budget=memory_budget,
+    settings = _settings(index_dir=index_dir, db_url=db, model=model, copy_model=copy_model, device=device,
+                         precision=precision, batch_size=batch_size, workers=workers, max_pixels=max_pixels, memory_budget=memory_budget,
                          exact_threshold=exact_threshold, recall_target=recall_target)
     summary = run_index(IndexOptions(corpus=corpus, settings=settings, rebuild=rebuild, retry_failed=retry_failed,
                                      index_factory=index_factory, progress=progress))
