@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.layout import fsync_dir
+
 DTYPE = np.float16
 HEADER_BYTES = 128  # magic (6) + version (2) + length (2) + the header dict padded with spaces + "\n"
 MAGIC = b"\x93NUMPY\x01\x00"
@@ -71,14 +73,6 @@ def read_npy_shape(path: Path) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def upgrade_legacy(legacy: Path, target: Path, dim: int) -> bool:
     """Convert a headerless fp16 file (`vectors.f16`) into the `.npy` file `target`. Crash-safe, idempotent.
 
@@ -90,7 +84,7 @@ def upgrade_legacy(legacy: Path, target: Path, dim: int) -> bool:
     if target.exists():
         if legacy.exists():
             legacy.unlink()  # the rename happened, the clean-up was cut short
-            _fsync_dir(legacy.parent)
+            fsync_dir(legacy.parent)
         return False
     if not legacy.exists():
         return False
@@ -109,9 +103,9 @@ def upgrade_legacy(legacy: Path, target: Path, dim: int) -> bool:
         dst.flush()
         os.fsync(dst.fileno())
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     legacy.unlink()
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     logger.info("converted %s (%d rows) to %s", legacy.name, rows, target.name)
     return True
 

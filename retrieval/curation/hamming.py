@@ -33,13 +33,7 @@ def range_pairs(codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray,
     for start in range(0, n, BLOCK):
         block = codes[start : start + BLOCK]
         for other in range(start, n, BLOCK):
-            d = _popcount_xor(block, codes[other : other + BLOCK])
-            rows, cols = np.nonzero(d <= radius)
-            i, j = rows + start, cols + other
-            keep = i < j
-            out_i.append(i[keep])
-            out_j.append(j[keep])
-            out_d.append(d[rows[keep], cols[keep]])
+            _collect(_popcount_xor(block, codes[other : other + BLOCK]), start, other, radius, out_i, out_j, out_d)
     return _joined(out_i, out_j, out_d)
 
 
@@ -63,14 +57,19 @@ def range_pairs_dihedral(codes: np.ndarray, variants: np.ndarray,
             forward = np.min([_popcount_xor(block[:, k], target) for k in range(v)], axis=0)
             backward = np.min([_popcount_xor(codes[start : start + BLOCK], variants[other : other + BLOCK, k])
                                for k in range(v)], axis=0)
-            d = np.minimum(forward, backward)
-            rows, cols = np.nonzero(d <= radius)
-            i, j = rows + start, cols + other
-            keep = i < j
-            out_i.append(i[keep])
-            out_j.append(j[keep])
-            out_d.append(d[rows[keep], cols[keep]])
+            _collect(np.minimum(forward, backward), start, other, radius, out_i, out_j, out_d)
     return _joined(out_i, out_j, out_d)
+
+
+def _collect(d: np.ndarray, start: int, other: int, radius: int, out_i: list[np.ndarray], out_j: list[np.ndarray],
+             out_d: list[np.ndarray]) -> None:
+    """Append the pairs i < j of a block of distances (rows from `start`, columns from `other`) within radius."""
+    rows, cols = np.nonzero(d <= radius)
+    i, j = rows + start, cols + other
+    keep = i < j
+    out_i.append(i[keep])
+    out_j.append(j[keep])
+    out_d.append(d[rows[keep], cols[keep]])
 
 
 def _joined(i: list[np.ndarray], j: list[np.ndarray], d: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
