@@ -482,19 +482,18 @@ def assign_joining_stages(groups: list[Group], edges: Edges, stages: np.ndarray,
 
     if not groups:
         return
-    where: dict[int, int] = {}
+    size = max(int(edges.src.max(initial=0)), int(edges.dst.max(initial=0)),
+               max(m.pos for g in groups for m in g.members)) + 1
+    where = np.full(size, -1, np.int64)
     for gi, g in enumerate(groups):
-        for m in g.members:
-            where[m.pos] = gi
-    by_group: dict[int, list[int]] = {}
-    for e in range(len(edges)):
-        a, b = int(edges.src[e]), int(edges.dst[e])
-        ga = where.get(a)
-        if ga is not None and ga == where.get(b):
-            by_group.setdefault(ga, []).append(e)
+        where[[m.pos for m in g.members]] = gi
+    ga, gb = where[edges.src], where[edges.dst]
+    inside = np.flatnonzero((ga >= 0) & (ga == gb))
+    inside = inside[np.argsort(ga[inside], kind="stable")]
+    bounds = np.searchsorted(ga[inside], np.arange(len(groups) + 1))
     for gi, g in enumerate(groups):
         adj: dict[int, list[int]] = {}
-        for e in by_group.get(gi, []):
+        for e in inside[bounds[gi] : bounds[gi + 1]].tolist():
             adj.setdefault(int(edges.src[e]), []).append(e)
             adj.setdefault(int(edges.dst[e]), []).append(e)
         roots = [m.pos for m in g.members if m.reason in ("representative",)] or \
