@@ -181,3 +181,16 @@ def test_a_missing_copy_model_is_one_clear_error(corpus: Path, tiny_model_dir: P
                                  "/nowhere/sscd.pt", "--no-progress"])
     assert result.exit_code != 0
     assert "copy model file /nowhere/sscd.pt does not exist" in result.output
+
+
+def test_a_transformers_checkpoint_as_the_copy_model(corpus: Path, tiny_model_dir: Path, other_model_dir: Path) -> None:
+    """DINOv2 itself as the copy model: its copy vectors are what it gives as a search model."""
+    summary = index(corpus, tiny_model_dir, "--copy-model", other_model_dir)
+    assert summary["copy_embedded"] == 24
+    rows = copy_rows()
+    index(corpus, other_model_dir, "--index-dir", "as-search")
+    other = copy_rows(Path("as-search/retrieval.db"))
+    paths = sorted(rows)
+    np.testing.assert_allclose(VectorStore(INDEX / "vectors-copy.npy").read([rows[p][0] for p in paths]),
+                               VectorStore(Path("as-search/vectors.npy")).read([other[p][0] for p in paths]),
+                               atol=2e-3)
