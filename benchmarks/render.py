@@ -1,7 +1,7 @@
-"""The README's benchmark tables, rendered from the JSON files in benchmarks/results/.
+"""The benchmark tables of benchmarks/README.md, rendered from the JSON files in benchmarks/results/.
 
-    python -m benchmarks.render            rewrite the generated part of README.md
-    python -m benchmarks.render --check    exit 1 (and print a diff) if README.md is out of date
+    python -m benchmarks.render            rewrite the generated parts of benchmarks/README.md
+    python -m benchmarks.render --check    exit 1 (and print a diff) if it is out of date
 
 Only the text between `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->` is generated
 (the whole section: every benchmark in order). A block for one benchmark can be placed on its own
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
-README = Path(__file__).parent.parent / "README.md"
+README = Path(__file__).parent / "README.md"
 BEGIN = "<!-- benchmarks:begin{} -->"
 END = "<!-- benchmarks:end{} -->"
 _BEGIN_RE = re.compile(r"<!-- benchmarks:begin(?: ([a-z0-9_]+))? -->")
@@ -494,7 +494,7 @@ def render_section(name: str, results_dir: Path = RESULTS) -> str:
         raise KeyError(f"unknown benchmark {name!r} (known: {', '.join(NAMES)})")
     _, title, fn = entry
     data, quick = load(Path(results_dir), name)
-    heading = f"### {title}{' (quick mode)' if quick else ''}"
+    heading = f"## {title}{' (quick mode)' if quick else ''}"
     if data is None:
         return (f"{heading}\n\nNot run yet: no `benchmarks/results/{name}.json` "
                 f"(`python -m benchmarks.{name}` writes it).")

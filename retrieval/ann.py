@@ -33,7 +33,7 @@ import numpy as np
 
 from retrieval.errors import RetrievalError
 from retrieval.layout import fsync_dir
-from retrieval.vectors import check_matrix
+from retrieval.vectors import check_matrix, clip_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def search_reranked(
         exact = read_vectors(row) @ queries[i]
         top = np.argsort(-exact, kind="stable")[:k]
         out_ids[i, : len(top)] = row[top]
-        out_scores[i, : len(top)] = exact[top]
+        out_scores[i, : len(top)] = clip_cosine(exact[top])
     return out_scores, out_ids
 
 

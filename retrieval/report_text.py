@@ -11,6 +11,12 @@ from retrieval.layout import IndexLayout
 from retrieval.store import Failure, Image, IndexRun, Store
 
 
+def plural(n: int, singular: str, plural_form: str | None = None) -> str:
+    """'1 group', '2 groups', '0 images'; pass `plural_form` for irregular words ('1 query', '2 queries')."""
+    word = singular if n == 1 else (plural_form or singular + "s")
+    return f"{n:,} {word}"
+
+
 def _size(n_bytes: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n_bytes < 1000 or unit == "TB":
@@ -29,13 +35,13 @@ def format_index_summary(summary: Any) -> str:
     ]
     embedded = summary.new + summary.changed
     if embedded:
-        lines.append(f"  embedded {embedded} images at {summary.images_per_s:.1f} img/s with {summary.model} on {summary.device}")
+        lines.append(f"  embedded {plural(embedded, 'image')} at {summary.images_per_s:.1f} img/s with {summary.model} on {summary.device}")
     if summary.index_type:
         quality = "exact" if summary.index_type == "flat" else (
             f"nprobe {summary.nprobe}, recall@10 {summary.recall_at_10:.3f}" if summary.recall_at_10 is not None else "")
         action = "rebuilt" if summary.index_rebuilt else ("updated" if summary.index_changed else "unchanged")
         lines.append(f"  index {summary.index_factory} ({summary.index_type}, {quality}), {action}")
-    lines.append(f"  total {summary.total_images} images searchable")
+    lines.append(f"  total {plural(summary.total_images, 'image')} searchable")
     if kinds:
         lines.append(f"  failures by kind: {kinds} -- see `retrieval info --failures`")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ class Hit:
 class IndexReader:
     """A read-only view of one index directory, for the CLI, the API and curation."""
 
-    def __init__(self, layout: IndexLayout, db_url: str | None = None, mmap: bool = False):
+    def __init__(self, layout: IndexLayout, db_url: str | None = None, mmap: bool = False, settings: Any = None):
         if db_url is None and not layout.exists():
             raise IndexNotFoundError(
                 f"no index in {layout.root.resolve()}; run `retrieval index CORPUS` here first or pass --index-dir"
@@ -52,6 +52,7 @@ class IndexReader:
         self.corpus_root = Path(self.meta["corpus_root"])
         self.vectors = role_vectors(layout, "search", self.dim)
         self._mmap = mmap
+        self._settings = settings  # device and precision of the query embedder; None: the environment's
         self._index: Any = None
         self._embedder: Any = None
         self._copy_vectors: VectorStore | None = None
@@ -106,12 +107,17 @@ class IndexReader:
         return ann.IndexSpec.from_dict(data) if data else None
 
     @property
+    def nprobe(self) -> int:
+        """The nprobe tuned for this index at build time (1 where the index has no lists)."""
+        return int((self.spec.params.get("nprobe") if self.spec else None) or 1)
+
+    @property
     def index(self) -> Any:
         if self._index is None:
             if self.spec is None:
                 raise IndexNotFoundError("the index is empty: no image could be embedded")
             self._index = ann.load_index(self.layout.faiss_path, mmap=self._mmap)
-            ann.set_nprobe(self._index, self.spec.params.get("nprobe") or 1)
+            ann.set_nprobe(self._index, self.nprobe)
         return self._index
 
     def close(self) -> None:
@@ -141,7 +147,7 @@ class IndexReader:
             from retrieval.model import load_embedder
             from retrieval.settings import get_settings
 
-            settings = get_settings()
+            settings = self._settings or get_settings()
             self._embedder = load_embedder(self.meta["model_ref"], settings.device, settings.precision)
             if self._embedder.dim != self.dim:
                 raise QueryError(f"model {self.meta['model_ref']} no longer gives {self.dim}-d vectors")

@@ -57,6 +57,18 @@ def npy_header(rows: int, dim: int) -> bytes:
     return MAGIC + len(body).to_bytes(2, "little") + body
 
 
+def clip_cosine(x: np.ndarray | float) -> np.ndarray | float:
+    """Cosines from fp16 unit vectors can land just outside [-1, 1] (1.0002): clip what users see.
+
+    Clip after ranking, never before: clipping ties values that the ranking still tells apart.
+    -inf (the "no candidate" padding of search results) stays -inf.
+    """
+    if isinstance(x, np.ndarray):
+        return np.where(np.isneginf(x), x, np.clip(x, -1.0, 1.0)).astype(x.dtype, copy=False)
+    return min(1.0, max(-1.0, float(x)))
+
+
+
 def read_npy_shape(path: Path) -> tuple[int, int]:
     """(rows, dim) from the header of a vector file this module wrote; ValueError for anything else."""
     with open(path, "rb") as f:
@@ -136,6 +148,10 @@ class VectorStore:
 
     def _reading_legacy(self) -> bool:
         return self.npy and self.legacy is not None and not self.path.exists() and self.legacy.exists()
+
+    def __getstate__(self) -> dict:
+        """Pickled (to another process or a Ray worker) without its memory map: the other side maps the file."""
+        return {**self.__dict__, "_map": None, "_map_rows": 0}
 
     @property
     def n_rows(self) -> int:

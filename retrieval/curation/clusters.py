@@ -22,14 +22,18 @@ from sqlalchemy import select
 
 from retrieval.curation.dedup import fingerprint
 from retrieval.errors import RetrievalError
+from retrieval.report_text import plural
 from retrieval.search import IndexReader
+from retrieval.vectors import clip_cosine
 from retrieval.store import ClusterAssignment, ClusterRun, Image, utcnow
+from retrieval.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
 
 MAX_K = 100_000
 MAX_POINTS_PER_CENTROID = 256
 ASSIGN_BATCH = 65_536
+RAY_SHARD_BATCHES = 4  # ASSIGN_BATCHes of ids per Ray task
 
 
 def default_k(n: int) -> int:
@@ -63,13 +67,48 @@ def assign(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.n
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
     sims, labels = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
-    return labels[:, 0].astype(np.int64), (1.0 - sims[:, 0]).astype(np.float32)
+    return labels[:, 0].astype(np.int64), (1.0 - clip_cosine(sims[:, 0])).astype(np.float32)
+
+
+def assign_ids(ids: np.ndarray, vectors: VectorStore, centroids: np.ndarray,
+               batch: int = ASSIGN_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """assign() over the stored vectors of `ids`, `batch` rows at a time (a Ray task runs this on a shard)."""
+    parts = [assign(vectors.read(ids[start : start + batch]), centroids) for start in range(0, len(ids), batch)]
+    if not parts:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def assign_all(vectors: VectorStore, ids: np.ndarray, centroids: np.ndarray, progress: bool = False,
+               ray: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster and cosine distance of every id, locally or as Ray tasks over shards of RAY_SHARD_BATCHES batches.
+
+    Shards are whole multiples of ASSIGN_BATCH, so both ways run the same searches on the same rows.
+    """
+    from tqdm import tqdm
+
+    batch = ASSIGN_BATCH
+    if ray is not None:
+        from retrieval.distributed import map_shards, shards
+
+        pieces = [ids[a:b] for a, b in shards(len(ids), RAY_SHARD_BATCHES * batch)]
+        parts = map_shards(ray, assign_ids, pieces, vectors, centroids, batch, progress=progress, desc="assigning")
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    labels, dists = [], []
+    for start in tqdm(range(0, len(ids), batch), desc="assigning", disable=not progress):
+        lab, dist = assign_ids(ids[start : start + batch], vectors, centroids, batch)
+        labels.append(lab)
+        dists.append(dist)
+    return np.concatenate(labels), np.concatenate(dists)
 
 
 def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, seed: int = 0,
-                   force: bool = False, progress: bool = False) -> ClusterOutcome:
-    from tqdm import tqdm
+                   force: bool = False, progress: bool = False, ray: str | None = None) -> ClusterOutcome:
+    """k-means on a seeded sample, then every image assigned to its nearest centroid.
 
+    `ray`, a cluster address (see retrieval.distributed), runs the assignment as Ray tasks; the
+    result is the same as a local run's.
+    """
     with reader.store.session() as s:
         ids = np.fromiter(s.scalars(select(Image.id).order_by(Image.id)), dtype=np.int64)
     n = len(ids)
@@ -95,12 +134,7 @@ def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, s
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(ids, size=min(n, k * MAX_POINTS_PER_CENTROID), replace=False))
     centroids = spherical_kmeans(reader.vectors.read(sample), k, niter, seed)
-    labels, dists = [], []
-    for start in tqdm(range(0, n, ASSIGN_BATCH), desc="assigning", disable=not progress):
-        lab, dist = assign(reader.vectors.read(ids[start : start + ASSIGN_BATCH]), centroids)
-        labels.append(lab)
-        dists.append(dist)
-    label, dist = np.concatenate(labels), np.concatenate(dists)
+    label, dist = assign_all(reader.vectors, ids, centroids, progress, ray)
     order = np.lexsort((ids, dist, label))  # by cluster, nearest first
     rank = np.empty(n, np.int64)
     starts = np.searchsorted(label[order], np.arange(k))
@@ -202,7 +236,7 @@ def write_cluster_report(reader: IndexReader, outcome: ClusterOutcome, out_dir: 
         listing.append({"cluster": c, "size": outcome.sizes[c], "nearest": [{"image_id": i, "path": p,
                                                                                "distance": round(d, 6)}
                                                                               for i, p, d in near]})
-        items.append({"id": c, "title": f"cluster {c}: {outcome.sizes[c]} images",
+        items.append({"id": c, "title": f"cluster {c}: {plural(outcome.sizes[c], 'image')}",
                       "detail": "nearest the centroid first; score = cosine distance",
                       "cells": [{"src": thumbs.src(f"i{i}", reader.corpus_root / p), "path": p, "score": d}
                                 for i, p, d in near]})

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from retrieval.curation.dedup import fingerprint
 from retrieval.curation.graph import is_exact_index, search_exact_topk
 from retrieval.errors import RetrievalError
+from retrieval.report_text import plural
 from retrieval.search import IndexReader
 from retrieval.store import (
     ClusterAssignment,
@@ -236,7 +237,7 @@ def write_curation_report(reader: IndexReader, outcome: CurateOutcome, out_dir: 
         key = f"query {d['query']}" if d["how"] == "sample" else f"cluster {d['cluster']}"
         rows.setdefault(key, []).append(d)
     thumbs = Thumbnailer(out_dir, max_pixels)
-    items = [{"id": i, "title": key, "detail": f"{len(ds)} images",
+    items = [{"id": i, "title": key, "detail": plural(len(ds), "image"),
               "cells": [{"src": thumbs.src(f"i{d['image_id']}", reader.corpus_root / d["path"]), "path": d["path"],
                          "score": d["score"], "reason": f"retrieved {d['times_retrieved']}x" if d["how"] == "sample"
                          else None} for d in ds[:12]]}

@@ -25,12 +25,13 @@ import numpy as np
 from sqlalchemy import func, select
 
 from retrieval.curation import hashing
+from retrieval.curation.graph import Edges, RayGraph, knn_edges, maybe_gpu
 from retrieval.curation.hamming import range_pairs_dihedral
-from retrieval.curation.graph import Edges, knn_edges, maybe_gpu
 from retrieval.curation.groups import Group, Nodes, build_groups
 from retrieval.curation.policy import DEFAULT_POLICY, check_policy
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
+from retrieval.vectors import clip_cosine
 from retrieval.store import (
     DedupRun,
     DuplicateGroup,
@@ -101,6 +102,7 @@ class DedupOptions:
     max_pixels: int = 89_478_485
     workers: int = 0
     batch_size: int = 32
+    ray: str | None = None  # a Ray cluster address (retrieval.distributed): the k-NN graph runs there
 
     @property
     def effective_threshold(self) -> float:
@@ -348,8 +350,16 @@ def _compute(reader: IndexReader, opts: DedupOptions,
             flat = faiss.IndexFlatIP(role.dim)
             flat.add(np.ascontiguousarray(ref.vectors, dtype=np.float32))
             extra = (flat, offset)
+        on_ray = None
+        if opts.ray is not None:
+            if role.name == "copy":
+                copy_spec = (reader.meta.get("copy_index") or {}).get("params") or {}
+                on_ray = RayGraph(opts.ray, str(reader.layout.faiss_for("copy").resolve()),
+                                  int(copy_spec.get("nprobe") or 1), reader.copy_vectors)
+            else:
+                on_ray = RayGraph(opts.ray, str(reader.layout.faiss_path.resolve()), reader.nprobe, reader.vectors)
         emb = knn_edges(role.index, query_ids, role.read, k, threshold, opts.batch, opts.progress, extra,
-                        stats=graph_stats) if len(query_ids) else Edges.empty()
+                        stats=graph_stats, ray=on_ray) if len(query_ids) else Edges.empty()
         # A FAISS id the database no longer holds (an index run killed before its sync) must not
         # become an edge: searchsorted below would map it onto an unrelated image.
         # (Edges are canonical, src < dst, so a stale id can sit on either end.)
@@ -596,14 +606,14 @@ def _store(reader: IndexReader, run_id: int, nodes: Nodes, groups: list[Group], 
         for number, g in enumerate(groups, 1):
             row = DuplicateGroup(run_id=run_id, number=number, size=len(g.members),
                                  representative_id=None if g.representative is None else int(nodes.image_id[g.representative]),
-                                 reasons=",".join(g.reasons)[:64], weakest_edge=g.weakest_edge,
-                                 min_pairwise=g.min_pairwise, touches_reference=g.touches_reference)
+                                 reasons=",".join(g.reasons)[:64], weakest_edge=clip_cosine(g.weakest_edge),
+                                 min_pairwise=clip_cosine(g.min_pairwise), touches_reference=g.touches_reference)
             s.add(row)
             s.flush()
             s.add_all([DuplicateMember(group_id=row.id, run_id=run_id,
                                        image_id=None if nodes.is_ref[m.pos] else int(nodes.image_id[m.pos]),
                                        path=nodes.path[m.pos], is_reference=bool(nodes.is_ref[m.pos]),
-                                       action=m.action, similarity=round(m.similarity, 6), reason=m.reason)
+                                       action=m.action, similarity=round(clip_cosine(m.similarity), 6), reason=m.reason)
                        for m in _ordered(g)])
         run = s.get(DedupRun, run_id)
         assert run is not None

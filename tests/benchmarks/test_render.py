@@ -81,7 +81,7 @@ def test_renders_the_committed_results() -> None:
             assert f"no `benchmarks/results/{name}.json`" in text
         else:
             assert HEADERS[name] in text, name
-    positions = [text.index(f"### {title}") for _, title, _ in render.ORDER]
+    positions = [text.index(f"## {title}") for _, title, _ in render.ORDER]
     assert positions == sorted(positions)
     assert text.count("**Goal**") == sum(render.load(render.RESULTS, n)[0] is not None for n in NAMES
                                         if n not in NO_GOAL)

@@ -86,7 +86,8 @@ def test_keep_policies(planted, cli, tmp_path: Path) -> None:
         kept = [m["path"] for m in g["members"] if m["action"] == "keep"]
         assert kept == [min((m["path"] for m in g["members"]), key=lambda p: (len(p), p))]
     code, out = cli("dedup", "--index-dir", index_dir, "--keep", "biggest", ok=False)
-    assert code == 1 and "unknown keep policy" in out
+    # a usage error (exit 2) naming the choices, before anything runs; the library checks too (policy.py)
+    assert code == 2 and "'biggest' is not one of 'highest-resolution', 'largest'" in out
 
 
 def test_apply_moves_exactly_the_listed_files(planted, cli, tmp_path: Path) -> None:
