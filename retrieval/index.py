@@ -279,14 +279,16 @@ class Index:
         return v / norm
 
     # --- curation -----------------------------------------------------------------------------
-    def dedup(self, *, threshold: float | None = None, k: int = 64, phash_distance: int = 8,
-              keep: str = "highest-resolution", max_group_diameter: float | None = None,
+    def dedup(self, *, threshold: float | None = None, k: int = 64, phash_distance: int = 8, pdq_distance: int = 31,
+              role: str = "auto", keep: str = "highest-resolution", max_group_diameter: float | None = None,
               against: str | os.PathLike[str] | None = None, embeddings: bool = True, force: bool = False,
               progress: bool | None = None, ray: str | None = None) -> "DedupResult":
-        """Find exact, near-exact (pHash) and embedding duplicates; store them as a run.
+        """Find exact, near-exact (pHash, PDQ with flips/rotations) and embedding duplicates; store them as a run.
 
-        `threshold`: cosine at or above which two images are copies (default 0.95, 0.90 with
-        `against`, a reference folder whose near copies are removed whole). `keep` picks the copy
+        The k-NN graph runs on the copy role (`role="auto"`) when the index has one (`update` with
+        the `copy_model` setting), else on the search role. `threshold`: cosine at or above which two
+        images are copies (default: per copy model, retrieval.curation.dedup.COPY_THRESHOLDS; without
+        one 0.95, 0.90 with `against`, a reference folder whose near copies are removed whole). `keep` picks the copy
         that survives (retrieval.curation.policy.POLICIES). An identical rerun on an unchanged
         index returns the stored run (`reused`), unless `force`. Nothing moves: see `apply_dedup`.
         `ray` builds the k-NN graph on a Ray cluster ("auto", "local" or an address; by default
@@ -300,8 +302,8 @@ class Index:
 
         s = self.settings
         outcome = run_dedup(self.writer, DedupOptions(
-            threshold=threshold, k=k, phash_distance=phash_distance, keep=keep, max_group_diameter=max_group_diameter,
-            against=Path(against) if against is not None else None, embeddings=embeddings,
+            threshold=threshold, k=k, phash_distance=phash_distance, pdq_distance=pdq_distance, role=role, keep=keep,
+            max_group_diameter=max_group_diameter, against=Path(against) if against is not None else None, embeddings=embeddings,
             progress=show_progress(progress), force=force, max_pixels=s.max_pixels, batch_size=s.batch_size,
             workers=s.workers or 0, ray=resolve_address(ray)))
         return DedupResult.from_document(load_run(self.writer, outcome.run_id), reused=outcome.reused)

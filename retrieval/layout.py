@@ -26,11 +26,24 @@ class IndexLayout:
 
     @property
     def vectors_path(self) -> Path:
+        return self.vectors_for("search")
+
+    @property
+    def legacy_vectors_path(self) -> Path:
+        """The headerless fp16 file of index folders from before the `.npy` format (retrieval.vectors)."""
         return self.root / "vectors.f16"
 
     @property
     def faiss_path(self) -> Path:
-        return self.root / "index.faiss"
+        return self.faiss_for("search")
+
+    def vectors_for(self, role: str) -> Path:
+        """The fp16 `.npy` vector file of an embedder role: vectors.npy (search), vectors-copy.npy (copy)."""
+        return self.root / ("vectors.npy" if role == "search" else f"vectors-{role}.npy")
+
+    def faiss_for(self, role: str) -> Path:
+        """The FAISS file of an embedder role: index.faiss (search), index-copy.faiss (copy)."""
+        return self.root / ("index.faiss" if role == "search" else f"index-{role}.faiss")
 
     @property
     def decoding_dir(self) -> Path:

@@ -64,12 +64,16 @@ def collect_info(layout: IndexLayout, db_url: str | None, list_failures: bool = 
                 {"path": f.path, "kind": f.kind, "reason": f.reason}
                 for f in s.scalars(select(Failure).order_by(Failure.path))
             ] if list_failures else None
-        files = {p.name: p.stat().st_size for p in (layout.db_path, layout.vectors_path, layout.faiss_path) if p.exists()}
+        files = {p.name: p.stat().st_size for p in (layout.db_path, layout.vectors_path, layout.legacy_vectors_path,
+                                                        layout.faiss_path, layout.vectors_for("copy"),
+                                                        layout.faiss_for("copy")) if p.exists()}
         return {
             "index_dir": str(layout.root.resolve()),
             "corpus_root": meta.get("corpus_root"),
             "model": meta.get("model_ref"),
             "dim": meta.get("dim"),
+            "copy_model": meta.get("copy_model_ref"),
+            "copy_dim": meta.get("copy_dim"),
             "preprocess": meta.get("preprocess"),
             "images": n_images,
             "image_bytes": n_bytes,

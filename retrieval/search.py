@@ -18,7 +18,7 @@ from retrieval import ann
 from retrieval.errors import IndexNotFoundError, QueryError, RetrievalError
 from retrieval.layout import IndexLayout, is_within
 from retrieval.store import Image, Store
-from retrieval.vectors import VectorStore
+from retrieval.vectors import VectorStore, role_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ class IndexReader:
         self._settings = settings  # device and precision of the query embedder; None: the environment's
         self._index: Any = None
         self._embedder: Any = None
+        self._copy_vectors: VectorStore | None = None
+        self._copy_index: Any = None
+        self._copy_embedder: Any = None
         url = db_url or layout.default_db_url()
         self.store = Store(url, readonly=not writable)
         self.rows = self.store  # where image rows are read: a snapshot when pinned
@@ -77,9 +80,9 @@ class IndexReader:
                 raise IndexNotFoundError(f"the index in {layout.root} holds no embeddings yet; run `retrieval index` first")
             self.dim: int = self.meta["dim"]
             self.corpus_root = Path(self.meta["corpus_root"])
-            self.vectors = VectorStore(layout.vectors_path, self.dim)
+            self.vectors = role_vectors(layout, "search", self.dim)
             if pin:
-                self.vectors.pin(files[layout.vectors_path])
+                self.vectors.pin(files[self._vectors_file])
                 self._check_unchanged(files)
                 if self.spec is None:
                     raise IndexNotFoundError("the index is empty: no image could be embedded")
@@ -94,7 +97,11 @@ class IndexReader:
     def _open_files(self) -> dict[Path, int]:
         """Hold the FAISS and vector files open, so that their identity can be checked after the snapshot."""
         files: dict[Path, int] = {}
-        for path in (self.layout.faiss_path, self.layout.vectors_path):
+        vectors = self.layout.vectors_path
+        if not vectors.exists() and self.layout.legacy_vectors_path.exists():
+            vectors = self.layout.legacy_vectors_path  # an old folder, converted by the next writing command
+        self._vectors_file = vectors
+        for path in (self.layout.faiss_path, vectors):
             try:
                 files[path] = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
@@ -117,6 +124,48 @@ class IndexReader:
                 now = None
             if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
                 raise IndexChangedError(f"{path.name} changed while the index was being opened; try again")
+
+    # --- the copy role (a copy-detection model beside the search model) ------------------------
+    @property
+    def has_copy_role(self) -> bool:
+        """True when `index --copy-model` embedded a copy role and its FAISS index exists."""
+        return bool(self.meta.get("copy_dim") and self.meta.get("copy_index"))
+
+    @property
+    def copy_dim(self) -> int | None:
+        return self.meta.get("copy_dim")
+
+    @property
+    def copy_vectors(self) -> VectorStore:
+        if self._copy_vectors is None:
+            if not self.copy_dim:
+                raise IndexNotFoundError("this index has no copy role; run `retrieval index --copy-model ...`")
+            self._copy_vectors = role_vectors(self.layout, "copy", self.copy_dim)
+        return self._copy_vectors
+
+    @property
+    def copy_index(self) -> Any:
+        if self._copy_index is None:
+            data = self.meta.get("copy_index")
+            if not data:
+                raise IndexNotFoundError("this index has no copy role; run `retrieval index --copy-model ...`")
+            self._copy_index = ann.load_index(self.layout.faiss_for("copy"), mmap=self._mmap)
+            ann.set_nprobe(self._copy_index, ann.IndexSpec.from_dict(data).params.get("nprobe") or 1)
+        return self._copy_index
+
+    def copy_embedder(self) -> Any:
+        """The copy model that embedded this index's copy role (same weights, or an error)."""
+        if self._copy_embedder is None:
+            from retrieval.embedding.copy import load_copy_embedder
+            from retrieval.settings import get_settings
+
+            settings = get_settings()
+            embedder = load_copy_embedder(self.meta["copy_model_ref"], settings.device, settings.precision)
+            if embedder.fingerprint != self.meta.get("copy_model_fingerprint"):
+                raise QueryError(f"copy model {self.meta['copy_model_ref']} has other weights than the ones that "
+                                 "embedded this index's copy role; run `retrieval index` to embed it again")
+            self._copy_embedder = embedder
+        return self._copy_embedder
 
     @property
     def spec(self) -> ann.IndexSpec | None:

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     index_dir: Path = Field(DEFAULT_INDEX_DIR, description="Where the database, vectors and FAISS index live.")
     db_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<index_dir>/retrieval.db")
     model: str = Field(DEFAULT_MODEL, description="Hub id, local save_pretrained directory, or cached hub id.")
+    copy_model: str | None = Field(None, description="Copy-detection model of the `copy` role (dedup): sscd, "
+                                   "sscd-int8, sscd-distilled, a .pt/.onnx file or a transformers model.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: str = Field("auto", description="auto (fp16/bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
     batch_size: int = Field(32, ge=1, le=4096)

@@ -22,6 +22,8 @@ from sqlalchemy import (
     DateTime,
     Float,
     Integer,
+    LargeBinary,
+    SmallInteger,
     String,
     Text,
     create_engine,
@@ -59,8 +61,18 @@ class Image(Base):
     format: Mapped[str] = mapped_column(String(16))
     phash: Mapped[int] = mapped_column(BigInteger, index=True)  # 64-bit pHash stored as signed int64
     indexed: Mapped[bool] = mapped_column(Boolean, default=False, index=True)  # vector is in the FAISS file
+    # The 8 dihedral 256-bit PDQ hashes (identity first: 8 x 32 bytes) and PDQ's quality (0-100);
+    # NULL for images indexed before PDQ (they get it when the copy role is added).
+    pdq: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    pdq_quality: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
+    # The copy role's vector: COPY_NONE (not embedded), COPY_WRITTEN (in vectors-copy.npy, not yet
+    # in index-copy.faiss) or COPY_INDEXED.
+    copy_state: Mapped[int] = mapped_column(SmallInteger, default=0, server_default="0", index=True)
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+COPY_NONE, COPY_WRITTEN, COPY_INDEXED = 0, 1, 2
 
 
 class Failure(Base):

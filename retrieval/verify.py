@@ -11,7 +11,7 @@ from retrieval import ann, runs
 from retrieval.layout import IndexLayout
 from retrieval.report_text import plural
 from retrieval.store import Image, IndexRun, Store
-from retrieval.vectors import VectorStore
+from retrieval.vectors import role_vectors
 
 NORM_TOLERANCE = 1e-2  # fp16 storage keeps unit norms within ~1e-3
 
@@ -54,11 +54,11 @@ def verify_index(layout: IndexLayout, db_url: str | None = None) -> VerifyReport
                 f"the last index run (#{last_run.id}) is {last_run.status}: it did not finish; "
                 "run `retrieval index` again to complete the work")
 
-        vectors = VectorStore(layout.vectors_path, dim)
+        vectors = role_vectors(layout, "search", dim)
         if len(ids):
             if vectors.n_rows <= ids.max():
                 report.problems.append(
-                    f"vector file {layout.vectors_path.name} holds {plural(vectors.n_rows, 'row')} but ids go up to {ids.max()}")
+                    f"vector file {(layout.vectors_path if layout.vectors_path.exists() else layout.legacy_vectors_path).name} holds {plural(vectors.n_rows, 'row')} but ids go up to {ids.max()}")
             else:
                 bad = []
                 for chunk_ids, chunk in vectors.iter_batches(ids):

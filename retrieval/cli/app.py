@@ -88,6 +88,7 @@ def index(
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local save_pretrained folder, or cached hub id [default: facebook/dinov2-small, or the model the index was built with]."),
+    copy_model: Optional[str] = typer.Option(None, "--copy-model", help="Copy-detection model for dedup (the `copy` role): sscd, sscd-int8, sscd-distilled, a .pt/.onnx file or a transformers model; added to an existing index by embedding only that role [env: RETRIEVAL_COPY_MODEL; default: the one the index has, else none]."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N [default: auto]."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16, bf16 [default: auto: fp16/bf16 on GPU, fp32 on CPU]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass [default: 32]."),
@@ -112,7 +113,7 @@ def index(
 
         retrieval index ./photos --model ./models/dinov2-small
     """
-    index = open_index(index_dir=index_dir, db_url=db, model=model, device=device, precision=precision,
+    index = open_index(index_dir=index_dir, db_url=db, model=model, copy_model=copy_model, device=device, precision=precision,
                        batch_size=batch_size, workers=workers, max_pixels=max_pixels, memory_budget=memory_budget,
                        decode_timeout_s=decode_timeout, exact_threshold=exact_threshold,
                        recall_target=recall_target)

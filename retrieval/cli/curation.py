@@ -40,9 +40,11 @@ def _print(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 def dedup(
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
-    threshold: Optional[float] = typer.Option(None, "--threshold", "-t", help="Cosine at or above which two images are copies [default: 0.95; 0.90 with --against]."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", "-t", help="Cosine at or above which two images are copies [default: per copy model (retrieval.curation.dedup.COPY_THRESHOLDS); without a copy model 0.95, 0.90 with --against, provisional]."),
     k: int = typer.Option(64, "-k", help="Neighbours per image in the k-NN graph (the paper's 64); capped at N-1."),
     phash_distance: int = typer.Option(8, "--phash-distance", help="pHash Hamming radius for near-exact copies; -1 turns the stage off."),
+    pdq_distance: int = typer.Option(31, "--pdq-distance", help="PDQ Hamming radius (of 256 bits) under any flip or 90-degree rotation; -1 turns the stage off."),
+    role: str = typer.Option("auto", "--role", help="Embedding the k-NN graph runs on: auto (the copy role when the index has one), copy or search."),
     keep: Keep = typer.Option(DEFAULT_POLICY, "--keep", help="Which copy survives: the most pixels, the largest file, the oldest file, the shortest path, or the first indexed."),
     max_group_diameter: Optional[float] = typer.Option(None, "--max-group-diameter", help="Split groups so every member is within this cosine distance (1 - cos) of its representative [default: off, plain connected components as in the paper]."),
     against: Optional[Path] = typer.Option(None, "--against", help="Reference folder (e.g. benchmark images): embedded, not indexed; every group touching it is removed whole."),
@@ -94,7 +96,8 @@ def dedup(
 
             check_move_to(index.corpus_root, move_to)
         result = index.dedup_run(run) if run is not None else index.dedup(
-            threshold=threshold, k=k, phash_distance=phash_distance, keep=keep.value, max_group_diameter=max_group_diameter,
+            threshold=threshold, k=k, phash_distance=phash_distance, pdq_distance=pdq_distance, role=role,
+            keep=keep.value, max_group_diameter=max_group_diameter,
             against=against, embeddings=embeddings, progress=progress, force=force, ray=ray)
         files = index.write_report(result, report_dir, progress)
         applied = None
@@ -116,6 +119,8 @@ def dedup(
         f"{s.get('images_to_remove', 0)} to remove ({', '.join(f'{k}: {v}' for k, v in s.get('removed_by_reason', {}).items()) or 'none'})",
         f"reports: {report_dir.resolve()} (report.html, duplicates.json, duplicates.csv, remove.txt, keep.txt, and remove.nul, keep.nul: NUL-separated)",
     ]
+    for warning in s.get("warnings", []):
+        lines.append(f"warning: {warning['message']}")
     if result.reference_failures:
         lines.append(f"{_plural(len(result.reference_failures), 'reference file')} could not be used (listed in duplicates.json)")
     if applied is not None:

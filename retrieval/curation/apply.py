@@ -175,11 +175,14 @@ def _apply(reader: IndexReader, members: list[Member], move_to: Path, settings: 
             remove_images(writer, moved_ids, [])
             dim = reader.meta.get("dim")
             if dim is not None and moved_ids:
-                from retrieval.vectors import VectorStore
+                from retrieval.vectors import role_vectors
 
-                sync_index(writer, VectorStore(reader.layout.vectors_path, dim), reader.layout, SyncOptions(
-                    memory_budget=settings.memory_budget, exact_threshold=settings.exact_threshold,
-                    recall_target=settings.recall_target))
+                opts = SyncOptions(memory_budget=settings.memory_budget, exact_threshold=settings.exact_threshold,
+                                   recall_target=settings.recall_target)
+                sync_index(writer, role_vectors(reader.layout, "search", dim), reader.layout, opts)
+                if reader.meta.get("copy_dim"):
+                    sync_index(writer, role_vectors(reader.layout, "copy", reader.meta["copy_dim"]), reader.layout,
+                               opts, role="copy")
             if run_id is not None:
                 with writer.session() as s, s.begin():
                     run = s.get(DedupRun, run_id)
@@ -187,7 +190,7 @@ def _apply(reader: IndexReader, members: list[Member], move_to: Path, settings: 
                         run.applied_at = utcnow()
         finally:
             writer.close()
-    reader._index = None  # the FAISS file changed
+    reader._index = reader._copy_index = None  # the FAISS files changed
     for item in result.skipped:
         logger.warning("not moved: %s (%s)", item["path"], item["reason"])
     return result

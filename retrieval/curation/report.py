@@ -143,7 +143,11 @@ def write_dedup_reports(doc: dict[str, Any], out_dir: Path, max_pixels: int, pro
     summary = {"run": doc["run"]["id"], "mode": doc["run"]["mode"], "corpus": doc["corpus_root"],
                **{k: v for k, v in doc["run"]["params"].items()}, **s}
     notes = ("Numbers are images, not graph edges. Kept images are outlined in green; the score is the exact "
-             "cosine to the representative (to the nearest reference file in reference groups).")
+             "cosine to the representative (to the nearest reference file in reference groups); the reason is "
+             "the stage of the edge that joined the image to its group (exact, phash, pdq, copy, embedding).")
+    warnings = [w["message"] for w in s.get("warnings", [])]
+    if warnings:
+        notes = " ".join(f"WARNING: {w}" for w in warnings) + " " + notes
     atomic_write_bytes(files["report.html"],
                        render_html(f"Duplicates (run {doc['run']['id']})", "groups", summary, items, notes).encode())
     return files

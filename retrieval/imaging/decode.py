@@ -1,7 +1,8 @@
 """Stage 2: read one file, hash it, decode it, preprocess it. Runs in worker processes.
 
-Pure function of (work item, preprocessing config, pixel limit): no database, no model, so the
-stage can run anywhere the files are readable.
+Pure function of (work item, preprocessing, pixel limit): no database, no model, so the stage can
+run anywhere the files are readable. Each file is decoded once; every embedder role's input and
+the perceptual hashes are made from that one decode (DecodeSpec).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from retrieval.errors import ImageDecodeError
+from retrieval.imaging.hashes import pdq_dihedral
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.preprocess import PreprocessConfig, decode_image, preprocess
 from retrieval.imaging.scan import text_path
@@ -92,10 +94,37 @@ class WorkItem:
     known_sha256: str | None = None
 
 
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What one decode produces: the search role's input, the copy role's, PDQ hashes.
+
+    `copy` is the copy embedder's preprocessing (retrieval.embedding.prep): a picklable callable
+    from a DecodedImage to that model's input, with a `min_source_edge`. `search` None: only the
+    copy role is embedded (adding a copy model to an existing index).
+    """
+
+    search: PreprocessConfig | None = PreprocessConfig()
+    copy: Any = None
+    pdq: bool = True
+
+    @property
+    def min_source_edge(self) -> int:
+        """JPEG draft decoding keeps enough pixels for the most demanding role."""
+        edges = [c.min_source_edge for c in (self.search, self.copy) if c is not None]
+        return max(edges, default=PreprocessConfig().min_source_edge)
+
+
+def as_spec(config: PreprocessConfig | DecodeSpec) -> DecodeSpec:
+    return config if isinstance(config, DecodeSpec) else DecodeSpec(search=config)
+
+
 @dataclass
 class DecodeResult:
     item: WorkItem
     pixels: np.ndarray | None = None  # uint8 (3, H, W) model input; None for failures and unchanged
+    copy_pixels: np.ndarray | None = None  # the copy role's input (its preprocessing decides the layout)
+    pdq: bytes | None = None  # 8 dihedral PDQ hashes, 32 bytes each (retrieval.imaging.hashes)
+    pdq_quality: int | None = None
     sha256: str | None = None
     width: int = 0
     height: int = 0
@@ -157,8 +186,9 @@ def perceptual_hash(image) -> int:  # noqa: ANN001 - a PIL image
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: int) -> DecodeResult:
+def decode_one(root: str, item: WorkItem, config: PreprocessConfig | DecodeSpec, max_pixels: int) -> DecodeResult:
     """Read, hash, decode and preprocess one file; every failure becomes a DecodeResult with a reason."""
+    spec = as_spec(config)
     if item.size < 0:
         return _failure(item, "unreadable", "cannot stat the file (permission denied or it vanished)")
     if text_path(item.path) != item.path:
@@ -183,9 +213,11 @@ def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: 
     if item.known_sha256 is not None and sha == item.known_sha256:
         return DecodeResult(item=item, sha256=sha, unchanged_content=True)
     try:
-        decoded = decode_image(data, config, max_pixels)
-        pixels = preprocess(decoded, config)
+        decoded = decode_image(data, spec, max_pixels)  # type: ignore[arg-type] - needs min_source_edge only
+        pixels = preprocess(decoded, spec.search) if spec.search is not None else None
+        copy_pixels = spec.copy(decoded) if spec.copy is not None else None
         phash = perceptual_hash(decoded.image)
+        pdq, pdq_quality = pdq_dihedral(decoded.image) if spec.pdq else (None, None)
     except ImageDecodeError as exc:
         return _failure(item, exc.failure_kind, str(exc))
     except MemoryError:
@@ -195,6 +227,9 @@ def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: 
     return DecodeResult(
         item=item,
         pixels=pixels,
+        copy_pixels=copy_pixels,
+        pdq=pdq,
+        pdq_quality=pdq_quality,
         sha256=sha,
         width=decoded.width,
         height=decoded.height,
@@ -212,7 +247,7 @@ class DecodeDataset:
     the process that made the dataset (`-j 0`) the file becomes a "timeout" failure at once.
     """
 
-    def __init__(self, root: str, items: list[WorkItem], config: PreprocessConfig, max_pixels: int,
+    def __init__(self, root: str, items: list[WorkItem], config: PreprocessConfig | DecodeSpec, max_pixels: int,
                  markers: InflightMarkers | None = None, timeout_s: float | None = None):
         self.root, self.items, self.config, self.max_pixels = root, items, config, max_pixels
         self.markers = markers
@@ -244,7 +279,7 @@ def collate_results(results: list[DecodeResult]) -> tuple[list[DecodeResult], An
     """Stack pixels into one uint8 tensor (pinned by the DataLoader on GPU); results keep metadata."""
     import torch
 
-    pixels = [r.pixels for r in results if r.embeddable]
+    pixels = [r.pixels for r in results if r.embeddable and r.pixels is not None]
     batch = torch.from_numpy(np.stack(pixels)) if pixels else None
     for r in results:
         r.pixels = None  # the data travels once, in `batch`

@@ -28,7 +28,9 @@ HEADERS = {
     "api_batching": "| endpoint | batching | clients | QPS | p50 ms | p99 ms |",
     "incremental_reindex": "| run | wall s | detail |",
     "ui_render": "| page | kind | FCP ms | server ms | JSON round trip ms |",
+    "embed_copy": "| copy model | forward only, img/s | `index --copy-model`, img/s |",
 }
+NO_GOAL = {"embed_copy"}  # a measurement the issue sets no goal for
 
 ENV = {"commit": "abc1234", "cpu_count": 2, "cpu_model": "Test CPU", "cuda": None, "torch": "2.0", "faiss": "1.9"}
 
@@ -82,7 +84,8 @@ def test_renders_the_committed_results() -> None:
             assert HEADERS[name] in text, name
     positions = [text.index(f"## {title}") for _, title, _ in render.ORDER]
     assert positions == sorted(positions)
-    assert text.count("**Goal**") == sum(render.load(render.RESULTS, n)[0] is not None for n in NAMES)
+    assert text.count("**Goal**") == sum(render.load(render.RESULTS, n)[0] is not None for n in NAMES
+                                        if n not in NO_GOAL)
 
 
 def test_missing_and_quick_fallback(tmp_path: Path) -> None:

