@@ -214,6 +214,7 @@ def calibrate(
     seed: int = typer.Option(0, "--seed", help="Random seed of the sample."),
     transform: Optional[list[str]] = typer.Option(None, "--transform", help="Only these transforms (repeatable) [default: all]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the full curves as JSON here."),
+    role: str = typer.Option("search", "--role", help="Embedder role to calibrate (search, or copy when indexed)."),
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
     progress: bool = ProgressOpt,
@@ -227,11 +228,11 @@ def calibrate(
     """
     from dataclasses import asdict
 
-    from retrieval.curation.calibrate import format_table, run_calibration
+    from retrieval.curation.calibrate import format_table, role_view, run_calibration
 
     _, reader = _reader(index_dir, db)
     try:
-        cal = run_calibration(reader, sample, target_precision, seed, transform, progress)
+        cal = run_calibration(reader, sample, target_precision, seed, transform, progress, role_view(reader, role))
     finally:
         reader.close()
     data = asdict(cal)
