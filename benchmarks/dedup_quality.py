@@ -23,8 +23,9 @@ precision is >= --target-precision (0.97). Score normalisation (centring and PCA
 the corpus, and SSCD-style neighbour normalisation) is compared against raw cosine at equal recall.
 
 "Our pipeline" is one function, `ours(features, config)`: the recommended combination of stages.
-After the copy embedder role is merged, `--ours index` runs the real `retrieval index` +
-`retrieval dedup` instead (`ours_via_index`; pass the copy model through its settings).
+`--ours-index SETTINGS_JSON` also runs the real `retrieval index` + `retrieval dedup` on the folder
+(`ours_via_index`) and scores it as "ours-index": after the copy embedder role is merged, pass the
+copy model there, e.g. '{"model": DIR, "copy_model": "sscd-int8"}' (today: the search role only).
 
 Peers on the same folder: Immaculate 0.3.0 (its own Python 3.12 env; methods pdq, phash, sscd,
 sscd_distilled), imagededup PHash (max_distance_threshold 10, its default) and cleanvision.
@@ -426,6 +427,9 @@ def ours_via_index(corpus: Path, work: Path, names: list[str], settings: dict[st
     from retrieval.search import IndexLayout, IndexReader
     from retrieval.settings import Settings
 
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     s = Settings(index_dir=work / "idx", **settings)
     t0 = time.perf_counter()
     run_index(IndexOptions(corpus=corpus, settings=s, progress=False))
@@ -461,6 +465,12 @@ def labels_from_groups(groups: list[list[str]], names: list[str]) -> np.ndarray:
     adj = np.zeros((len(names), len(names)), bool)
     adj[adj_i, adj_j] = True
     return component_labels(len(names), adj | adj.T)
+
+
+def cpu_total() -> float:
+    """User + system CPU of this process and its reaped children (decode workers)."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 def run_timed(cmd: list[str], timeout: float) -> tuple[str, float, float, int, float]:
@@ -564,6 +574,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-precision", type=float, default=0.97)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--ours-index", default=None, metavar="SETTINGS_JSON",
+                        help="also run retrieval index + dedup with these Settings fields (JSON object)")
+    parser.add_argument("--ours-dedup", default="{}", metavar="OPTIONS_JSON",
+                        help="DedupOptions fields for --ours-index (JSON object)")
     parser.add_argument("--peers-only", action="store_true",
                         help="run only the peers on an existing corpus (cached for a later --reuse analysis)")
     parser.add_argument("--work", type=Path, default=None, help="corpus + features here (default: the photo cache)")
@@ -677,6 +691,14 @@ def main() -> None:
         parts = ["exact", s] + (["pdq"] if pdq else [])
         add(f"{label}@{thr}", labels, sum(stage_info[p]["wall_s"] for p in parts) + g,
             max(stage_info[p]["peak_rss_mb"] for p in parts), threshold=thr, stages=parts, cpu_s=cpu(*parts))
+
+    if args.ours_index:
+        t0, c0 = time.perf_counter(), cpu_total()
+        labels, _ = ours_via_index(corpus, work / "ours-index", names, json.loads(args.ours_index),
+                                   json.loads(args.ours_dedup))
+        add("ours-index", labels, time.perf_counter() - t0, round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                                                   / 1024, 1), cpu_s=round(cpu_total() - c0, 2),
+            settings=json.loads(args.ours_index), dedup=json.loads(args.ours_dedup))
 
     # The recommended default: the combination with the highest recall at the target precision;
     # within 0.005 of it, the one that costs the least CPU.
