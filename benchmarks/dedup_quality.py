@@ -64,6 +64,7 @@ COSINES = [round(float(x), 2) for x in np.arange(0.30, 0.991, 0.01)]
 PDQ_RADII = list(range(0, 81, 2)) + [31]
 PHASH_RADII = list(range(0, 21))
 IMMACULATE = ("pdq", "phash", "sscd", "sscd_distilled")
+PEERS = tuple(f"immaculate-{m}" for m in IMMACULATE) + ("imagededup", "cleanvision")
 
 
 # ---------------------------------------------------------------- features (one stage per process)
@@ -524,20 +525,24 @@ def cached(path: Path, reuse: bool, run: Any) -> dict[str, Any]:
     return out
 
 
-def run_immaculate(corpus: Path, timeout: float) -> dict[str, Any]:
+def run_immaculate(corpus: Path, method: str, timeout: float) -> dict[str, Any]:
     exe = immaculate_env()
     if exe is None:
         return {"error": "no Python 3.12 for Immaculate"}
-    out: dict[str, Any] = {}
-    for method in IMMACULATE:
-        text, wall, rss, code, cpu = run_timed([str(exe), str(corpus), "--json", "--method", method], timeout)
-        if code != 0:
-            out[method] = {"error": text.strip()[-400:]}
-            continue
-        doc = json.loads(text)  # pretty-printed over many lines
-        out[method] = {"groups": doc["exact"] + doc["near"], "wall_s": round(wall, 2),
-                       "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss, 1), "skipped": len(doc.get("skipped", []))}
-    return out
+    text, wall, rss, code, cpu = run_timed([str(exe), str(corpus), "--json", "--method", method], timeout)
+    if code != 0:
+        return {"error": text.strip()[-400:]}
+    doc = json.loads(text)  # pretty-printed over many lines
+    return {"groups": doc["exact"] + doc["near"], "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "peak_rss_mb": round(rss, 1), "skipped": len(doc.get("skipped", []))}
+
+
+def run_peer(peer: str, corpus: Path, timeout: float) -> dict[str, Any]:
+    if peer.startswith("immaculate-"):
+        return run_immaculate(corpus, peer.removeprefix("immaculate-"), timeout)
+    if peer == "imagededup":
+        return run_python_peer("imagededup_run.py", [str(corpus), "--thresholds", "10"], timeout)
+    return run_python_peer("cleanvision_run.py", [str(corpus)], timeout)
 
 
 def run_python_peer(script: str, args: list[str], timeout: float) -> dict[str, Any]:
@@ -574,12 +579,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-precision", type=float, default=0.97)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES,
+                        help="exact, phash and pdq always run; the SSCD models only when listed (default: all)")
     parser.add_argument("--ours-index", default=None, metavar="SETTINGS_JSON",
                         help="also run retrieval index + dedup with these Settings fields (JSON object)")
     parser.add_argument("--ours-dedup", default="{}", metavar="OPTIONS_JSON",
                         help="DedupOptions fields for --ours-index (JSON object)")
     parser.add_argument("--peers-only", action="store_true",
                         help="run only the peers on an existing corpus (cached for a later --reuse analysis)")
+    parser.add_argument("--peer", action="append", choices=PEERS, help="with --peers-only: only these")
+    parser.add_argument("--peers-cached-only", default=None, metavar="WHY",
+                        help="score only the peers whose output is cached in the work folder; the others are "
+                             "reported as not finished, with this reason")
     parser.add_argument("--work", type=Path, default=None, help="corpus + features here (default: the photo cache)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the corpus, stage features and peer outputs already in the work folder "
@@ -602,12 +613,9 @@ def main() -> None:
         truth_doc = pc.build(corpus, photos, args.planted, args.seed, args.max_side)
     make_s = time.perf_counter() - t0
     names = list_images(corpus)
-    if args.peers_only:
-        timeout = 3600
-        cached(work / "peer-immaculate.json", False, lambda: run_immaculate(corpus, timeout))
-        cached(work / "peer-imagededup.json", False,
-               lambda: run_python_peer("imagededup_run.py", [str(corpus), "--thresholds", "10"], timeout))
-        cached(work / "peer-cleanvision.json", False, lambda: run_python_peer("cleanvision_run.py", [str(corpus)], timeout))
+    if args.peers_only:  # each peer (and Immaculate method) on its own: they can run side by side
+        for peer in args.peer or PEERS:
+            cached(work / f"peer-{peer}.json", False, lambda peer=peer: run_peer(peer, corpus, 3600))
         return
     t = Truth.load(truth_doc, names)
     print(f"corpus: {len(photos)} photos, {(t.kind == 'original').sum()} originals, {t.n} files "
@@ -615,13 +623,14 @@ def main() -> None:
 
     feats: dict[str, dict[str, np.ndarray]] = {}
     stage_info: dict[str, Any] = {}
-    for stage in STAGES:
+    models = [m for m in SSCD_MODELS if m in args.stages]
+    for stage in ["exact", "phash", "pdq", *models]:
         feats[stage], stage_info[stage] = run_stage(stage, corpus, work, args.reuse)
         assert list(feats[stage]["names"]) == names
         print(f"stage {stage}: {stage_info[stage]}", flush=True)
     cache = {"phash": phash_distances(feats["phash"]["phash"]),
              "pdq": pdq_distances(feats["pdq"]["codes"], feats["pdq"]["variants"]),
-             **{s: feats[s]["vectors"] @ feats[s]["vectors"].T for s in SSCD_MODELS}}
+             **{s: feats[s]["vectors"] @ feats[s]["vectors"].T for s in models}}
 
     target = args.target_precision
     calibration: dict[str, Any] = {}
@@ -630,15 +639,15 @@ def main() -> None:
     for stage, grid, at in (
         ("phash", PHASH_RADII, lambda g: Config(exact=False, phash_radius=g)),
         ("pdq", sorted(set(PDQ_RADII)), lambda g: Config(exact=False, pdq_radius=g)),
-        *((s, COSINES, lambda g, s=s: Config(exact=False, cosine={s: g})) for s in SSCD_MODELS),
+        *((s, COSINES, lambda g, s=s: Config(exact=False, cosine={s: g})) for s in models),
     ):
         rows = sweep(lambda g: adjacency(feats, at(g), cache), grid, t)
         best = choose(rows, target)
         calibration[stage] = {"sweep": rows, "chosen": best,
-                              "direct": direct_distributions(cache[stage], t, larger_is_closer=stage in SSCD_MODELS)}
+                              "direct": direct_distributions(cache[stage], t, larger_is_closer=stage in models)}
         chosen[stage] = best["threshold"] if best else None
         print(f"{stage}: chosen {best}", flush=True)
-    for s in SSCD_MODELS:
+    for s in models:
         calibration[s]["normalisation"] = {how: pair_pr(normalised(feats[s]["vectors"], how), t)
                                            for how in ("raw", "centre", "whiten", "sn")}
         print(s, calibration[s]["normalisation"], flush=True)
@@ -646,7 +655,7 @@ def main() -> None:
 
     # Combinations: exact + PDQ (Meta's radius) + SSCD, the cosine swept again with the hash edges in.
     combos: dict[str, Any] = {}
-    for s in SSCD_MODELS:
+    for s in models:
         for pdq in (None, 31):
             label = f"exact+{'pdq31+' if pdq else ''}{s}"
             rows = sweep(lambda g: adjacency(feats, Config(pdq_radius=pdq, cosine={s: g}), cache), COSINES, t)
@@ -671,7 +680,7 @@ def main() -> None:
     add("exact", labels, stage_info["exact"]["wall_s"] + g, stage_info["exact"]["peak_rss_mb"], cpu_s=cpu("exact"))
     for stage, cfg in (("phash", Config(exact=False, phash_radius=chosen["phash"])),
                        ("pdq", Config(exact=False, pdq_radius=chosen["pdq"])),
-                       *((s, Config(exact=False, cosine={s: chosen[s]})) for s in SSCD_MODELS)):
+                       *((s, Config(exact=False, cosine={s: chosen[s]})) for s in models)):
         if chosen[stage] is None:
             tools[f"{stage} (none reaches {target})"] = {"error": f"no threshold reaches precision {target}"}
             continue
@@ -712,27 +721,29 @@ def main() -> None:
     peers: dict[str, Any] = {}
     if not args.no_peers:
         timeout = 1800
-        imm = cached(work / "peer-immaculate.json", args.reuse, lambda: run_immaculate(corpus, timeout))
-        if "error" in imm:
-            tools["immaculate"] = {"error": imm["error"]}
-        for method, r in imm.items() if "error" not in imm else []:
+        if args.peers_cached_only:
+            res = {p: json.loads((work / f"peer-{p}.json").read_text()) if (work / f"peer-{p}.json").exists() else
+                   {"error": f"did not finish within this run's time on the shared machine ({args.peers_cached_only})"}
+                   for p in PEERS}
+        else:
+            res = {p: cached(work / f"peer-{p}.json", args.reuse, lambda p=p: run_peer(p, corpus, timeout))
+                   for p in PEERS}
+        for method in IMMACULATE:
+            r = res[f"immaculate-{method}"]
             if "error" in r:
                 tools[f"immaculate-{method}"] = r
             else:
-                add(f"immaculate-{method}", labels_from_groups(r.pop("groups"), names), r["wall_s"], r["peak_rss_mb"], skipped=r["skipped"],
-                    cpu_s=r["cpu_s"])
+                add(f"immaculate-{method}", labels_from_groups(r["groups"], names), r["wall_s"], r["peak_rss_mb"],
+                    skipped=r["skipped"], cpu_s=r["cpu_s"])
             print(f"immaculate {method}: {tools[f'immaculate-{method}'].get('precision')} "
                   f"{tools[f'immaculate-{method}'].get('recall')}", flush=True)
-        imd = cached(work / "peer-imagededup.json", args.reuse,
-                     lambda: run_python_peer("imagededup_run.py", [str(corpus), "--thresholds", "10"], timeout))
+        imd, cv = res["imagededup"], res["cleanvision"]
         if "error" in imd:
             tools["imagededup-phash10"] = {"error": imd["error"]}
         else:
             r = imd["runs"][0]
             add("imagededup-phash10", labels_from_groups([list(p) for p in r["pairs"]], names), r["wall_s"],
                 imd["process_peak_rss_mb"], process_wall_s=imd["process_wall_s"], cpu_s=r["cpu_s"])
-        cv = cached(work / "peer-cleanvision.json", args.reuse,
-                    lambda: run_python_peer("cleanvision_run.py", [str(corpus)], timeout))
         if "error" in cv:
             tools["cleanvision"] = {"error": cv["error"]}
         else:
@@ -752,8 +763,8 @@ def main() -> None:
                    "seed": args.seed, "max_side": args.max_side, "make_s": round(make_s, 1)},
         "target_precision": target,
         "stages": stage_info,
-        "embedding_speed_img_s": {s: round(t.n / stage_info[s]["wall_s"], 2) for s in SSCD_MODELS},
-        "embedding_img_per_cpu_s": {s: round(t.n / stage_info[s]["cpu_s"], 2) for s in SSCD_MODELS},
+        "embedding_speed_img_s": {s: round(t.n / stage_info[s]["wall_s"], 2) for s in models},
+        "embedding_img_per_cpu_s": {s: round(t.n / stage_info[s]["cpu_s"], 2) for s in models},
         "chosen": chosen,
         "recommended": recommended,
         "calibration": calibration,

@@ -391,7 +391,9 @@ def _dedup_goal(d: dict[str, Any]) -> str:
         name, best = max(imm.items(), key=lambda kv: kv[1]["recall"])
         gain = r - best["recall"]
         ok = gain >= 0.15 and p >= best["precision"]
-        parts.append(f"vs the best Immaculate method ({name}: precision {_n(best['precision'], 4)}, recall "
+        missing = [k for k, v in tools.items() if k.startswith("immaculate-") and "recall" not in v]
+        parts.append(f"vs the best Immaculate method that ran{' (not measured: ' + ', '.join(missing) + ')' if missing else ''} "
+                     f"({name}: precision {_n(best['precision'], 4)}, recall "
                      f"{_n(best['recall'], 4)}): {gain:+.4f} recall at {'equal or better' if p >= best['precision'] else 'lower'} "
                      f"precision, >= +0.15 {'met' if ok else 'missed'}")
     else:
