@@ -257,6 +257,8 @@ def count_components(labels: np.ndarray, t: Truth) -> dict[str, Any]:
     oc = sum(1 for i in copies if labels[i] == labels[orig[t.family[i]]])
     return {"found_true": true, "found_false": int(false), "sibling_false": int(sibling),
             "precision": round(true / (true + false), 4) if true + false else None,
+            # the same with sibling halves not scored (as if they were overlapping crops)
+            "precision_without_siblings": round(true / (true + false - sibling), 4) if true + false - sibling else None,
             "recall": round(true / all_true, 4) if all_true else None,
             "recall_original_copy": round(oc / len(copies), 4) if copies else None,
             "largest_group": int(np.bincount(labels).max())}
@@ -285,13 +287,13 @@ def sweep(adjacency_at: Any, grid: list[Any], t: Truth) -> list[dict[str, Any]]:
     return [{"threshold": g, **count_components(component_labels(t.n, adjacency_at(g)), t)} for g in grid]
 
 
-def choose(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+def choose(rows: list[dict[str, Any]], target: float, key: str = "precision") -> dict[str, Any] | None:
     """The threshold with the highest recall among those whose precision reaches the target.
 
     Several thresholds often tie on recall (a plateau between the copies' and the distractors'
     scores); the middle of that plateau is taken: it keeps the largest margin on both sides.
     """
-    ok = [r for r in rows if r["precision"] is not None and r["precision"] >= target]
+    ok = [r for r in rows if r[key] is not None and r[key] >= target]
     if not ok:
         return None
     best = max(r["recall"] for r in ok)
@@ -644,6 +646,7 @@ def main() -> None:
         rows = sweep(lambda g: adjacency(feats, at(g), cache), grid, t)
         best = choose(rows, target)
         calibration[stage] = {"sweep": rows, "chosen": best,
+                              "chosen_without_siblings": choose(rows, target, "precision_without_siblings"),
                               "direct": direct_distributions(cache[stage], t, larger_is_closer=stage in models)}
         chosen[stage] = best["threshold"] if best else None
         print(f"{stage}: chosen {best}", flush=True)
@@ -656,11 +659,13 @@ def main() -> None:
     # Combinations: exact + PDQ (Meta's radius) + SSCD, the cosine swept again with the hash edges in.
     combos: dict[str, Any] = {}
     for s in models:
-        for pdq in (None, 31):
-            label = f"exact+{'pdq31+' if pdq else ''}{s}"
-            rows = sweep(lambda g: adjacency(feats, Config(pdq_radius=pdq, cosine={s: g}), cache), COSINES, t)
+        for pdq, ph in ((None, None), (31, None), (31, 8)):
+            label = f"exact+{'phash8+' if ph else ''}{'pdq31+' if pdq else ''}{s}"
+            rows = sweep(lambda g: adjacency(feats, Config(pdq_radius=pdq, phash_radius=ph, cosine={s: g}), cache),
+                         COSINES, t)
             best = choose(rows, target)
-            combos[label] = {"sweep": rows, "chosen": best, "cfg": {"pdq_radius": pdq, "stage": s}}
+            combos[label] = {"sweep": rows, "chosen": best, "cfg": {"pdq_radius": pdq, "phash_radius": ph, "stage": s},
+                             "chosen_without_siblings": choose(rows, target, "precision_without_siblings")}
             print(f"{label}: {best}", flush=True)
 
     tools: dict[str, Any] = {}
@@ -694,10 +699,10 @@ def main() -> None:
     for label, combo in combos.items():
         if combo["chosen"] is None:
             continue
-        s, pdq = combo["cfg"]["stage"], combo["cfg"]["pdq_radius"]
+        s, pdq, ph = combo["cfg"]["stage"], combo["cfg"]["pdq_radius"], combo["cfg"]["phash_radius"]
         thr = combo["chosen"]["threshold"]
-        labels, g = timed(Config(pdq_radius=pdq, cosine={s: thr}))
-        parts = ["exact", s] + (["pdq"] if pdq else [])
+        labels, g = timed(Config(pdq_radius=pdq, phash_radius=ph, cosine={s: thr}))
+        parts = ["exact", s] + (["pdq"] if pdq else []) + (["phash"] if ph else [])
         add(f"{label}@{thr}", labels, sum(stage_info[p]["wall_s"] for p in parts) + g,
             max(stage_info[p]["peak_rss_mb"] for p in parts), threshold=thr, stages=parts, cpu_s=cpu(*parts))
 
@@ -768,7 +773,7 @@ def main() -> None:
         "chosen": chosen,
         "recommended": recommended,
         "calibration": calibration,
-        "combinations": {k: {"chosen": v["chosen"], "cfg": v["cfg"], "sweep": v["sweep"]} for k, v in combos.items()},
+        "combinations": combos,
         "tools": tools,
         "peers": peers,
         "threads": int(os.environ.get("BENCH_THREADS", "2")),

@@ -41,6 +41,8 @@ def test_vectorised_pair_counts_match_brute_force() -> None:
         assert (got["found_true"], got["found_false"], got["sibling_false"]) == (true, false, sib)
         all_true = sum(1 for i, j in itertools.combinations(range(t.n), 2) if t.family[i] == t.family[j])
         assert got["recall"] == round(true / all_true, 4)
+        if true + false - sib:
+            assert got["precision_without_siblings"] == round(true / (true + false - sib), 4)
         assert dq.score_groups(labels, t)["found_true"] == true
 
 
