@@ -116,9 +116,10 @@ def advise(cal: Calibration, negatives_seen: int) -> str:
                 "of your images: calibrate a copy-detection role (retrieval index --copy-model sscd-distilled) "
                 "or rely on the exact and hash stages only")
     at = {r["threshold"]: r for r in rows}
-    hard = sorted((name for name, curve in cal.rows.items() if name != "all"),
-                  key=lambda name: max(r["recall"] for r in cal.rows[name] if r["precision"] >= cal.target_precision)
-                  if any(r["precision"] >= cal.target_precision for r in cal.rows[name]) else 0.0)
+    def best_recall(curve: list[dict[str, float]]) -> float:  # at the target precision; 0 when never reached
+        return max((r["recall"] for r in curve if r["precision"] >= cal.target_precision), default=0.0)
+
+    hard = sorted((name for name in cal.rows if name != "all"), key=lambda name: best_recall(cal.rows[name]))
     few = (f" Only {negatives_seen} non-copy neighbours were scored, so precision is measured coarsely: "
            "raise --sample." if negatives_seen < 100 else "")
     if cal.suggested_threshold is not None:
