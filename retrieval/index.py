@@ -378,14 +378,17 @@ class Index:
                               failures=list(o.failures), _outcome=o)
 
     def calibrate(self, sample: int = 100, target_precision: float = 0.95, seed: int = 0,
-                  transforms: list[str] | None = None, progress: bool | None = None) -> Any:
+                  transforms: list[str] | None = None, progress: bool | None = None, role: str = "search") -> Any:
         """Precision/recall of duplicate detection per transform on this corpus; a suggested threshold.
 
-        Example: ``index.calibrate(sample=50).suggested_threshold``
-        """
-        from retrieval.curation.calibrate import run_calibration
+        `role`: "search" (the retrieval model) or "copy" (the copy-detection model, when indexed).
 
-        return run_calibration(self.reader, sample, target_precision, seed, transforms, show_progress(progress))
+        Example: ``index.calibrate(sample=50, role="copy").advice``
+        """
+        from retrieval.curation.calibrate import role_view, run_calibration
+
+        return run_calibration(self.reader, sample, target_precision, seed, transforms, show_progress(progress),
+                               role_view(self.reader, role))
 
     def write_report(self, result: Any, folder: str | os.PathLike[str], progress: bool | None = None) -> dict[str, Path]:
         """Write the HTML/JSON/CSV report of a dedup, cluster or curation result into `folder`.

@@ -226,6 +226,7 @@ def calibrate(
     seed: int = typer.Option(0, "--seed", help="Random seed of the sample."),
     transform: Optional[list[str]] = typer.Option(None, "--transform", help="Only these transforms (repeatable) [default: all]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the full curves as JSON here."),
+    role: str = typer.Option("search", "--role", help="Embedder role to calibrate (search, or copy when indexed)."),
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
     progress: Optional[bool] = ProgressOpt,
@@ -242,7 +243,7 @@ def calibrate(
     from retrieval.curation.calibrate import format_table
 
     with open_index(index_dir=index_dir, db_url=db) as index:
-        cal = index.calibrate(sample, target_precision, seed, transform, progress)
+        cal = index.calibrate(sample, target_precision, seed, transform, progress, role=role)
     data = asdict(cal)
     if output is not None:
         output.write_text(json.dumps(data, indent=1))

@@ -24,7 +24,7 @@ HEADERS = {
     "embed_throughput_gpu": "| model | precision | forward pass alone (ceiling), img/s |",
     "index_quality": "| d | N | tool @ memory budget |",
     "dedup_scale": "| N | index | index build s | dedup wall s |",
-    "dedup_quality": "| tool | precision | recall (original, copy) |",
+    "dedup_quality": "| tool @ threshold | precision | recall (all true pairs) |",
     "api_batching": "| endpoint | batching | clients | QPS | p50 ms | p99 ms |",
     "incremental_reindex": "| run | wall s | detail |",
     "ui_render": "| page | kind | FCP ms | server ms | JSON round trip ms |",
