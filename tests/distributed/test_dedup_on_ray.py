@@ -37,7 +37,7 @@ def test_dedup_on_ray_equals_the_local_run(planted_index: tuple[Path, Path], ray
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(graph, "RAY_SHARD_BATCHES", 1)  # 16 queries in batches of 3: 6 tasks on two nodes
     _, index_dir = planted_index
-    reader = IndexReader(IndexLayout(index_dir), None)
+    reader = IndexReader(IndexLayout(index_dir), None, writable=True)  # dedup records its runs
     try:
         local = _groups(reader, DedupOptions(threshold=0.9, batch=3, force=True))
         remote = _groups(reader, DedupOptions(threshold=0.9, batch=3, force=True, ray=ray_address))
@@ -71,7 +71,7 @@ def test_dedup_on_the_copy_role_on_ray(tmp_path: Path, tiny_model_dir: Path, cli
     index_dir = tmp_path / "idx"
     cli("index", corpus, "--model", tiny_model_dir, "--index-dir", index_dir, "--copy-model", "sscd-distilled",
         "--no-progress", "-j", "0")
-    reader = IndexReader(IndexLayout(index_dir), None)
+    reader = IndexReader(IndexLayout(index_dir), None, writable=True)  # dedup records its runs
     try:
         opts = dict(batch=3, force=True, phash_distance=-1, pdq_distance=-1)
         local = _groups(reader, DedupOptions(**opts))

@@ -71,7 +71,10 @@ def test_review_flip_a_decision_reload_and_apply(page: Any, served: Served, tmp_
     # Full image on click.
     copy.locator("button.open").click()
     page.wait_for_selector("#viewer[open]")
-    assert page.eval_on_selector("#viewer-img", "e => e.complete && e.naturalWidth") == 120
+    # The full image loads after the dialog opens: wait for it (a loaded machine is slow), then check it.
+    page.wait_for_function("() => { const e = document.querySelector('#viewer-img'); "
+                           "return e !== null && e.complete && e.naturalWidth > 0; }", timeout=30_000)
+    assert page.eval_on_selector("#viewer-img", "e => e.naturalWidth") == 120
     served.shot(page, "duplicates-full-image")
     page.keyboard.press("Escape")
     # Flip: keep the copy, remove the original.
