@@ -26,9 +26,10 @@ from retrieval.errors import CorpusError, IndexMismatchError
 from retrieval.imaging.decode import WorkItem
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.loader import decode_batches, regroup
-from retrieval.imaging.scan import IMAGE_EXTENSIONS, scan_corpus
+from retrieval.imaging.scan import IMAGE_EXTENSIONS
 from retrieval.layout import IndexLayout, IndexLock
 from retrieval.settings import Settings
+from retrieval.sources import Source, open_source
 from retrieval.store import (
     ClusterAssignment,
     ClusterRun,
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class IndexOptions:
-    corpus: Path
+    corpus: Path | str  # a folder, a URL prefix, a list or shards (retrieval.sources.open_source)
     settings: Settings
     rebuild: bool = False
     retry_failed: bool = False
@@ -97,6 +98,24 @@ def default_workers(device: str) -> int:
     # (benchmarks/embed_throughput.py). Decoding (draft JPEG) is ~8% of the work, so only larger
     # machines get workers, about one per 8 cores.
     return 0 if cpus <= 4 else max(1, cpus // 8)
+
+
+# A remote source that stops answering (endpoint down, credentials revoked mid-run) turns every
+# read into a failure after its retries; after this many in a row the run stops with one clear
+# error instead of grinding through the rest. What was committed stays; the next run resumes.
+UNREACHABLE_STREAK = 200
+
+
+def _unreachable(results: list[Any], streak: int) -> tuple[int, str | None]:
+    """The running count of consecutive reads that failed after retries, and the last reason."""
+    reason = None
+    for r in results:
+        if r.failure_kind == "io_error" and (r.failure_reason or "").startswith("read failed after retries"):
+            streak += 1
+            reason = r.failure_reason
+        else:
+            streak = 0
+    return streak, reason
 
 
 MIN_WORKER_CHUNK = 32
@@ -143,13 +162,15 @@ def _reset_index(layout: IndexLayout, store: Store) -> None:
         s.execute(delete(Meta))
         if store.engine.dialect.name == "sqlite":
             s.execute(text("DELETE FROM sqlite_sequence WHERE name = 'images'"))
+        elif store.engine.dialect.name == "postgresql":
+            s.execute(text("SELECT setval(pg_get_serial_sequence('images', 'id'), 1, false)"))
     for path in (layout.vectors_path, layout.faiss_path):
         if path.exists():
             path.unlink()
 
 
-def _check_corpus(corpus: Path, store: Store) -> str:
-    root = str(corpus.resolve())
+def _check_corpus(source: Source, store: Store) -> str:
+    root = source.uri
     recorded = store.get_meta("corpus_root")
     if recorded and recorded != root:
         raise IndexMismatchError(
@@ -192,11 +213,7 @@ def _load_model_if_needed(opts: IndexOptions, store: Store, plan: Plan, previous
 def run_index(opts: IndexOptions) -> IndexSummary:
     """Index (or update the index of) one corpus. Safe to interrupt at any point and run again."""
     s = opts.settings
-    corpus = Path(opts.corpus)
-    if not corpus.exists():
-        raise CorpusError(f"corpus folder {corpus} does not exist")
-    if not corpus.is_dir():
-        raise CorpusError(f"corpus path {corpus} is not a folder")
+    source = open_source(opts.corpus)
     layout = IndexLayout(Path(s.index_dir))
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -207,17 +224,17 @@ def run_index(opts: IndexOptions) -> IndexSummary:
             previous_ref = store.get_meta("model_ref")  # --rebuild keeps the model unless --model says otherwise
             if opts.rebuild:
                 _reset_index(layout, store)
-            root = _check_corpus(corpus, store)
+            root = _check_corpus(source, store)
 
             t = time.perf_counter()
-            entries = list(scan_corpus(corpus, exclude=(layout.root,)))
+            entries = list(source.scan(cache_dir=layout.root, exclude=(layout.root,)))
             timings["scan_s"] = time.perf_counter() - t
             t = time.perf_counter()
             plan = make_plan(store, entries, retry_failed=opts.retry_failed)
             timings["plan_s"] = time.perf_counter() - t
             if plan.scanned == 0 and store.count_images() == 0:
                 raise CorpusError(
-                    f"no images found in {corpus} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ... "
+                    f"no images found in {opts.corpus} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ... "
                     f"and image file signatures)"
                 )
 
@@ -231,14 +248,14 @@ def run_index(opts: IndexOptions) -> IndexSummary:
             summary = IndexSummary(corpus=root, index_dir=str(layout.root.resolve()),
                                    unchanged=plan.unchanged, known_failures=plan.known_failures,
                                    removed=len(plan.removed_ids))
-            run = _start_run(store, root, embedder)
+            run = _start_run(store, source, embedder)
             summary.model = store.get_meta("model_ref") or ""
             summary.device = embedder.device if embedder else "-"
 
             remove_images(store, plan.removed_ids, plan.removed_failure_paths)
             if plan.todo:
                 assert embedder is not None
-                counts = _embed_all(opts, root, plan.todo, embedder, store, timings, plan.crashed)
+                counts = _embed_all(opts, source, plan.todo, embedder, store, timings, plan.crashed)
                 summary.new, summary.changed, summary.touched, summary.failed = (
                     counts.new, counts.changed, counts.touched, counts.failed)
                 embedded = counts.new + counts.changed
@@ -279,8 +296,11 @@ def _failure_kinds(store: Store) -> dict[str, int]:
         return dict(s.execute(select(Failure.kind, func.count()).group_by(Failure.kind)).all())
 
 
-def _start_run(store: Store, root: str, embedder: Any) -> int:
+def _start_run(store: Store, source: Source, embedder: Any) -> int:
+    root = source.uri
     with store.session() as s, s.begin():
+        if source.kind != "folder" and store.get_meta("source") is None:
+            store.set_meta(s, source=source.to_meta())  # a folder index stays as it always was
         if embedder is not None and store.get_meta("dim") is None:
             store.set_meta(s, corpus_root=root, model_ref=embedder.model_ref, model_fingerprint=embedder.fingerprint,
                            dim=embedder.dim, preprocess=embedder.preprocess.to_dict(), created_at=utcnow().isoformat())
@@ -332,7 +352,7 @@ def _fail_running(store: Store, exc: BaseException) -> None:
         logger.exception("could not record the failed run")
 
 
-def _embed_all(opts: IndexOptions, root: str, items: list[WorkItem], embedder: Any, store: Store,
+def _embed_all(opts: IndexOptions, source: Source, items: list[WorkItem], embedder: Any, store: Store,
                timings: dict[str, float], crashed: set[str]) -> BatchCounts:
     import torch
 
@@ -343,12 +363,12 @@ def _embed_all(opts: IndexOptions, root: str, items: list[WorkItem], embedder: A
         # Leave the decode workers their cores, so they never preempt the model's threads.
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
     try:
-        return _embed_loop(opts, root, items, embedder, store, timings, workers, crashed)
+        return _embed_loop(opts, source, items, embedder, store, timings, workers, crashed)
     finally:
         torch.set_num_threads(threads)
 
 
-def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: Any, store: Store,
+def _embed_loop(opts: IndexOptions, source: Source, items: list[WorkItem], embedder: Any, store: Store,
                 timings: dict[str, float], workers: int, crashed: set[str]) -> BatchCounts:
     from tqdm import tqdm
 
@@ -359,8 +379,8 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
     markers = InflightMarkers(layout.decoding_dir)
     pin = embedder.device.startswith("cuda")
     chunk = worker_chunk(len(items), workers, s.batch_size)
-    chunks = decode_batches(root, items, embedder.preprocess, s.max_pixels, chunk, workers, markers,
-                            suspects=crashed, pin_memory=pin)
+    chunks = source.decode_stream(items, lambda reader, part: decode_batches(
+        reader, part, embedder.preprocess, s.max_pixels, chunk, workers, markers, suspects=crashed, pin_memory=pin))
     batches = closing(regroup(chunks, s.batch_size, pin_memory=pin) if chunk < s.batch_size else chunks)
     vectors = VectorStore(layout.vectors_path, embedder.dim)
     wait = embed = 0.0
@@ -375,6 +395,7 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
         writer_cls = ThreadedWriter if overlap_writes(embedder.device, s.overlap) else InlineWriter
         writer = writer_cls(lambda results, vecs: write_batch(store, vectors, results, vecs), embedder.to_numpy,
                             done)
+        streak = 0
         with writer:
             t = time.perf_counter()
             for results, pixels in decoded:
@@ -384,6 +405,10 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
                 t2 = time.perf_counter()
                 embed += t2 - t1
                 writer.put(results, vecs)
+                streak, reason = _unreachable(results, streak)
+                if streak >= UNREACHABLE_STREAK:
+                    raise CorpusError(f"{source.describe()} stopped answering: the last {streak} reads failed "
+                                      f"({reason}); what was indexed is kept, run again to resume")
                 t = time.perf_counter()
         total = writer.total
     markers.clean()

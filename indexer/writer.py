@@ -28,7 +28,7 @@ class BatchCounts:
 def _record_failure(session, result: DecodeResult) -> None:  # noqa: ANN001
     item = result.item
     session.execute(delete(Failure).where(Failure.path == item.path))
-    session.add(Failure(path=item.path, size=max(item.size, 0), mtime_ns=item.mtime_ns,
+    session.add(Failure(path=item.path, size=max(item.size, 0), mtime_ns=item.mtime_ns, etag=item.etag,
                         kind=result.failure_kind or "corrupt", reason=result.failure_reason or "unknown"))
 
 
@@ -44,7 +44,8 @@ def write_batch(store: Store, vectors: VectorStore, results: list[DecodeResult],
         for r in embedded:
             item = r.item
             fields = dict(size=item.size, mtime_ns=item.mtime_ns, sha256=r.sha256, width=r.width, height=r.height,
-                          format=r.format[:16], phash=to_signed64(r.phash), indexed=False, updated_at=now)
+                          format=r.format[:16], phash=to_signed64(r.phash), indexed=False, updated_at=now,
+                          etag=item.etag, extra=r.meta)
             if item.image_id is None:
                 row = Image(path=item.path, added_at=now, **fields)
                 s.add(row)
@@ -65,7 +66,7 @@ def write_batch(store: Store, vectors: VectorStore, results: list[DecodeResult],
             if r.unchanged_content and item.image_id is not None:
                 row = s.get(Image, item.image_id)
                 if row is not None:
-                    row.size, row.mtime_ns, row.updated_at = item.size, item.mtime_ns, now
+                    row.size, row.mtime_ns, row.updated_at, row.etag = item.size, item.mtime_ns, now, item.etag
                     counts.touched += 1
             elif r.failure_reason is not None:
                 _record_failure(s, r)

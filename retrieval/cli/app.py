@@ -65,7 +65,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what h
 
 @app.command()
 def index(
-    corpus: Path = typer.Argument(..., help="Folder of images (searched recursively).", show_default=False),
+    corpus: str = typer.Argument(..., help="Folder of images (searched recursively), fsspec URL prefix (s3://, gs://, az://, http(s)://, file://), .txt/.csv/.parquet list of paths or URLs, or WebDataset .tar shards (glob or {000..009} pattern).", show_default=False),
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local save_pretrained folder, or cached hub id [default: facebook/dinov2-small, or the model the index was built with]."),
@@ -83,7 +83,7 @@ def index(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Index a folder of images: embed new and changed files, drop deleted ones, update the FAISS index.
+    """Index a folder of images (or a bucket, a list, shards): embed new and changed files, drop deleted ones, update the FAISS index.
 
     Re-running is cheap (only changes are processed) and an interrupted run resumes where it stopped.
     Unreadable, corrupt, truncated and oversized files are recorded with a reason and skipped.
@@ -91,6 +91,8 @@ def index(
     Example:
 
         retrieval index ./photos --model ./models/dinov2-small
+
+        retrieval index s3://bucket/photos   |   retrieval index 'shards/{000000..000009}.tar'   |   retrieval index urls.parquet
     """
     from retrieval.indexer.pipeline import IndexOptions, run_index
 
@@ -109,7 +111,7 @@ def index(
 
 @app.command()
 def search(
-    image: str = typer.Argument(..., help="An image file (inside or outside the corpus) or an image id.", show_default=False),
+    image: str = typer.Argument(..., help="An image file (inside or outside the corpus), an image id, or a URI (s3://..., https://..., shard.tar#member).", show_default=False),
     k: int = typer.Option(10, "-k", help="Number of neighbours.", min=1, max=1000),
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
@@ -136,7 +138,7 @@ def search(
     if as_json:
         typer.echo(json.dumps({"query": image, "answered_from": how, "results": [asdict(h) for h in hits]}, indent=2))
         return
-    typer.echo(f"{len(hits)} nearest to {image} ({how}), corpus {reader.corpus_root}:")
+    typer.echo(f"{len(hits)} nearest to {image} ({how}), corpus {reader.corpus_name}:")
     for rank, hit in enumerate(hits, 1):
         typer.echo(f"{rank:>4}  {hit.score:.4f}  id={hit.id:<8} {hit.path}  ({hit.width}x{hit.height} {hit.format})")
 

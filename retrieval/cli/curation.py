@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from dataclasses import asdict
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -42,10 +43,10 @@ def dedup(
     phash_distance: int = typer.Option(8, "--phash-distance", help="pHash Hamming radius for near-exact copies; -1 turns the stage off."),
     keep: str = typer.Option("highest-resolution", "--keep", help="Which copy survives: highest-resolution, largest, oldest, shortest-path or first."),
     max_group_diameter: Optional[float] = typer.Option(None, "--max-group-diameter", help="Split groups so every member is within this cosine distance (1 - cos) of its representative [default: off, plain connected components as in the paper]."),
-    against: Optional[Path] = typer.Option(None, "--against", help="Reference folder (e.g. benchmark images): embedded, not indexed; every group touching it is removed whole."),
+    against: Optional[str] = typer.Option(None, "--against", help="Reference set (e.g. benchmark images): a folder, URL prefix, list or shards; embedded, not indexed; every group touching it is removed whole."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Run the embedding (copy detection) stage."),
     report_dir: Path = typer.Option(Path("dedup-report"), "--report-dir", "-o", help="Where the reports are written."),
-    apply: bool = typer.Option(False, "--apply", help="Move the files marked remove to --move-to and drop them from the index (default: dry run)."),
+    apply: bool = typer.Option(False, "--apply", help="Move the files marked remove to --move-to and drop them from the index (default: dry run). For a remote or list source: write manifest.csv and a filtered kept.parquet instead."),
     move_to: Optional[Path] = typer.Option(None, "--move-to", help="Folder outside the corpus that removed files move to, keeping their relative paths."),
     force: bool = typer.Option(False, "--force", help="Recompute even when an identical run on the unchanged index exists."),
     run: Optional[int] = typer.Option(None, "--run", help="With --apply: apply this stored run (the id its report shows) instead of the run the other options select."),
@@ -62,17 +63,19 @@ def dedup(
 
         retrieval dedup --report-dir ./dedup && retrieval dedup --apply --run 1 --move-to ../removed
     """
-    from retrieval.curation.apply import apply_run
+    from retrieval.curation.apply import apply_run, write_manifest
     from retrieval.curation.dedup import DedupOptions, load_run, run_dedup
     from retrieval.curation.report import write_dedup_reports
 
-    if apply and move_to is None:
-        raise RetrievalError("--apply needs --move-to DIR: removed files are moved there, never deleted")
     if move_to is not None and not apply:
         raise RetrievalError("--move-to only acts together with --apply (the default is a dry run)")
     if run is not None and not apply:
         raise RetrievalError("--run selects the stored run that --apply acts on; without --apply there is nothing to do")
     settings, reader = _reader(index_dir, db)
+    in_place = reader.source.writable
+    if apply and move_to is None and in_place:
+        reader.close()
+        raise RetrievalError("--apply needs --move-to DIR: removed files are moved there, never deleted")
     try:
         outcome = SimpleNamespace(run_id=run, reused=True) if run is not None else run_dedup(reader, DedupOptions(
             threshold=threshold, k=k, phash_distance=phash_distance, keep=keep, max_group_diameter=max_group_diameter,
@@ -80,8 +83,10 @@ def dedup(
             batch_size=settings.batch_size, workers=settings.workers or 0))
         doc = load_run(reader, outcome.run_id)
         files = write_dedup_reports(doc, report_dir, settings.max_pixels, progress)
-        applied = None
-        if apply:
+        applied = manifest = None
+        if apply and not in_place:
+            manifest = write_manifest(reader, outcome.run_id, report_dir)
+        elif apply:
             assert move_to is not None
             applied = apply_run(reader, outcome.run_id, move_to, settings)
             from retrieval.curation.report import write_text_lines
@@ -98,14 +103,20 @@ def dedup(
     ]
     if doc["reference_failures"]:
         lines.append(f"{len(doc['reference_failures'])} reference files could not be used (listed in duplicates.json)")
-    if applied is not None:
+    if manifest is not None:
+        lines.append(f"the source ({reader.source.kind}: {reader.corpus_name}) is not changed in place: nothing "
+                     f"moved; wrote {manifest.manifest} and the filtered list {manifest.kept_list} "
+                     f"({manifest.kept} images kept, {manifest.removed} removed)"
+                     + (f", shards {manifest.shard_list}" if manifest.shard_list else ""))
+    elif applied is not None:
         lines.append(f"moved {len(applied.moved)} files to {applied.move_to}; skipped {len(applied.skipped)}")
     else:
         lines.append("dry run: nothing moved (use --apply --move-to DIR)")
     data = {"run_id": outcome.run_id, "reused": outcome.reused, "summary": s, "report_dir": str(report_dir.resolve()),
             "files": {k: str(v) for k, v in files.items()},
             "applied": None if applied is None else {"moved": applied.moved, "skipped": applied.skipped,
-                                                     "move_to": applied.move_to}}
+                                                     "move_to": applied.move_to},
+            "manifest": None if manifest is None else asdict(manifest)}
     _print(data, as_json, lines)
 
 
@@ -156,7 +167,7 @@ COMMANDS.append(cluster)
 
 
 def curate(
-    queries: Path = typer.Option(..., "--queries", help="Folder of query images (embedded, not indexed)."),
+    queries: str = typer.Option(..., "--queries", help="Query images (embedded, not indexed): a folder, URL prefix, list or shards."),
     mode: str = typer.Option("sample", "--mode", help="sample: k nearest per query; cluster: sample clusters holding > --min-queries queries."),
     k: int = typer.Option(4, "-k", help="Nearest corpus images per query in sample mode (the paper's 4)."),
     per_cluster: int = typer.Option(10_000, "--per-cluster", help="Images sampled from each selected cluster (cluster mode)."),

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import ImageDecodeError
+from retrieval.errors import ImageDecodeError, ReadFailure
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.preprocess import PreprocessConfig, decode_image, preprocess
 
@@ -28,6 +28,8 @@ class WorkItem:
     mtime_ns: int
     image_id: int | None = None  # set when the file is already indexed (changed file)
     known_sha256: str | None = None
+    etag: str | None = None  # object stores: the content tag compared by incremental runs
+    meta: dict[str, Any] | None = None  # list columns / shard sidecars, stored with the image
 
 
 @dataclass
@@ -42,6 +44,7 @@ class DecodeResult:
     unchanged_content: bool = False  # same bytes as already indexed: metadata refresh only
     failure_kind: str | None = None
     failure_reason: str | None = None
+    meta: dict[str, Any] | None = None  # what the source keeps with the image (item.meta or shard sidecars)
 
     @property
     def embeddable(self) -> bool:
@@ -53,7 +56,9 @@ def _failure(item: WorkItem, kind: str, reason: str) -> DecodeResult:
     return DecodeResult(item=item, failure_kind=kind, failure_reason=reason)
 
 
-def _read(root: str, item: WorkItem) -> bytes:
+def _read(root: Any, item: WorkItem) -> bytes:
+    if not isinstance(root, str):  # a retrieval.sources reader: bounded, retried, ReadFailure on error
+        return root.read(item.path, item.size)
     path = os.path.join(root, item.path)
     # O_NOFOLLOW is not used: the scanner already checked that symlinks stay inside the corpus.
     with open(path, "rb") as f:
@@ -68,12 +73,28 @@ def perceptual_hash(image) -> int:  # noqa: ANN001 - a PIL image
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def decode_one(root: str, item: WorkItem, config: PreprocessConfig, max_pixels: int) -> DecodeResult:
-    """Read, hash, decode and preprocess one file; every failure becomes a DecodeResult with a reason."""
+def decode_one(root: Any, item: WorkItem, config: PreprocessConfig, max_pixels: int) -> DecodeResult:
+    """Read, hash, decode and preprocess one file; every failure becomes a DecodeResult with a reason.
+
+    `root` is the corpus folder, or a retrieval.sources reader for any other source.
+    """
+    result = _decode_one(root, item, config, max_pixels)
+    if result.failure_reason is None:
+        extra = root.meta(item.path) if not isinstance(root, str) else None
+        result.meta = {**(item.meta or {}), **extra} if extra else item.meta
+    return result
+
+
+def _decode_one(root: Any, item: WorkItem, config: PreprocessConfig, max_pixels: int) -> DecodeResult:
     if item.size < 0:
+        known = item.meta or {}
+        if "read_error" in known:  # the source could not even list it (e.g. a broken shard)
+            return _failure(item, known.get("kind") or "io_error", known["read_error"])
         return _failure(item, "unreadable", "cannot stat the file (permission denied or it vanished)")
     try:
         data = _read(root, item)
+    except ReadFailure as exc:
+        return _failure(item, exc.kind, exc.reason)
     except PermissionError:
         return _failure(item, "unreadable", "permission denied: the file cannot be read by this user")
     except FileNotFoundError:

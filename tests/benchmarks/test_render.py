@@ -27,6 +27,7 @@ HEADERS = {
     "dedup_quality": "| tool | precision | recall (original, copy) |",
     "api_batching": "| endpoint | batching | clients | QPS | p50 ms | p99 ms |",
     "incremental_reindex": "| run | wall s | detail |",
+    "sources": "| source | img/s | vs local folder |",
 }
 
 ENV = {"commit": "abc1234", "cpu_count": 2, "cpu_model": "Test CPU", "cuda": None, "torch": "2.0", "faiss": "1.9"}
