@@ -83,6 +83,9 @@ def main() -> None:
     from tests.conftest import save_tiny_dinov2
     from tests.servers import S3_ENV, free_port
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     tmp = Path(tempfile.mkdtemp(prefix="bench-sources-"))
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -23,6 +23,8 @@ def open_source(spec: str | Path) -> Source:
     from retrieval.sources.shards import ShardSource, is_shard_pattern
 
     text = str(spec)
+    if "://" not in text and Path(text).is_dir():
+        return FolderSource(Path(text))  # a folder, whatever its name looks like
     if is_shard_pattern(text):
         return ShardSource(text)
     if is_list(text) and ("://" in text or Path(text).is_file()):

@@ -124,7 +124,7 @@ class ShardSource(Source):
 
     def owns(self, path: str) -> bool:
         shard, sep, _ = path.partition("#")
-        if not sep or not shard.lower().endswith((".tar", ".tar.gz")):
+        if not sep or not shard.lower().endswith((".tar", ".tar.gz")) or "/../" in f"/{shard}/":
             return False
         return shard.startswith(self.uri.split("{")[0].split("*")[0].rsplit("/", 1)[0]) if self.remote \
             else is_within(self.location(shard), self.base)
