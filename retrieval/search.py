@@ -181,18 +181,22 @@ def search_file(reader: IndexReader, image: str, k: int, exclude_self: bool, max
         data = path.read_bytes()
     except OSError as exc:
         raise QueryError(f"cannot read {image}: {exc.strerror or exc}") from None
+    return "embedded file", _search_bytes(reader, data, image, k, max_pixels)
+
+
+def _search_bytes(reader: IndexReader, data: bytes, name: str, k: int, max_pixels: int) -> list[Hit]:
     from retrieval.errors import ImageDecodeError
 
     try:
         vector = reader.embed_bytes(data, max_pixels)
     except ImageDecodeError as exc:
-        raise QueryError(f"{image}: {exc}") from None
-    return "embedded file", reader.search_vector(vector, k)
+        raise QueryError(f"{name}: {exc}") from None
+    return reader.search_vector(vector, k)
 
 
 def _search_uri(reader: IndexReader, uri: str, k: int, exclude_self: bool, max_pixels: int) -> tuple[str, list[Hit]]:
     """A URI (or `shard.tar#member`): the stored vector when indexed, else its bytes fetched and embedded."""
-    from retrieval.errors import ImageDecodeError, ReadFailure
+    from retrieval.errors import ReadFailure
 
     row = reader.image_by_path(uri)
     if row is not None:
@@ -206,8 +210,4 @@ def _search_uri(reader: IndexReader, uri: str, k: int, exclude_self: bool, max_p
         data = read_url(uri, ReadLimits.from_env())
     except ReadFailure as exc:
         raise QueryError(f"cannot read {uri}: {exc.reason}") from None
-    try:
-        vector = reader.embed_bytes(data, max_pixels)
-    except ImageDecodeError as exc:
-        raise QueryError(f"{uri}: {exc}") from None
-    return "embedded URL", reader.search_vector(vector, k)
+    return "embedded URL", _search_bytes(reader, data, uri, k, max_pixels)

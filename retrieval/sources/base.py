@@ -162,11 +162,112 @@ class Source:
         return self.reader().read(path)
 
     def decode_stream(self, items: Sequence[Any], run: Callable[[Any, Sequence[Any]], Batches]) -> Batches:
-        """Decoded batches of `items`: run(reader, items). Shards override this to stage sequentially."""
-        yield from run(self.reader(), items)
+        """Decoded batches of `items`: run(reader, items).
+
+        Remote reads are staged: a background thread fetches the next group of items with
+        PREFETCH_THREADS concurrent reads into a temporary folder while the current group decodes,
+        so network latency overlaps itself and the decoders (which then read local files).
+        Shards override this to stream each shard once.
+        """
+        reader = self.reader()
+        groups = [list(items[i : i + PREFETCH_GROUP]) for i in range(0, len(items), PREFETCH_GROUP)]
+        yield from staged_stream(groups, lambda group, folder: prefetch(reader, group, folder), run)
 
     def describe(self) -> str:
         return self.uri
+
+
+PREFETCH_GROUP = 256  # items fetched ahead of the decoder (on disk, in a temporary folder)
+PREFETCH_THREADS = 16  # concurrent remote reads while fetching a group
+
+
+class StagedReader(SourceReader):
+    """Reads items that a staging pass (prefetch, or a shard's sequential stream) wrote to local files."""
+
+    def __init__(self, files: dict[str, str], errors: dict[str, tuple[str, str]],
+                 metas: dict[str, dict[str, Any]] | None = None):
+        self.files, self.errors, self.metas = files, errors, metas or {}
+
+    def read(self, path: str, size: int = -1) -> bytes:
+        if path in self.errors:
+            raise ReadFailure(*self.errors[path])
+        staged = self.files.get(path)
+        if staged is None:
+            raise ReadFailure("vanished", "the item is no longer in its source")
+        with open(staged, "rb") as f:
+            return f.read()
+
+    def meta(self, path: str) -> dict[str, Any] | None:
+        return self.metas.get(path)
+
+
+def prefetch(reader: SourceReader, items: Sequence[Any], folder: Path) -> StagedReader:
+    """Fetch `items` concurrently into `folder`; a failed read becomes that item's recorded failure."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    files: dict[str, str] = {}
+    errors: dict[str, tuple[str, str]] = {}
+
+    def one(item: Any) -> None:
+        if item.size < 0:
+            return  # the decoder records it from the listing
+        try:
+            data = reader.read(item.path, item.size)
+        except ReadFailure as exc:
+            errors[item.path] = (exc.kind, exc.reason)
+            return
+        target = folder / hashlib.sha1(item.path.encode()).hexdigest()
+        target.write_bytes(data)
+        files[item.path] = str(target)
+
+    with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
+        list(pool.map(one, items))
+    return StagedReader(files, errors)
+
+
+def staged_stream(groups: Sequence[Any], stage: Callable[[Any, Path], SourceReader],
+                  run: Callable[[Any, Sequence[Any]], Batches], items_of: Callable[[Any], Sequence[Any]] = lambda g: g,
+                  ) -> Batches:
+    """run(staged reader, items) group by group, each group staged by a background thread one group ahead.
+
+    At most two groups are on disk at a time; a staging error is raised where the group is decoded.
+    """
+    import shutil
+    import tempfile
+    import threading
+
+    with tempfile.TemporaryDirectory(prefix="retrieval-staging-") as tmp:
+        staged: dict[int, Any] = {}
+
+        def prepare(i: int) -> threading.Thread:
+            folder = Path(tmp) / str(i)
+            folder.mkdir()
+
+            def work() -> None:
+                try:
+                    staged[i] = stage(groups[i], folder)
+                except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                    staged[i] = exc
+
+            t = threading.Thread(target=work, name=f"stage-{i}", daemon=True)
+            t.start()
+            return t
+
+        ahead = prepare(0) if groups else None
+        for i in range(len(groups)):
+            assert ahead is not None
+            ahead.join()
+            ahead = prepare(i + 1) if i + 1 < len(groups) else None
+            reader = staged.pop(i)
+            try:
+                if isinstance(reader, BaseException):
+                    raise reader
+                yield from run(reader, items_of(groups[i]))
+            finally:
+                shutil.rmtree(Path(tmp) / str(i), ignore_errors=True)
+        if ahead is not None:
+            ahead.join()
 
 
 class Located:

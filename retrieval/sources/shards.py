@@ -21,8 +21,6 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,15 @@ from typing import Any
 from retrieval.errors import CorpusError, ReadFailure
 from retrieval.imaging.scan import IMAGE_EXTENSIONS, ScanEntry
 from retrieval.layout import atomic_write_bytes, is_within
-from retrieval.sources.base import Batches, ReadLimits, Source, SourceReader, classify
+from retrieval.sources.base import (
+    Batches,
+    ReadLimits,
+    Source,
+    SourceReader,
+    StagedReader,
+    classify,
+    staged_stream,
+)
 from retrieval.sources.remote import _etag, _mtime_ns, filesystem, split_protocol
 
 logger = logging.getLogger(__name__)
@@ -69,25 +75,6 @@ def split_member(name: str) -> tuple[str, str]:
 
 def _is_image_ext(ext: str) -> bool:
     return os.path.splitext("x" + ext)[1].lower() in IMAGE_EXTENSIONS
-
-
-class StagedReader(SourceReader):
-    """Reads members that a sequential pass over their shard wrote into a staging folder."""
-
-    def __init__(self, files: dict[str, str], errors: dict[str, tuple[str, str]], metas: dict[str, dict[str, Any]]):
-        self.files, self.errors, self.metas = files, errors, metas
-
-    def read(self, path: str, size: int = -1) -> bytes:
-        if path in self.errors:
-            raise ReadFailure(*self.errors[path])
-        staged = self.files.get(path)
-        if staged is None:
-            raise ReadFailure("vanished", "the member is no longer in its shard")
-        with open(staged, "rb") as f:
-            return f.read()
-
-    def meta(self, path: str) -> dict[str, Any] | None:
-        return self.metas.get(path)
 
 
 class ShardSource(Source):
@@ -255,42 +242,13 @@ class ShardSource(Source):
                     metas.setdefault(key, {})[ext.lstrip(".")] = value
 
     def decode_stream(self, items: Sequence[Any], run: Callable[[Any, Sequence[Any]], Batches]) -> Batches:
-        """Each shard with work is staged by a background thread one shard ahead, then decoded."""
+        """Each shard with work is streamed once by a background thread, one shard ahead, then decoded."""
         groups: dict[str, list[Any]] = {}
         for item in items:
             groups.setdefault(item.path.partition("#")[0], []).append(item)
-        order = list(groups)
-        with tempfile.TemporaryDirectory(prefix="retrieval-shards-") as tmp:
-            staged: dict[int, Any] = {}
-
-            def prepare(i: int) -> threading.Thread:
-                folder = Path(tmp) / str(i)
-                folder.mkdir()
-
-                def work() -> None:
-                    try:
-                        staged[i] = self.stage(order[i], {it.path for it in groups[order[i]]}, folder)
-                    except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                        staged[i] = exc
-
-                t = threading.Thread(target=work, name=f"stage-shard-{i}", daemon=True)
-                t.start()
-                return t
-
-            ahead = prepare(0) if order else None
-            for i in range(len(order)):
-                assert ahead is not None
-                ahead.join()
-                ahead = prepare(i + 1) if i + 1 < len(order) else None
-                reader = staged.pop(i)
-                if isinstance(reader, BaseException):
-                    raise reader
-                try:
-                    yield from run(reader, groups[order[i]])
-                finally:
-                    shutil.rmtree(Path(tmp) / str(i), ignore_errors=True)
-            if ahead is not None:
-                ahead.join()
+        yield from staged_stream(list(groups.items()),
+                                 lambda group, folder: self.stage(group[0], {it.path for it in group[1]}, folder),
+                                 run, items_of=lambda group: group[1])
 
 
 def _attach(metas: dict[str, dict[str, Any]], wanted: set[str]) -> dict[str, dict[str, Any]]:

@@ -224,6 +224,19 @@ def test_index_webdataset_shards_local_and_on_s3(s3, tmp_path: Path, tiny_model_
     assert (again["new"], again["unchanged"], again["known_failures"]) == (0, 12, 3)
     code, out = cli("search", "000001.tar#000001_0002.jpg", "-k", "2", "--json")
     assert code == 0 and json.loads(out)["results"][0]["path"].endswith(".jpg")
+    from fastapi.testclient import TestClient
+    from retrieval.api.app import create_app
+    from retrieval.api.settings import ApiSettings
+
+    import tarfile
+
+    with tarfile.open(shards / "000001.tar") as tar:
+        member = tar.extractfile("000001_0002.jpg").read()  # type: ignore[union-attr]
+    with TestClient(create_app(ApiSettings(index_dir=Path("retrieval-index"), device="cpu",
+                                           reload_check_s=3600.0))) as client:
+        r = client.get(f"/images/{rows['000001.tar#000001_0002.jpg'][0]}/file")
+        assert r.status_code == 200 and r.content == member
+        assert client.get(f"/images/{rows['000001.tar#000001_0002.jpg'][0]}/thumbnail").status_code == 200
 
     # the same shards on the S3 server, by glob
     for p in sorted(shards.glob("*.tar")):
@@ -266,6 +279,11 @@ def test_index_a_parquet_list_of_http_urls_then_dedup_against_and_curate_with_re
         rows = db_rows()
         assert set(rows) == set(urls)
         assert json.loads(rows[urls[0]][4]) == {"key": "00000", "caption": "c0"}
+        query = f"{base}/queries/a/img0003.png"  # not indexed: fetched and embedded
+        code, out = cli("search", query, "-k", "2", "--json")
+        assert code == 0 and json.loads(out)["answered_from"] == "embedded URL", out
+        code, out = cli("search", f"{base}/nothing-here.jpg", "-k", "2")
+        assert code == 1 and "cannot read" in out and out.count("\n") == 1
 
         code, out = cli("dedup", "--against", f"{base}/refs/", "--report-dir", "rel", "--no-progress", "--json")
         assert code == 0, out
