@@ -13,25 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from retrieval.cli.app import app
 from tests.conftest import make_corpus
 from tests.images import encode, photo
+from tests.indexer.test_pipeline import cli, index  # the folder tests' helpers: JSON summary, -j 0 -b 8
 from tests.servers import http_server
-
-runner = CliRunner()
-
-
-def cli(*args: object) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
-
-
-def index(corpus: object, model: Path, *extra: str) -> dict:
-    code, out = cli("index", corpus, "--model", model, "--no-progress", "--json", "-j", "0", "-b", "8", *extra)
-    assert code == 0, out
-    return json.loads(out)
 
 
 def db_rows(index_dir: str = "retrieval-index") -> dict[str, tuple]:
