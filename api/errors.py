@@ -1,7 +1,10 @@
-"""Every error a client sees is JSON with a stable `detail`; no traceback or server path leaks.
+"""Every error a client sees is JSON of one shape, `{"detail": str}` (plus `errors` for a malformed request).
 
-Also the request body limit: a pure ASGI middleware that answers 413 as soon as a body (declared
-or streamed) grows past the upload cap, before the rest is read.
+This is the one place where errors become HTTP answers: a RetrievalError's `kind` picks the status
+(KIND_STATUS), its message is the stable `detail`; decode failures get a fixed detail per failure
+kind, the same for uploads and thumbnails; no traceback or server path leaks. Also the request
+body limit: a pure ASGI middleware that answers 413 as soon as a body (declared or streamed) grows
+past the upload cap, before the rest is read.
 """
 
 from __future__ import annotations
@@ -12,28 +15,112 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from retrieval.errors import ImageDecodeError, RetrievalError
 
 logger = logging.getLogger("api")
 
 # multipart framing (boundaries, part headers) on top of the file itself
 MULTIPART_OVERHEAD = 64 * 1024
 
+KIND_STATUS = {
+    "invalid": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "unsupported_media": 415,
+    "unprocessable": 422,
+    "unavailable": 503,
+    "timeout": 504,
+}
+
+# What a client reads for an image that does not decode (the recorded reason may name internals).
+DECODE_DETAILS = {
+    "not_an_image": "not an image: the upload is in no image format the server can read",
+    "too_large": "image has too many pixels (decompression bomb guard)",
+    "truncated": "truncated image: the data ends early",
+    "empty": "empty upload: send the image bytes",
+    "corrupt": "corrupt image: the data cannot be decoded",
+}
+UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
+
+
+def error_status(exc: RetrievalError) -> int:
+    return KIND_STATUS.get(exc.kind, 400)
+
+
+def public_detail(exc: RetrievalError) -> str:
+    if isinstance(exc, ImageDecodeError):
+        return DECODE_DETAILS.get(exc.failure_kind, DECODE_DETAILS["corrupt"])
+    return str(exc)
+
+
+def validation_detail(errors: list[dict[str, Any]]) -> str:
+    """One line naming the first bad field, e.g. "invalid request: query.k: Input should be ..."."""
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"invalid request: {where}: {first['msg']}" if where else f"invalid request: {first['msg']}"
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    routes = request.app.router.routes
+    return [method for method in HTTP_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
+
+
+class SignInRequired(Exception):
+    """A web page asked for without the API key: the person is sent to the sign-in form."""
+
+    def __init__(self, location: str):
+        super().__init__(location)
+        self.location = location
+
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SignInRequired)
+    async def sign_in(_: Request, exc: SignInRequired) -> Response:
+        return Response(status_code=303, headers={"Location": exc.location})
+
+    @app.exception_handler(RetrievalError)
+    async def retrieval_error(_: Request, exc: RetrievalError) -> JSONResponse:
+        status = error_status(exc)
+        return JSONResponse({"detail": public_detail(exc)}, status_code=status,
+                            headers=UNAUTHORIZED_HEADERS if status == 401 else None)
+
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # the framework's own answers: unknown route (404), method not allowed (405)
         detail = exc.detail if isinstance(exc.detail, str) else "error"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         # loc/msg/type only: no echo of the input (which may be a large upload) and no ctx objects
         errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
                   for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+        return JSONResponse({"detail": validation_detail(errors), "errors": errors}, status_code=422)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # Nobody is left to read an answer; this is the client's choice, not a server error.
+        logger.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _as_utc(value: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone; they are stored in UTC."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+# A timestamp always sent with its zone (RFC 3339 date-time, as the schema says).
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class FieldErrorOut(BaseModel):
+    loc: list[str | int] = Field(..., description="Where the bad value is, e.g. [\"query\", \"k\"].")
+    msg: str
+    type: str
 
 
 class ErrorOut(BaseModel):
-    detail: str = Field(..., examples=["no indexed image with id 42"])
+    """Every error body: a one-line `detail`; a malformed request also lists its bad fields."""
+
+    detail: str = Field(..., examples=["no indexed image with this id"])
+    errors: list[FieldErrorOut] | None = Field(None, description="Request validation errors (422 only).")
 
 
 class ImageOut(BaseModel):
@@ -97,8 +115,8 @@ class StatsOut(BaseModel):
     index_factory: str | None
     nprobe: int | None
     index_run_id: int | None
-    index_run_finished_at: datetime | None
-    loaded_at: datetime
+    index_run_finished_at: UtcDatetime | None
+    loaded_at: UtcDatetime
     reloads: int
     batching: dict[str, Any]
 
@@ -129,7 +147,7 @@ class DuplicateGroupsOut(BaseModel):
     mode: str
     params: dict[str, Any]
     counts: dict[str, Any] | None
-    finished_at: datetime | None
+    finished_at: UtcDatetime | None
     page: int
     per_page: int
     total_groups: int
@@ -146,7 +164,7 @@ class ClustersOut(BaseModel):
     run_id: int
     k: int
     n_images: int
-    finished_at: datetime | None
+    finished_at: UtcDatetime | None
     page: int
     per_page: int
     clusters: list[ClusterSummaryOut] = Field(..., description="Largest clusters first.")
@@ -167,3 +185,73 @@ class ClusterOut(BaseModel):
     page: int
     per_page: int
     members: list[ClusterMemberOut] = Field(..., description="Nearest the centroid first.")
+
+
+# --- review of dedup runs (the web UI's Duplicates page uses these) ------------------------------
+class DedupRunOut(BaseModel):
+    id: int
+    mode: str
+    params: dict[str, Any]
+    counts: dict[str, Any]
+    finished_at: datetime | None
+    applied_at: datetime | None
+    decisions: int = Field(..., description="Members whose action a reviewer changed.")
+    warnings: list[str] = Field(default_factory=list, description="Giant or chained groups, mass removal.")
+
+
+class ReviewMemberOut(BaseModel):
+    member_id: int = Field(..., description="Use this id to store a decision.")
+    image_id: int | None
+    path: str
+    is_reference: bool
+    action: Literal["keep", "remove"] = Field(..., description="The decision when there is one, else computed_action.")
+    computed_action: Literal["keep", "remove"]
+    reviewed: bool
+    similarity: float = Field(..., description="Exact cosine to the image the run kept (the representative).")
+    reason: str = Field(..., description="The stage whose edge joined it: exact, phash, embedding, reference; "
+                                         "representative for the kept image.")
+    width: int | None
+    height: int | None
+    size: int | None = Field(None, description="File size in bytes.")
+    format: str | None
+    thumbnail_url: str | None
+    file_url: str | None
+
+
+class ReviewGroupOut(BaseModel):
+    number: int
+    size: int
+    representative_id: int | None
+    reasons: list[str]
+    weakest_edge: float
+    min_pairwise: float
+    touches_reference: bool
+    all_removed: bool = Field(..., description="Every corpus member is marked remove (nothing of it survives).")
+    members: list[ReviewMemberOut]
+
+
+class ReviewPageOut(BaseModel):
+    run: DedupRunOut
+    page: int
+    per_page: int
+    total_groups: int
+    groups: list[ReviewGroupOut]
+
+
+class DecisionsIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"decisions": {"17": "keep", "18": "remove",
+                                                                             "19": None}}]})
+
+    decisions: dict[int, Literal["keep", "remove"] | None] = Field(
+        ..., max_length=10_000, description="member id -> keep, remove, or null (back to the computed action).")
+
+
+class GroupDecisionIn(BaseModel):
+    action: Literal["keep", "remove", "reset"] = Field(
+        ..., description="keep every member, remove every member, or reset the group to the computed actions.")
+
+
+class DecisionsOut(BaseModel):
+    run_id: int
+    changed: int
+    decisions: int = Field(..., description="Decisions the run now holds.")

@@ -13,13 +13,13 @@ import re
 from pathlib import Path
 
 import numpy as np
-from fastapi import HTTPException, Request, status
-from retrieval.api.decoding import CRASH_DETAIL, DecoderCrashed
+from fastapi import Request
 from retrieval.api.schemas import DuplicateOut, HitOut, ImageOut
 from retrieval.api.state import AppState, ReaderHandle
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from retrieval import ann
-from retrieval.errors import ImageDecodeError
+from retrieval.errors import RetrievalError
 from retrieval.layout import is_within
 from retrieval.search import MAX_K, Hit
 from retrieval.store import Image
@@ -28,35 +28,36 @@ logger = logging.getLogger(__name__)
 
 MAX_REF_CHARS = 4096
 _DRIVE = re.compile(r"^[A-Za-z]:")
+NO_SUCH_ID = "no indexed image with this id"
+NOT_A_REFERENCE = "image must be an image id or a path relative to the corpus root"
+FILE_GONE = "the image file is not available"
 
 
 # --- references --------------------------------------------------------------------------------
 def parse_ref(ref: str) -> int | str:
-    """An image id, or a normalised corpus-relative POSIX path. Anything that could escape: 400."""
+    """An image id, or a normalised corpus-relative POSIX path. Anything that could escape: invalid."""
     if not ref or len(ref) > MAX_REF_CHARS or "\x00" in ref:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid image reference")
+        raise RetrievalError("invalid image reference", "invalid")
     if ref.isascii() and ref.isdigit():
         value = int(ref)
         if value >= 2**63:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no indexed image with this id")
+            raise RetrievalError(NO_SUCH_ID, "not_found")
         return value
     if ref.startswith(("/", "\\", "~")) or "\\" in ref or _DRIVE.match(ref):
-        raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                            "image must be an image id or a path relative to the corpus root")
+        raise RetrievalError(NOT_A_REFERENCE, "invalid")
     parts = [p for p in ref.split("/") if p not in ("", ".")]
     if not parts or any(p == ".." for p in parts):
-        raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                            "image must be an image id or a path relative to the corpus root")
+        raise RetrievalError(NOT_A_REFERENCE, "invalid")
     return "/".join(parts)
 
 
 def get_image(handle: ReaderHandle, image_id: int) -> Image:
     if not 0 <= image_id < 2**63:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no indexed image with this id")
-    with handle.reader.store.session() as s:
+        raise RetrievalError(NO_SUCH_ID, "not_found")
+    with handle.reader.rows.session() as s:  # the generation the FAISS index and vectors belong to
         row = s.get(Image, image_id)
     if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no indexed image with this id")
+        raise RetrievalError(NO_SUCH_ID, "not_found")
     return row
 
 
@@ -66,18 +67,18 @@ def resolve_ref(handle: ReaderHandle, ref: str) -> Image:
         return get_image(handle, parsed)
     row = handle.reader.image_by_path(parsed)  # a database lookup: the file system is never touched
     if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no indexed image at this path")
+        raise RetrievalError("no indexed image at this path", "not_found")
     return row
 
 
 def corpus_file(handle: ReaderHandle, row: Image) -> Path:
     """The real path of an indexed image, only if it is a regular file inside the corpus root."""
     if handle.reader.source.local_root is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "the image file is not available")
+        raise RetrievalError("the image file is not available", "not_found")
     root = os.path.realpath(handle.reader.corpus_root)
     real = os.path.realpath(os.path.join(root, row.path))
     if not is_within(real, root) or not os.path.isfile(real):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "the image file is not available")
+        raise RetrievalError(FILE_GONE, "not_found")
     return Path(real)
 
 
@@ -91,12 +92,12 @@ def source_bytes(handle: ReaderHandle, row: Image) -> bytes:
 
     source = handle.reader.source
     if not source.owns(row.path):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "the image file is not available")
+        raise RetrievalError("the image file is not available", "not_found")
     try:
         return source.read_bytes(row.path)
     except ReadFailure as exc:
         logger.warning("cannot read %s from its source: %s", row.path, exc.reason)
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "the image file is not available") from None
+        raise RetrievalError("the image file is not available", "not_found") from None
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -119,17 +120,11 @@ def fetch_depth(k: int, collapse: bool) -> int:
 
 def search_vector(handle: ReaderHandle, vector: np.ndarray, k: int, nprobe: int | None,
                   exclude_id: int | None) -> list[Hit]:
+    """Nearest neighbours; `nprobe` applies to this call only, so concurrent searches need no lock."""
     reader = handle.reader
-    spec = reader.spec
-    if spec is None or reader.index.ntotal == 0:
+    if reader.spec is None or reader.index.ntotal == 0:
         return []
-    if spec.kind == "flat":  # no shared search state: concurrent searches need no lock
-        return reader.search_vector(vector, k, exclude_id=exclude_id)
-    with handle.search_lock:  # nprobe is index state: set it, search, restore
-        try:
-            return reader.search_vector(vector, k, exclude_id=exclude_id, nprobe=nprobe)
-        finally:
-            ann.set_nprobe(reader.index, spec.params.get("nprobe") or 1)
+    return reader.search_vector(vector, k, exclude_id=exclude_id, nprobe=nprobe)
 
 
 def collapse(handle: ReaderHandle, hits: list[Hit], k: int, threshold: float) -> list[HitOut]:
@@ -169,57 +164,36 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     if content_type.startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=1, max_fields=16)
-        except HTTPException:
+        except (ClientDisconnect, HTTPException):  # the client left; Starlette's own 400 (too many parts)
             raise
         except Exception:  # noqa: BLE001 - malformed multipart framing
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, "malformed multipart body") from None
+            raise RetrievalError("malformed multipart body", "invalid") from None
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
-            raise HTTPException(422, "multipart upload needs a `file` field with the image")
+            raise RetrievalError("multipart upload needs a `file` field with the image", "unprocessable")
         data = await upload.read(max_bytes + 1)
         await form.close()
     elif content_type.startswith("application/x-www-form-urlencoded"):
-        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-                            "send the image as multipart/form-data (field `file`) or as the raw request body")
+        raise RetrievalError("send the image as multipart/form-data (field `file`) or as the raw request body",
+                             "unsupported_media")
     else:
         data = await request.body()
     if len(data) > max_bytes:
-        raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
+        raise RetrievalError(f"upload too large: the limit is {max_bytes} bytes", "too_large")
     if not data:
-        raise HTTPException(422, "empty upload: send the image bytes")
+        raise RetrievalError("empty upload: send the image bytes", "unprocessable")
     return data
-
-
-_DECODE_ERRORS = {
-    "not_an_image": (status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-                     "not an image: the upload is in no image format the server can read"),
-    "too_large": (422, "image has too many pixels (decompression bomb guard)"),
-    "truncated": (422, "truncated image: the data ends early"),
-    "empty": (422, "empty upload: send the image bytes"),
-    "corrupt": (422, "corrupt image: the data cannot be decoded"),
-}
-
-
-def decode_error(exc: ImageDecodeError) -> HTTPException:
-    code, detail = _DECODE_ERRORS.get(exc.kind, _DECODE_ERRORS["corrupt"])
-    return HTTPException(code, detail)
 
 
 async def embed_upload(state: AppState, handle: ReaderHandle, data: bytes) -> np.ndarray:
     """Decode and preprocess like the indexer (a helper process, api.decoding), then embed through the batcher."""
     embedder, fn = state.embedder, state.embed_fn
     if embedder is None or state.model_error:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            state.model_error or "the embedding model is not loaded")
-    try:
-        pixels = await state.decoder.decode(data, embedder.preprocess, state.settings.max_pixels)
-    except ImageDecodeError as exc:
-        raise decode_error(exc) from None
-    except DecoderCrashed:
-        raise HTTPException(422, CRASH_DETAIL) from None
+        raise RetrievalError(state.model_error or "the embedding model is not loaded", "unavailable")
+    pixels = await state.decoder.decode(data, embedder.preprocess, state.settings.max_pixels)
     if embedder.fingerprint != handle.reader.meta.get("model_fingerprint"):
         # The reader this request holds was built with another model than the one now loaded
         # (a re-index with a new model happened meanwhile): its vectors are not comparable.
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the index changed its model; try again")
+        raise RetrievalError("the index changed its model; try again", "unavailable")
     vector = await state.batcher.embed(fn, pixels)
     return vector

@@ -18,11 +18,11 @@ from typing import Any, Iterator
 from retrieval.api.batcher import Batcher
 from retrieval.api.decoding import UploadDecoder
 from retrieval.api.settings import ApiSettings
-from sqlalchemy import func, select
 
+from retrieval import runs
 from retrieval.errors import ModelLoadError, RetrievalError
 from retrieval.layout import IndexLayout
-from retrieval.search import IndexReader
+from retrieval.search import IndexChangedError, IndexReader
 from retrieval.store import IndexRun, Meta
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,6 @@ class ReaderHandle:
         self.users = 0
         self.retired = False
         self.lock = threading.Lock()
-        # Per-request nprobe changes shared FAISS state; IVF searches are serialised by this lock.
-        self.search_lock = threading.Lock()
 
     def enter(self) -> bool:
         """Count one more user; False when the reader was retired (and maybe closed) already."""
@@ -65,17 +63,18 @@ class ReaderHandle:
             self.reader.close()
 
 
-def index_version(reader: IndexReader) -> tuple[int | None, str | None]:
+def index_version(reader: IndexReader, pinned: bool = False) -> tuple[int | None, str | None]:
     """(latest completed index run, when the FAISS file was last written).
 
     The second part changes when `retrieval dedup --apply` drops images from the index without an
-    index run; either change makes the server reopen the index.
+    index run; either change makes the server reopen the index. `pinned`: the version of the
+    generation the reader holds, rather than of the database now.
     """
-    with reader.store.session() as s:
-        run_id = s.scalar(select(func.max(IndexRun.id)).where(IndexRun.status == "completed"))
+    with (reader.rows if pinned else reader.store).session() as s:
+        run = runs.latest(s, IndexRun)
         meta = s.get(Meta, "index")
     spec = json.loads(meta.value) if meta is not None else None
-    return run_id, (spec or {}).get("params", {}).get("built_at")
+    return (run.id if run is not None else None), (spec or {}).get("params", {}).get("built_at")
 
 
 class AppState:
@@ -87,17 +86,38 @@ class AppState:
         self.embed_fn: Any = None
         self.model_error: str | None = None
         self.batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000)
-        self.decoder = UploadDecoder(settings.upload_decode_workers, settings.upload_decode_start_method)
+        self.decoder = UploadDecoder(settings.upload_decode_workers, settings.upload_decode_start_method,
+                                     settings.decode_timeout_s)
         self.reloads = 0
         self._last_check = 0.0
         self._reload_lock = threading.Lock()
+        self._writer: Any = None
+        self._writer_lock = threading.Lock()
+
+    def writer_store(self) -> Any:
+        """The one writable database handle of the server, for review decisions (opened on first use).
+
+        Readers never write (they work on read-only media); the review routes are the only writers.
+        """
+        with self._writer_lock:
+            if self._writer is None:
+                from retrieval.store import Store
+
+                self._writer = Store(self.settings.db_url or self.layout.default_db_url())
+            return self._writer
 
     # --- loading ------------------------------------------------------------------------------
     def _open(self) -> ReaderHandle:
-        reader = IndexReader(self.layout, self.settings.db_url, mmap=True)
+        for attempt in range(5):
+            try:
+                reader = IndexReader(self.layout, self.settings.db_url, mmap=True, pin=True)
+                break
+            except IndexChangedError:  # an index run replaced a file just then: open the new one
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
         try:
-            version = index_version(reader)
-            _ = reader.index  # load FAISS now, not in the first request
+            version = index_version(reader, pinned=True)
         except BaseException:
             reader.close()
             raise
@@ -129,6 +149,9 @@ class AppState:
 
     def close(self) -> None:
         self.decoder.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self.handle is not None:
             self.handle.retire()
             self.handle = None

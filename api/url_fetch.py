@@ -3,7 +3,7 @@
 Guards: http and https only; the host must not resolve to a loopback, private, link-local,
 multicast or reserved address (unless RETRIEVAL_URL_ALLOW_PRIVATE is set, e.g. for an intranet);
 redirects are not followed (they could lead to another scheme or an internal host); the body is
-read in chunks up to the upload limit (413 beyond); the whole fetch has a deadline.
+read in chunks up to the upload limit (too_large beyond); the whole fetch has a deadline.
 Known limit: the address is checked before the request and resolved again by the HTTP client, so
 a DNS answer that changes in between (rebinding) is not caught; put a proxy in front if that matters.
 """
@@ -15,7 +15,7 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-from fastapi import HTTPException, status
+from retrieval.errors import RetrievalError
 
 
 def is_url(ref: str) -> bool:
@@ -26,10 +26,10 @@ def _check_host(host: str, port: int, allow_private: bool) -> None:
     try:
         infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError):
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL's host cannot be resolved") from None
+        raise RetrievalError("the URL's host cannot be resolved", "invalid") from None
     for info in infos:
         if not allow_private and not _is_public(ipaddress.ip_address(info[4][0].split("%")[0])):
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL points to a private or local address")
+            raise RetrievalError("the URL points to a private or local address", "invalid")
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -48,42 +48,41 @@ def _is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 def fetch_image_url(url: str, max_bytes: int, timeout_s: float, allow_private: bool) -> bytes:
-    """The bytes at `url`, or an HTTPException with a stable detail. Runs in a worker thread."""
+    """The bytes at `url`, or a RetrievalError with a stable message. Runs in a worker thread."""
     import httpx
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "only http and https URLs are accepted")
+        raise RetrievalError("only http and https URLs are accepted", "invalid")
     if not parts.hostname:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL has no host")
+        raise RetrievalError("the URL has no host", "invalid")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL has an invalid port") from None
+        raise RetrievalError("the URL has an invalid port", "invalid") from None
     _check_host(parts.hostname, port, allow_private)
     deadline = time.monotonic() + timeout_s
     try:
         with httpx.Client(follow_redirects=False, timeout=timeout_s, trust_env=False) as client:
             with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
                 if response.is_redirect:
-                    raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL redirects; redirects are not followed")
+                    raise RetrievalError("the URL redirects; redirects are not followed", "invalid")
                 if response.status_code != 200:
-                    raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                                        f"the URL answered HTTP {response.status_code}")
+                    raise RetrievalError(f"the URL answered HTTP {response.status_code}", "invalid")
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > max_bytes:
-                    raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
+                    raise RetrievalError(f"upload too large: the limit is {max_bytes} bytes", "too_large")
                 chunks, size = [], 0
                 # No chunk size: decoded data is yielded as it arrives, so a slow drip meets the deadline.
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     if size > max_bytes:
-                        raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
+                        raise RetrievalError(f"upload too large: the limit is {max_bytes} bytes", "too_large")
                     if time.monotonic() > deadline:
-                        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, "fetching the URL timed out")
+                        raise RetrievalError("fetching the URL timed out", "timeout")
                     chunks.append(chunk)
     except httpx.TimeoutException:
-        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, "fetching the URL timed out") from None
+        raise RetrievalError("fetching the URL timed out", "timeout") from None
     except httpx.HTTPError:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the URL cannot be fetched") from None
+        raise RetrievalError("the URL cannot be fetched", "invalid") from None
     return b"".join(chunks)

@@ -41,6 +41,8 @@ COPY_FRACTION = 0.01  # originals that get planted copies
 EXACT_COPY_SHARE = 0.2  # of the copies: byte-identical (same sha256, pHash and vector)
 PHASH_NEAR_SHARE = 0.5  # of the other copies: pHash within 0-4 bits (re-encoded / resized)
 SAMPLE_NODES = 2000  # nodes whose exact k-NN edges are checked against the graph
+KEEP_OTHER = False  # --keep-other
+SPILL_ABOVE = 2_000_000  # larger corpora keep their float32 vectors in a memory-mapped file
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -48,14 +50,19 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def make_corpus(n: int, dim: int = DIM, seed: int = 0) -> dict[str, Any]:
-    """Synthetic vectors, hashes and the planted copy pairs (original position, copy position)."""
+def make_corpus(n: int, dim: int = DIM, seed: int = 0, spill: Path | None = None) -> dict[str, Any]:
+    """Synthetic vectors, hashes and the planted copy pairs (original position, copy position).
+
+    With `spill`, the vectors live in a memory-mapped .npy file there (10M x 384 float32 is 15 GB)."""
     rng = np.random.default_rng(seed)
     n_centres = max(16, n // 100)
     centres = _unit(rng.standard_normal((n_centres, dim), dtype=np.float32))
     # cos between two members of one cluster ~ 1 / (1 + sigma^2 d): 0.6 at sigma^2 d = 2/3
     sigma = np.float32(np.sqrt((2 / 3) / dim))
-    vecs = np.empty((n, dim), np.float32)
+    if spill is not None:
+        vecs = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=(n, dim))
+    else:
+        vecs = np.empty((n, dim), np.float32)
     for start in range(0, n, 100_000):
         stop = min(n, start + 100_000)
         c = rng.integers(0, n_centres, stop - start)
@@ -141,7 +148,13 @@ def child_dedup(index_dir: Path) -> dict[str, Any]:
     reader = IndexReader(IndexLayout(index_dir))
     outcome = run_dedup(reader, DedupOptions(pixels=False, use_gpu=False, force=True))
     wall = time.perf_counter() - t
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"run_id": outcome.run_id, "wall_s": round(wall, 1), "counts": outcome.counts,
+            # CPU time of the dedup process (all threads): on a shared machine, where wall time
+            # depends on what else runs, this is the figure that compares across runs.
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             # VmHWM (index_eval.peak_rss_bytes), not ru_maxrss: Linux carries ru_maxrss over fork + exec,
             # so this child of the corpus-holding parent would report the parent's peak.
             "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
@@ -166,7 +179,6 @@ def found_groups(index_dir: Path, run_id: int) -> dict[int, int]:
 def graph_quality(corpus: dict[str, Any], groups: dict[int, int], k: int = 64, threshold: float = 0.95,
                   seed: int = 1) -> dict[str, Any]:
     """Planted pairs put in one group, and exact k-NN edges above the threshold recovered, on a sample."""
-    import faiss
 
     pairs = corpus["pairs"] + 1  # positions -> image ids
     same = np.array([groups.get(int(a), -1) == groups.get(int(b), -2) for a, b in pairs])
@@ -178,9 +190,7 @@ def graph_quality(corpus: dict[str, Any], groups: dict[int, int], k: int = 64, t
     planted_nodes = np.unique(corpus["pairs"])
     sample = np.unique(np.r_[rng.choice(planted_nodes, min(SAMPLE_NODES // 2, len(planted_nodes)), replace=False),
                              rng.choice(len(vecs), SAMPLE_NODES // 2, replace=False)])
-    flat = faiss.IndexFlatIP(vecs.shape[1])
-    flat.add(vecs)
-    sims, nbrs = flat.search(vecs[sample], k + 1)
+    sims, nbrs = exact_topk(vecs, sample, k + 1)
     truth = 0
     found = 0
     for row, node in enumerate(sample):
@@ -198,18 +208,61 @@ def graph_quality(corpus: dict[str, Any], groups: dict[int, int], k: int = 64, t
     }
 
 
+def exact_topk(vecs: np.ndarray, rows: np.ndarray, k: int, block: int = 131_072) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (inner product) of vecs[rows] over all of vecs, scanned in blocks (bounded memory)."""
+    q = np.asarray(vecs[rows], np.float32)
+    best_s = np.full((len(rows), 0), -np.inf, np.float32)
+    best_i = np.full((len(rows), 0), -1, np.int64)
+    for start in range(0, len(vecs), block):
+        s = q @ np.asarray(vecs[start : start + block], np.float32).T
+        i = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
+        s, i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i], axis=1)
+        top = np.argpartition(-s, min(k, s.shape[1]) - 1, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(s, top, axis=1), np.take_along_axis(i, top, axis=1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+
+
+def partition(labels: dict[int, int]) -> set[frozenset[int]]:
+    """{node: group} -> the set of groups (as frozensets of nodes)."""
+    out: dict[int, set[int]] = {}
+    for node, g in labels.items():
+        out.setdefault(g, set()).add(node)
+    return {frozenset(v) for v in out.values()}
+
+
+def pair_components(pairs: np.ndarray, n: int) -> set[frozenset[int]]:
+    """Connected components (size >= 2) of an (m, 2) pair list over nodes 0..n-1."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not len(pairs):
+        return set()
+    _, labels = connected_components(coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)),
+                                     directed=False)
+    in_pair = np.zeros(n, bool)
+    in_pair[pairs.ravel()] = True
+    return partition({int(i): int(labels[i]) for i in np.flatnonzero(in_pair)})
+
+
 def run_peer(vectors: np.ndarray, n: int, threshold: float, tmp: Path, timeout: float) -> dict[str, Any]:
     from benchmarks.peers import HERE, PeerUnavailable, run_json
 
     path = tmp / f"peer-{n}.npy"
+    pairs_path = tmp / f"peer-{n}-pairs.npy"
     np.save(path, vectors[:n])
     try:
-        return run_json("imagededup", HERE / "imagededup_scale.py",
-                        ["--vectors", str(path), "--threshold", str(threshold), "--mode", "cnn"], timeout=timeout)
+        out = run_json("imagededup", HERE / "imagededup_scale.py",
+                       ["--vectors", str(path), "--threshold", str(threshold), "--mode", "cnn",
+                        "--pairs-out", str(pairs_path)], timeout=timeout)
+        if pairs_path.exists():
+            out["groups"] = pair_components(np.load(pairs_path), n)
+        return out
     except PeerUnavailable as exc:
         return {"n": n, "error": str(exc)}
     finally:
         path.unlink(missing_ok=True)
+        pairs_path.unlink(missing_ok=True)
 
 
 def ours_on_subset(corpus: dict[str, Any], n: int, tmp: Path) -> dict[str, Any]:
@@ -218,9 +271,11 @@ def ours_on_subset(corpus: dict[str, Any], n: int, tmp: Path) -> dict[str, Any]:
     index_dir = tmp / f"sub-{n}"
     build = build_index_dir(index_dir, sub)
     res = _spawn_child(index_dir)
+    # image id -> position, the peer's node numbering
+    groups = partition({i - 1: g for i, g in found_groups(index_dir, res["run_id"]).items()})
     shutil.rmtree(index_dir, ignore_errors=True)
     return {"n": n, "index": build["index"], "index_build_s": build["index_build_s"], "dedup_wall_s": res["wall_s"],
-            "peak_rss_mb": res["peak_rss_mb"], "groups": res["counts"].get("groups")}
+            "peak_rss_mb": res["peak_rss_mb"], "groups": res["counts"].get("groups"), "group_sets": groups}
 
 
 def _spawn_child(index_dir: Path) -> dict[str, Any]:
@@ -234,24 +289,37 @@ def _spawn_child(index_dir: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100k vectors, peer at 10k and 20k")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--sizes", "--n", type=int, nargs="*", default=None, help="corpus sizes (e.g. --n 10000000)")
     parser.add_argument("--peer-sizes", type=int, nargs="*", default=None)
     parser.add_argument("--peer-timeout", type=float, default=900.0)
+    parser.add_argument("--keep-other", action="store_true",
+                        help="keep the saved sizes (or side by side) when this run measures only the other part")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global KEEP_OTHER
+    KEEP_OTHER = args.keep_other
     if args.child is not None:
         print(json.dumps(child_dedup(args.child)))
         return
-    sizes = args.sizes or ([100_000] if args.quick else [100_000, 1_000_000])
+    sizes = args.sizes if args.sizes is not None else ([100_000] if args.quick else [100_000, 1_000_000])
     peer_sizes = args.peer_sizes if args.peer_sizes is not None else ([10_000, 20_000] if args.quick
                                                                       else [10_000, 20_000, 40_000])
     tmp = Path(tempfile.mkdtemp(prefix="bench-dedup-"))
     results: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
     try:
+        # side by side first (small sizes, minutes), on the first n of one corpus of the largest peer size
+        if peer_sizes:
+            corpus = make_corpus(max(peer_sizes))
+            for m in sorted(peer_sizes):
+                peers.append(side_by_side(corpus, m, tmp, args.peer_timeout))
+                save(results, peers, args.quick)
+                if "error" in peers[-1]["imagededup"]:
+                    break  # it will not complete at a larger size either
+            del corpus
         for n in sizes:
             t = time.perf_counter()
-            corpus = make_corpus(n)
+            corpus = make_corpus(n, spill=tmp / f"vectors-{n}.npy" if n > SPILL_ABOVE else None)
             make_s = time.perf_counter() - t
             index_dir = tmp / f"idx-{n}"
             build = build_index_dir(index_dir, corpus)
@@ -260,36 +328,66 @@ def main() -> None:
             quality = graph_quality(corpus, found_groups(index_dir, dedup["run_id"]))
             row = {"n": n, "dim": DIM, "make_corpus_s": round(make_s, 1), **build, "dedup": dedup, "quality": quality}
             results.append(row)
-            print(f"N={n}: dedup {dedup['wall_s']} s, peak RSS {dedup['peak_rss_mb']} MB, "
-                  f"stages {dedup['counts'].get('timings')}, quality {quality}", flush=True)
+            print(f"N={n}: dedup {dedup['wall_s']} s (CPU {dedup['cpu_s']} s), peak RSS {dedup['peak_rss_mb']} MB, "
+                  f"stages {dedup['counts'].get('timings')}, graph {dedup['counts'].get('graph')}, "
+                  f"quality {quality}", flush=True)
             shutil.rmtree(index_dir, ignore_errors=True)
-            if n == max(sizes):
-                for m in peer_sizes:
-                    if m > n:
-                        continue
-                    peer = run_peer(corpus["vectors"], m, 0.95, tmp, args.peer_timeout)
-                    ours = ours_on_subset(corpus, m, tmp)
-                    entry = {"n": m, "imagededup": peer, "ours": ours}
-                    if "wall_s" in peer:
-                        entry["speedup_vs_imagededup"] = round(peer["wall_s"] / ours["dedup_wall_s"], 1)
-                    peers.append(entry)
-                    print(f"n={m}: imagededup {peer.get('wall_s', peer.get('error'))} s vs ours "
-                          f"{ours['dedup_wall_s']} s", flush=True)
-                    if "error" in peer:
-                        break  # it will not complete at a larger size either
+            save(results, peers, args.quick)
             del corpus
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    largest = max(results, key=lambda r: r["n"])
+    save(results, peers, args.quick)
+
+
+def side_by_side(corpus: dict[str, Any], m: int, tmp: Path, timeout: float) -> dict[str, Any]:
+    """imagededup and our dedup on the first m vectors; their groups compared."""
+    peer = run_peer(corpus["vectors"], m, 0.95, tmp, timeout)
+    ours = ours_on_subset(corpus, m, tmp)
+    mine, theirs = ours.pop("group_sets"), peer.pop("groups", None)
+    entry = {"n": m, "imagededup": peer, "ours": ours}
+    if theirs is not None:
+        entry["identical_groups"] = mine == theirs
+        entry["groups_only_ours"] = len(mine - theirs)
+        entry["groups_only_imagededup"] = len(theirs - mine)
+    if "wall_s" in peer:
+        entry["speedup_vs_imagededup"] = round(peer["wall_s"] / ours["dedup_wall_s"], 1)
+    print(f"n={m}: imagededup {peer.get('wall_s', peer.get('error'))} s vs ours {ours['dedup_wall_s']} s, "
+          f"identical groups {entry.get('identical_groups')}", flush=True)
+    return entry
+
+
+def save(results: list[dict[str, Any]], peers: list[dict[str, Any]], quick: bool) -> Path | None:
+    """Write what has been measured so far (called after every size and every side-by-side size).
+
+    With --keep-other, a part this run does not measure (sizes, or the side by side) is kept from the
+    saved result, so the two parts can be run at different times."""
+    if KEEP_OTHER:
+        from benchmarks.common import RESULTS
+
+        old_path = RESULTS / ("dedup_scale" + ("_quick" if quick else "") + ".json")
+        if old_path.exists():
+            old = json.loads(old_path.read_text())
+            results = results or old.get("sizes", [])
+            peers = peers or old.get("side_by_side", [])
+    if not results and not peers:
+        return None
+    largest = max(results, key=lambda r: r["n"]) if results else {"n": 0, "dedup": {"wall_s": None, "peak_rss_mb": 0}}
     both = [p for p in peers if "speedup_vs_imagededup" in p]
+    recalls = [r["dedup"]["counts"].get("graph", {}).get("edge_recall_sample", {}).get("recall") for r in results]
+    recalls = [r for r in recalls if r is not None]
+    wall, rss = largest["dedup"]["wall_s"], largest["dedup"]["peak_rss_mb"]
     goals = {
-        "1M_under_30_min": None if largest["n"] < 1_000_000 else largest["dedup"]["wall_s"] < 1800,
-        "1M_under_8_GB": None if largest["n"] < 1_000_000 else largest["dedup"]["peak_rss_mb"] < 8192,
+        "1M_under_3_min": None if largest["n"] != 1_000_000 else wall < 180,
+        "10M_under_1_hour": None if largest["n"] < 10_000_000 else wall < 3600,
+        "under_8_GB": rss < 8192 if results else None,
+        "knn_edge_recall_at_threshold_at_least_0.995": min(recalls) >= 0.995 if recalls else None,
         "20x_faster_than_imagededup_at_largest_common_size": (both[-1]["speedup_vs_imagededup"] >= 20) if both else None,
+        "identical_groups_where_both_run": all(p.get("identical_groups") for p in peers if "identical_groups" in p)
+        if any("identical_groups" in p for p in peers) else None,
     }
-    path = save_result("dedup_scale" + ("_quick" if args.quick else ""),
-                       {"sizes": results, "side_by_side": peers, "goals": goals})
-    print(f"goals {goals} -> {path}")
+    path = save_result("dedup_scale" + ("_quick" if quick else ""), {"sizes": results, "side_by_side": peers, "goals": goals})
+    print(f"goals {goals} -> {path}", flush=True)
+    return path
 
 
 if __name__ == "__main__":

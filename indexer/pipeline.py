@@ -18,19 +18,20 @@ from typing import Any
 import numpy as np
 from retrieval.indexer.overlap import InlineWriter, ThreadedWriter
 from retrieval.indexer.plan import Plan, make_plan
-from retrieval.indexer.writer import BatchCounts, write_batch
-from sqlalchemy import delete, text
+from retrieval.indexer.writer import BatchCounts, write_batch, write_copy_batch
+from sqlalchemy import delete, select, text, update
 
-from retrieval import ann
+from retrieval import ann, runs
 from retrieval.errors import CorpusError, IndexMismatchError
-from retrieval.imaging.decode import WorkItem
+from retrieval.imaging.decode import DecodeSpec, WorkItem
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.loader import decode_batches, regroup
 from retrieval.imaging.scan import IMAGE_EXTENSIONS
-from retrieval.layout import IndexLayout, IndexLock
+from retrieval.layout import IndexLayout, IndexLock, remove_stale_temporaries
 from retrieval.settings import Settings
 from retrieval.sources import Source, open_source
 from retrieval.store import (
+    COPY_NONE,
     ClusterAssignment,
     ClusterRun,
     CurationItem,
@@ -47,7 +48,7 @@ from retrieval.store import (
     utcnow,
 )
 from retrieval.sync import SyncOptions, sync_index
-from retrieval.vectors import VectorStore
+from retrieval.vectors import role_vectors, upgrade_legacy
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class IndexSummary:
     index_rebuilt: bool = False
     index_changed: bool = False
     model: str = ""
+    copy_model: str | None = None
+    copy_embedded: int = 0  # images given a copy vector by this run (new, changed and added-later)
+    copy_index_type: str | None = None
     device: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     failure_kinds: dict[str, int] = field(default_factory=dict)
@@ -164,7 +168,8 @@ def _reset_index(layout: IndexLayout, store: Store) -> None:
             s.execute(text("DELETE FROM sqlite_sequence WHERE name = 'images'"))
         elif store.engine.dialect.name == "postgresql":
             s.execute(text("SELECT setval(pg_get_serial_sequence('images', 'id'), 1, false)"))
-    for path in (layout.vectors_path, layout.faiss_path):
+    for path in (layout.vectors_path, layout.legacy_vectors_path, layout.faiss_path, layout.vectors_for("copy"),
+                 layout.faiss_for("copy")):
         if path.exists():
             path.unlink()
 
@@ -210,6 +215,59 @@ def _load_model_if_needed(opts: IndexOptions, store: Store, plan: Plan, previous
     return embedder
 
 
+COPY_META = ("copy_model_ref", "copy_model_fingerprint", "copy_dim", "copy_preprocess", "copy_index")
+
+
+def _images_without_copy(store: Store) -> list[WorkItem]:
+    """Indexed images with no copy vector yet (an index built before its copy model was added)."""
+    from retrieval.store import Image
+
+    with store.session() as s:
+        rows = s.execute(select(Image.id, Image.path, Image.size, Image.mtime_ns)
+                         .where(Image.copy_state == COPY_NONE).order_by(Image.id)).all()
+    return [WorkItem(path=p, size=size, mtime_ns=mtime, image_id=i) for i, p, size, mtime in rows]
+
+
+def _reset_copy_role(layout: IndexLayout, store: Store) -> None:
+    """Another copy model: forget every copy vector (the search role is untouched)."""
+    from retrieval.store import Image
+
+    with store.session() as s, s.begin():
+        s.execute(update(Image).values(copy_state=COPY_NONE))
+        store.set_meta(s, **{key: None for key in COPY_META})
+    for path in (layout.vectors_for("copy"), layout.faiss_for("copy")):
+        if path.exists():
+            path.unlink()
+
+
+def _load_copy_model(opts: IndexOptions, store: Store, layout: IndexLayout, plan: Plan,
+                     previous_ref: str | None = None) -> Any:
+    """The copy embedder, when the index has (or is asked for) one and something needs it.
+
+    A copy model sticks to the index like the search model: later runs use it without the option.
+    Another copy model (other weights) replaces the copy role: its vectors are embedded again.
+    """
+    from retrieval.embedding.copy import load_copy_embedder
+
+    s = opts.settings
+    stored = store.get_meta("copy_model_ref")
+    ref = s.copy_model or stored or previous_ref  # --rebuild keeps the copy model too
+    if not ref:
+        return None
+    if not plan.todo and ref == stored and not _images_without_copy(store):
+        return None  # nothing to embed: skip the load
+    copy = load_copy_embedder(ref, device=s.device, precision=s.precision)
+    fingerprint = store.get_meta("copy_model_fingerprint")
+    if fingerprint is not None and fingerprint != copy.fingerprint:
+        logger.warning("copy model '%s' differs from '%s' that embedded the copy role; embedding the copy role again",
+                       ref, stored)
+        _reset_copy_role(layout, store)
+    with store.session() as sess, sess.begin():
+        store.set_meta(sess, copy_model_ref=ref, copy_model_fingerprint=copy.fingerprint, copy_dim=copy.dim,
+                       copy_preprocess=copy.preprocess_dict())
+    return copy
+
+
 def run_index(opts: IndexOptions) -> IndexSummary:
     """Index (or update the index of) one corpus. Safe to interrupt at any point and run again."""
     s = opts.settings
@@ -218,10 +276,16 @@ def run_index(opts: IndexOptions) -> IndexSummary:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     with IndexLock(layout):
+        for name in remove_stale_temporaries(layout.root):
+            logger.info("removed %s, left by an interrupted save", name)
         store = Store(s.db_url or layout.default_db_url())
+        run: int | None = None
         try:
-            _close_killed_runs(store)
+            # Runs still 'running' while we hold the lock were killed; this run finishes their work.
+            runs.close_abandoned(store, IndexRun, "the process was killed before the run finished; "
+                                                  "a later run resumed its work")
             previous_ref = store.get_meta("model_ref")  # --rebuild keeps the model unless --model says otherwise
+            previous_copy = store.get_meta("copy_model_ref")
             if opts.rebuild:
                 _reset_index(layout, store)
             root = _check_corpus(source, store)
@@ -241,6 +305,9 @@ def run_index(opts: IndexOptions) -> IndexSummary:
             t = time.perf_counter()
             embedder = _load_model_if_needed(opts, store, plan, previous_ref)
             dim = store.get_meta("dim") or (embedder.dim if embedder else None)
+            if dim and store.get_meta("dim"):
+                upgrade_legacy(layout.legacy_vectors_path, layout.vectors_path, dim)  # pre-.npy index folders
+            copy = _load_copy_model(opts, store, layout, plan, previous_copy)
             if opts.index_factory not in (None, "auto") and dim:
                 # Refuse a bad factory string before spending time on embedding.
                 ann.new_index(ann.IndexSpec(kind="custom", factory=opts.index_factory, n=0, dim=dim))
@@ -250,21 +317,28 @@ def run_index(opts: IndexOptions) -> IndexSummary:
                                    removed=len(plan.removed_ids))
             run = _start_run(store, source, embedder)
             summary.model = store.get_meta("model_ref") or ""
+            summary.copy_model = store.get_meta("copy_model_ref")
             summary.device = embedder.device if embedder else "-"
 
             remove_images(store, plan.removed_ids, plan.removed_failure_paths)
             if plan.todo:
                 assert embedder is not None
-                counts = _embed_all(opts, source, plan.todo, embedder, store, timings, plan.crashed)
+                counts = _embed_all(opts, source, plan.todo, embedder, store, timings, plan.crashed, copy)
                 summary.new, summary.changed, summary.touched, summary.failed = (
                     counts.new, counts.changed, counts.touched, counts.failed)
                 embedded = counts.new + counts.changed
                 summary.images_per_s = embedded / timings["embed_loop_s"] if timings.get("embed_loop_s") else 0.0
+                if copy is not None:
+                    summary.copy_embedded = embedded
+            if copy is not None:
+                t1 = time.perf_counter()
+                summary.copy_embedded += _add_copy_role(opts, source, copy, store, layout)
+                timings["copy_backfill_s"] = time.perf_counter() - t1
 
             dim = store.get_meta("dim")
             t = time.perf_counter()
             if dim is not None:
-                synced = sync_index(store, VectorStore(layout.vectors_path, dim), layout, SyncOptions(
+                synced = sync_index(store, role_vectors(layout, "search", dim), layout, SyncOptions(
                     memory_budget=s.memory_budget, exact_threshold=s.exact_threshold,
                     recall_target=s.recall_target, factory=opts.index_factory, force_rebuild=opts.rebuild))
                 timings.update(synced.timings)
@@ -275,6 +349,14 @@ def run_index(opts: IndexOptions) -> IndexSummary:
                     summary.index_factory = synced.spec.factory
                     summary.nprobe = synced.spec.params.get("nprobe")
                     summary.recall_at_10 = synced.spec.params.get("recall_at_10")
+            copy_dim = store.get_meta("copy_dim")
+            if copy_dim is not None:
+                t1 = time.perf_counter()
+                synced = sync_index(store, role_vectors(layout, "copy", copy_dim), layout, SyncOptions(
+                    memory_budget=s.memory_budget, exact_threshold=s.exact_threshold,
+                    recall_target=s.recall_target, force_rebuild=opts.rebuild), role="copy")
+                timings["copy_index_s"] = time.perf_counter() - t1
+                summary.copy_index_type = synced.spec.kind if synced.spec is not None else None
             timings["index_s"] = time.perf_counter() - t
             summary.total_images = store.count_images()
             summary.failure_kinds = _failure_kinds(store)
@@ -283,7 +365,7 @@ def run_index(opts: IndexOptions) -> IndexSummary:
             _finish_run(store, run, summary)
             return summary
         except BaseException as exc:
-            _fail_running(store, exc)
+            runs.fail(store, IndexRun, run, exc)
             raise
         finally:
             store.close()
@@ -307,53 +389,23 @@ def _start_run(store: Store, source: Source, embedder: Any) -> int:
         elif store.get_meta("corpus_root") is None:
             store.set_meta(s, corpus_root=root)
     meta = store.all_meta()
-    with store.session() as s, s.begin():
-        run = IndexRun(status="running", corpus_root=root,
-                       model_ref=meta.get("model_ref") or (embedder.model_ref if embedder else ""),
-                       model_fingerprint=meta.get("model_fingerprint") or "",
-                       dim=meta.get("dim") or 0, preprocess=meta.get("preprocess") or {},
-                       device=f"{embedder.device}/{embedder.precision}" if embedder else "-")
-        s.add(run)
-        s.flush()
-        return run.id
+    return runs.start(store, IndexRun, corpus_root=root,
+                      model_ref=meta.get("model_ref") or (embedder.model_ref if embedder else ""),
+                      model_fingerprint=meta.get("model_fingerprint") or "",
+                      dim=meta.get("dim") or 0, preprocess=meta.get("preprocess") or {},
+                      device=f"{embedder.device}/{embedder.precision}" if embedder else "-")
 
 
 def _finish_run(store: Store, run_id: int, summary: IndexSummary) -> None:
     with store.session() as s, s.begin():
-        run = s.get(IndexRun, run_id)
-        assert run is not None
-        run.status = "completed"
-        run.finished_at = utcnow()
-        run.index_type = summary.index_type
-        spec = store.get_meta("index")
-        run.index_params = spec
-        run.counts = {k: getattr(summary, k) for k in
-                      ("new", "changed", "unchanged", "touched", "removed", "failed", "known_failures", "total_images")}
-        run.timings = summary.timings
-        run.images_per_s = summary.images_per_s
-
-
-def _close_killed_runs(store: Store) -> None:
-    """Runs still 'running' while we hold the lock were killed; this run finishes their work."""
-    with store.session() as s, s.begin():
-        for run in s.query(IndexRun).filter(IndexRun.status == "running"):
-            run.status = "interrupted"
-            run.error = "the process was killed before the run finished; a later run resumed its work"
-
-
-def _fail_running(store: Store, exc: BaseException) -> None:
-    try:
-        with store.session() as s, s.begin():
-            for run in s.query(IndexRun).filter(IndexRun.status == "running"):
-                run.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                run.finished_at = utcnow()
-                run.error = str(exc)[:2000]
-    except Exception:  # noqa: BLE001 - never mask the original error
-        logger.exception("could not record the failed run")
+        runs.complete(s, IndexRun, run_id, index_type=summary.index_type, index_params=store.get_meta("index"),
+                      counts={k: getattr(summary, k) for k in ("new", "changed", "unchanged", "touched", "removed",
+                                                                "failed", "known_failures", "total_images")},
+                      timings=summary.timings, images_per_s=summary.images_per_s)
 
 
 def _embed_all(opts: IndexOptions, source: Source, items: list[WorkItem], embedder: Any, store: Store,
-               timings: dict[str, float], crashed: set[str]) -> BatchCounts:
+               timings: dict[str, float], crashed: set[str], copy: Any = None) -> BatchCounts:
     import torch
 
     s = opts.settings
@@ -363,13 +415,13 @@ def _embed_all(opts: IndexOptions, source: Source, items: list[WorkItem], embedd
         # Leave the decode workers their cores, so they never preempt the model's threads.
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
     try:
-        return _embed_loop(opts, source, items, embedder, store, timings, workers, crashed)
+        return _embed_loop(opts, source, items, embedder, store, timings, workers, crashed, copy)
     finally:
         torch.set_num_threads(threads)
 
 
 def _embed_loop(opts: IndexOptions, source: Source, items: list[WorkItem], embedder: Any, store: Store,
-                timings: dict[str, float], workers: int, crashed: set[str]) -> BatchCounts:
+                timings: dict[str, float], workers: int, crashed: set[str], copy: Any = None) -> BatchCounts:
     from tqdm import tqdm
 
     s = opts.settings
@@ -379,10 +431,14 @@ def _embed_loop(opts: IndexOptions, source: Source, items: list[WorkItem], embed
     markers = InflightMarkers(layout.decoding_dir)
     pin = embedder.device.startswith("cuda")
     chunk = worker_chunk(len(items), workers, s.batch_size)
+    # One decode per file: the search input, the copy input (when a copy model is set) and PDQ.
+    spec = DecodeSpec(search=embedder.preprocess, copy=copy.prepare if copy is not None else None)
     chunks = source.decode_stream(items, lambda reader, part: decode_batches(
-        reader, part, embedder.preprocess, s.max_pixels, chunk, workers, markers, suspects=crashed, pin_memory=pin))
+        reader, part, spec, s.max_pixels, chunk, workers, markers, suspects=crashed, pin_memory=pin,
+        timeout_s=s.decode_timeout_s or None))
     batches = closing(regroup(chunks, s.batch_size, pin_memory=pin) if chunk < s.batch_size else chunks)
-    vectors = VectorStore(layout.vectors_path, embedder.dim)
+    vectors = role_vectors(layout, "search", embedder.dim)
+    copy_vectors = role_vectors(layout, "copy", copy.dim) if copy is not None else None
     wait = embed = 0.0
     loop_start = time.perf_counter()
     with markers, batches as decoded, tqdm(total=len(items), unit="img", desc="indexing", disable=not opts.progress,
@@ -393,8 +449,9 @@ def _embed_loop(opts: IndexOptions, source: Source, items: list[WorkItem], embed
                 bar.set_postfix(failed=total.failed, refresh=False)
 
         writer_cls = ThreadedWriter if overlap_writes(embedder.device, s.overlap) else InlineWriter
-        writer = writer_cls(lambda results, vecs: write_batch(store, vectors, results, vecs), embedder.to_numpy,
-                            done)
+        writer = writer_cls(
+            lambda results, vecs: write_batch(store, vectors, results, vecs[0], copy_vectors, vecs[1]),
+            lambda vecs: (embedder.to_numpy(vecs[0]), vecs[1]), done)
         streak = 0
         with writer:
             t = time.perf_counter()
@@ -402,9 +459,15 @@ def _embed_loop(opts: IndexOptions, source: Source, items: list[WorkItem], embed
                 t1 = time.perf_counter()
                 wait += t1 - t
                 vecs = embedder.embed_async(pixels) if pixels is not None else _no_vectors(embedder.dim)
+                copy_vecs = None
+                if copy is not None:
+                    inputs = [r.copy_pixels for r in results if r.embeddable]
+                    copy_vecs = copy.embed_many(inputs) if inputs else _no_vectors(copy.dim)
+                    for r in results:
+                        r.copy_pixels = None
                 t2 = time.perf_counter()
                 embed += t2 - t1
-                writer.put(results, vecs)
+                writer.put(results, (vecs, copy_vecs))
                 streak, reason = _unreachable(results, streak)
                 if streak >= UNREACHABLE_STREAK:
                     raise CorpusError(f"{source.describe()} stopped answering: the last {streak} reads failed "
@@ -420,3 +483,39 @@ def _embed_loop(opts: IndexOptions, source: Source, items: list[WorkItem], embed
     if isinstance(writer, ThreadedWriter):
         timings["writer_backpressure_s"] = writer.backpressure_s
     return total
+
+
+def _add_copy_role(opts: IndexOptions, source: Source, copy: Any, store: Store, layout: IndexLayout) -> int:
+    """Give every indexed image without one a copy vector (and its PDQ hashes), decoding only for the copy role.
+
+    Incremental and crash-safe like the main loop: each batch's vectors are fsynced before the
+    transaction that marks them written commits, so a killed run resumes with the images left.
+    """
+    from tqdm import tqdm
+
+    items = _images_without_copy(store)
+    if not items:
+        return 0
+    s = opts.settings
+    workers = s.workers if s.workers is not None else default_workers(copy.device)
+    markers = InflightMarkers(layout.decoding_dir)
+    spec = DecodeSpec(search=None, copy=copy.prepare)
+    copy_vectors = role_vectors(layout, "copy", copy.dim)
+    chunks = closing(source.decode_stream(items, lambda reader, part: decode_batches(
+        reader, part, spec, s.max_pixels, s.batch_size, workers, markers, timeout_s=s.decode_timeout_s or None)))
+    done = skipped = 0
+    with markers, chunks as decoded, tqdm(total=len(items), unit="img", desc="copy role", disable=not opts.progress,
+                                          dynamic_ncols=True) as bar:
+        for results, _ in decoded:
+            ok = [r for r in results if r.failure_reason is None and r.copy_pixels is not None]
+            skipped += len(results) - len(ok)
+            if ok:
+                vecs = copy.embed_many([r.copy_pixels for r in ok])
+                done += write_copy_batch(store, copy_vectors, ok, vecs)
+            bar.update(len(results))
+    markers.clean()
+    if skipped:
+        logger.warning("%d indexed file(s) could not be decoded for the copy role (changed or unreadable since "
+                       "they were indexed); the next `retrieval index` run handles them", skipped)
+    logger.info("copy role: %d image(s) embedded with %s", done, copy.model_ref)
+    return done

@@ -14,9 +14,9 @@ from typing import Iterable
 
 from sqlalchemy import select
 
-from retrieval.imaging.decode import WorkItem
+from retrieval.imaging.decode import TIMEOUT_KIND, WorkItem
 from retrieval.imaging.safe import CRASH_KIND
-from retrieval.imaging.scan import ScanEntry
+from retrieval.imaging.scan import ScanEntry, text_path
 from retrieval.store import Failure, Image, Store, chunked
 
 ALWAYS_RETRY = frozenset({"unreadable", "vanished", "io_error"})
@@ -55,7 +55,7 @@ def make_plan(store: Store, entries: Iterable[ScanEntry], retry_failed: bool = F
     changed: list[WorkItem] = []
     for entry in entries:
         plan.scanned += 1
-        seen.add(entry.path)
+        seen.add(text_path(entry.path))
         known = images.get(entry.path)
         if known is not None:
             image_id, size, mtime, etag = known
@@ -65,12 +65,12 @@ def make_plan(store: Store, entries: Iterable[ScanEntry], retry_failed: bool = F
                 changed.append(WorkItem(entry.path, entry.size, entry.mtime_ns, image_id, etag=entry.etag,
                                         meta=entry.meta))
             continue
-        failed = failures.get(entry.path)
+        failed = failures.get(text_path(entry.path))
         if (failed is not None and not retry_failed and failed[2] not in ALWAYS_RETRY
                 and failed[0] == entry.size and failed[1] == entry.mtime_ns and failed[3] == entry.etag):
             plan.known_failures += 1
             continue
-        if failed is not None and failed[2] == CRASH_KIND:
+        if failed is not None and failed[2] in (CRASH_KIND, TIMEOUT_KIND):
             plan.crashed.add(entry.path)
         plan.todo.append(WorkItem(entry.path, entry.size, entry.mtime_ns, etag=entry.etag, meta=entry.meta))
     plan.todo.extend(_with_known_hashes(store, changed))

@@ -1,7 +1,7 @@
-"""Stage 4: persist one batch: vectors to the fp16 file, rows to the database, in a crash-safe order.
+"""Stage 4: persist one batch: vectors to the fp16 files, rows to the database, in a crash-safe order.
 
-Vectors are written and fsynced inside the open transaction, before the commit that makes their
-ids visible. A kill before the commit leaves only unreferenced rows in the vector file (the
+Vectors (of the search role, and of the copy role when one is configured) are written and fsynced
+inside the open transaction, before the commit that makes their ids visible. A kill before the commit leaves only unreferenced rows in the vector file (the
 next run overwrites them); a kill after it leaves a complete batch. Nothing in between is visible.
 """
 
@@ -13,7 +13,8 @@ import numpy as np
 from sqlalchemy import delete
 
 from retrieval.imaging.decode import DecodeResult
-from retrieval.store import Failure, Image, Store, to_signed64, utcnow
+from retrieval.imaging.scan import text_path
+from retrieval.store import COPY_NONE, COPY_WRITTEN, Failure, Image, Store, to_signed64, utcnow
 from retrieval.vectors import VectorStore
 
 
@@ -27,17 +28,22 @@ class BatchCounts:
 
 def _record_failure(session, result: DecodeResult) -> None:  # noqa: ANN001
     item = result.item
-    session.execute(delete(Failure).where(Failure.path == item.path))
-    session.add(Failure(path=item.path, size=max(item.size, 0), mtime_ns=item.mtime_ns, etag=item.etag,
+    path = text_path(item.path)  # a name that is not UTF-8 is recorded with its bad bytes as \xNN
+    session.execute(delete(Failure).where(Failure.path == path))
+    session.add(Failure(path=path, size=max(item.size, 0), mtime_ns=item.mtime_ns, etag=item.etag,
                         kind=result.failure_kind or "corrupt", reason=result.failure_reason or "unknown"))
 
 
-def write_batch(store: Store, vectors: VectorStore, results: list[DecodeResult], embeddings: np.ndarray) -> BatchCounts:
-    """`embeddings[i]` belongs to the i-th embeddable result. One transaction for the batch."""
+def write_batch(store: Store, vectors: VectorStore, results: list[DecodeResult], embeddings: np.ndarray,
+                copy_vectors: VectorStore | None = None, copy_embeddings: np.ndarray | None = None) -> BatchCounts:
+    """`embeddings[i]` (and `copy_embeddings[i]`) belong to the i-th embeddable result. One transaction."""
     counts = BatchCounts()
     embedded = [r for r in results if r.embeddable]
     if len(embedded) != len(embeddings):
         raise ValueError(f"{len(embeddings)} embeddings for {len(embedded)} decoded images")
+    if copy_embeddings is not None and len(copy_embeddings) != len(embedded):
+        raise ValueError(f"{len(copy_embeddings)} copy embeddings for {len(embedded)} decoded images")
+    copy_state = COPY_WRITTEN if copy_embeddings is not None else COPY_NONE
     now = utcnow()
     with store.session() as s, s.begin():
         rows: list[Image] = []
@@ -45,7 +51,7 @@ def write_batch(store: Store, vectors: VectorStore, results: list[DecodeResult],
             item = r.item
             fields = dict(size=item.size, mtime_ns=item.mtime_ns, sha256=r.sha256, width=r.width, height=r.height,
                           format=r.format[:16], phash=to_signed64(r.phash), indexed=False, updated_at=now,
-                          etag=item.etag, extra=r.meta)
+                          pdq=r.pdq, pdq_quality=r.pdq_quality, copy_state=copy_state, etag=item.etag, extra=r.meta)
             if item.image_id is None:
                 row = Image(path=item.path, added_at=now, **fields)
                 s.add(row)
@@ -78,7 +84,32 @@ def write_batch(store: Store, vectors: VectorStore, results: list[DecodeResult],
             s.execute(delete(Failure).where(Failure.path.in_(succeeded)))
         s.flush()  # assigns ids to new rows, inside the still-open transaction
         if rows:
-            vectors.write(np.array([row.id for row in rows], dtype=np.int64), embeddings)
+            ids = np.array([row.id for row in rows], dtype=np.int64)
+            vectors.write(ids, embeddings)
+            if copy_embeddings is not None and copy_vectors is not None:
+                copy_vectors.write(ids, copy_embeddings)
     return counts
+
+
+def write_copy_batch(store: Store, copy_vectors: VectorStore, results: list[DecodeResult],
+                     embeddings: np.ndarray) -> int:
+    """Adding the copy role to indexed images: their copy vectors and PDQ hashes, crash-safe like
+    write_batch. `results` are decodes of already indexed files (item.image_id set); one whose bytes
+    changed since is left to the next `index` run. Returns how many images got a copy vector."""
+    if len(results) != len(embeddings):
+        raise ValueError(f"{len(embeddings)} copy embeddings for {len(results)} decoded images")
+    with store.session() as s, s.begin():
+        ids, rows = [], []
+        for i, r in enumerate(results):
+            row = s.get(Image, r.item.image_id)
+            if row is None or row.sha256 != r.sha256:
+                continue
+            row.pdq, row.pdq_quality, row.copy_state = r.pdq, r.pdq_quality, COPY_WRITTEN
+            ids.append(row.id)
+            rows.append(i)
+        s.flush()
+        if ids:
+            copy_vectors.write(np.array(ids, dtype=np.int64), embeddings[rows])
+    return len(ids)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from retrieval.errors import RetrievalError
 from retrieval.layout import fsync_dir
-from retrieval.vectors import check_matrix
+from retrieval.vectors import check_matrix, clip_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +223,33 @@ def remove(index: Any, ids: np.ndarray) -> int:
 
 
 def set_nprobe(index: Any, nprobe: int) -> None:
+    """The default nprobe of an index, set once when it is built or loaded (searches pass their own)."""
     ivf = _ivf_or_none(index)
     if ivf is not None:
         ivf.nprobe = int(nprobe)
+
+
+def search_params(index: Any, nprobe: int | None) -> Any:
+    """FAISS SearchParameters with `nprobe` for one search call, or None (no IVF, or no nprobe given).
+
+    Per-call parameters leave the shared index untouched, so threads searching the same index with
+    different nprobe values need no lock. Wrappers (pre-transforms, id maps, refinement) get the
+    matching parameter object around the IVF one.
+    """
+    import faiss
+
+    if nprobe is None or _ivf_or_none(index) is None:
+        return None
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(nprobe=int(nprobe))
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=search_params(index.index, nprobe))
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return search_params(index.index, nprobe)
+    if isinstance(index, faiss.IndexRefine):
+        return faiss.IndexRefineSearchParameters(base_index_params=search_params(index.base_index, nprobe))
+    raise RetrievalError(f"cannot set nprobe per search on a {type(index).__name__} index")
 
 
 def rerank_depth(k: int) -> int:
@@ -238,13 +262,13 @@ def search_reranked(
 ) -> tuple[np.ndarray, np.ndarray]:
     """ANN candidates, then exact cosine from the stored vectors. Returns (scores, ids), -1 padded.
 
+    `nprobe` applies to this call only (the index's own default otherwise).
+
     `exclude[i]` (an id or -1) is dropped from the results of query i (query-by-id without self).
     """
     queries = check_matrix(queries, index.d, "queries")
-    if nprobe is not None:
-        set_nprobe(index, nprobe)
     depth = min(rerank_depth(k) + (1 if exclude is not None else 0), max(1, index.ntotal))
-    _, cand = index.search(queries, depth)
+    _, cand = index.search(queries, depth, params=search_params(index, nprobe))
     out_ids = np.full((len(queries), k), -1, dtype=np.int64)
     out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     for i, row in enumerate(cand):
@@ -256,7 +280,7 @@ def search_reranked(
         exact = read_vectors(row) @ queries[i]
         top = np.argsort(-exact, kind="stable")[:k]
         out_ids[i, : len(top)] = row[top]
-        out_scores[i, : len(top)] = exact[top]
+        out_scores[i, : len(top)] = clip_cosine(exact[top])
     return out_scores, out_ids
 
 
@@ -344,14 +368,32 @@ def save_index(index: Any, path: Path) -> None:
     import faiss
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        faiss.write_index(index, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except (RuntimeError, OSError) as exc:
+        tmp.unlink(missing_ok=True)  # a half-written index must not keep a full disk full
+        raise RetrievalError(f"cannot write the FAISS index {path}: {_write_failure(path, exc)}") from None
     fsync_dir(path.parent)
+
+
+def _write_failure(path: Path, exc: BaseException) -> str:
+    """One line for a failed write: FAISS's own message is a multi-line C++ trace."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    try:
+        st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return "no space left on the device"
+    except OSError:
+        pass
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def load_index(path: Path, mmap: bool = False) -> Any:

@@ -26,11 +26,24 @@ class IndexLayout:
 
     @property
     def vectors_path(self) -> Path:
+        return self.vectors_for("search")
+
+    @property
+    def legacy_vectors_path(self) -> Path:
+        """The headerless fp16 file of index folders from before the `.npy` format (retrieval.vectors)."""
         return self.root / "vectors.f16"
 
     @property
     def faiss_path(self) -> Path:
-        return self.root / "index.faiss"
+        return self.faiss_for("search")
+
+    def vectors_for(self, role: str) -> Path:
+        """The fp16 `.npy` vector file of an embedder role: vectors.npy (search), vectors-copy.npy (copy)."""
+        return self.root / ("vectors.npy" if role == "search" else f"vectors-{role}.npy")
+
+    def faiss_for(self, role: str) -> Path:
+        """The FAISS file of an embedder role: index.faiss (search), index-copy.faiss (copy)."""
+        return self.root / ("index.faiss" if role == "search" else f"index-{role}.faiss")
 
     @property
     def decoding_dir(self) -> Path:
@@ -48,6 +61,14 @@ class IndexLayout:
         return self.db_path.exists()
 
 
+class ReadOnlyIndexError(RetrievalError):
+    """A writing command on an index folder it cannot write (read-only media, permissions)."""
+
+    def __init__(self, folder: Path, exc: OSError):
+        super().__init__(f"the index folder {folder} is read-only ({exc.strerror or exc}); this command writes "
+                         f"to the index: run it on a writable copy (search, info, verify and serve only read)")
+
+
 class IndexLock:
     """An exclusive advisory lock on the index directory for writers.
 
@@ -61,15 +82,18 @@ class IndexLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "IndexLock":
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            raise ReadOnlyIndexError(self._path.parent, exc) from None
         try:
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
             os.close(self._fd)
             self._fd = None
             raise RetrievalError(
-                f"another `retrieval` process is writing to {self._path.parent}; wait for it to finish"
+                f"another `retrieval` process is writing to {self._path.parent}; wait for it to finish", "conflict"
             ) from None
         return self
 
@@ -78,6 +102,26 @@ class IndexLock:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def remove_stale_temporaries(root: Path) -> list[str]:
+    """Delete the temporary files (`.<name>.tmp-<pid>`) that an interrupted or failed save left in the
+    index folder. Call only while holding the IndexLock: no other writer can be saving then."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        stem, sep, pid = name.rpartition(".tmp-")
+        if name.startswith(".") and sep and stem and pid.isdigit() and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:

@@ -6,9 +6,16 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from retrieval import runs
 from retrieval.errors import IndexNotFoundError
 from retrieval.layout import IndexLayout
 from retrieval.store import Failure, Image, IndexRun, Store
+
+
+def plural(n: int, singular: str, plural_form: str | None = None) -> str:
+    """'1 group', '2 groups', '0 images'; pass `plural_form` for irregular words ('1 query', '2 queries')."""
+    word = singular if n == 1 else (plural_form or singular + "s")
+    return f"{n:,} {word}"
 
 
 def _size(n_bytes: int) -> str:
@@ -29,13 +36,13 @@ def format_index_summary(summary: Any) -> str:
     ]
     embedded = summary.new + summary.changed
     if embedded:
-        lines.append(f"  embedded {embedded} images at {summary.images_per_s:.1f} img/s with {summary.model} on {summary.device}")
+        lines.append(f"  embedded {plural(embedded, 'image')} at {summary.images_per_s:.1f} img/s with {summary.model} on {summary.device}")
     if summary.index_type:
         quality = "exact" if summary.index_type == "flat" else (
             f"nprobe {summary.nprobe}, recall@10 {summary.recall_at_10:.3f}" if summary.recall_at_10 is not None else "")
         action = "rebuilt" if summary.index_rebuilt else ("updated" if summary.index_changed else "unchanged")
         lines.append(f"  index {summary.index_factory} ({summary.index_type}, {quality}), {action}")
-    lines.append(f"  total {summary.total_images} images searchable")
+    lines.append(f"  total {plural(summary.total_images, 'image')} searchable")
     if kinds:
         lines.append(f"  failures by kind: {kinds} -- see `retrieval info --failures`")
     return "\n".join(lines)
@@ -44,7 +51,7 @@ def format_index_summary(summary: Any) -> str:
 def collect_info(layout: IndexLayout, db_url: str | None, list_failures: bool = False) -> dict[str, Any]:
     if db_url is None and not layout.exists():
         raise IndexNotFoundError(f"no index in {layout.root.resolve()}; run `retrieval index CORPUS` first")
-    store = Store(db_url or layout.default_db_url())
+    store = Store(db_url or layout.default_db_url(), readonly=True)
     try:
         meta = store.all_meta()
         with store.session() as s:
@@ -52,17 +59,21 @@ def collect_info(layout: IndexLayout, db_url: str | None, list_failures: bool = 
             n_bytes = s.scalar(select(func.coalesce(func.sum(Image.size), 0))) or 0
             kinds = dict(s.execute(select(Failure.kind, func.count()).group_by(Failure.kind)).all())
             formats = dict(s.execute(select(Image.format, func.count()).group_by(Image.format)).all())
-            last = s.scalar(select(IndexRun).order_by(IndexRun.id.desc()).limit(1))
+            last = runs.latest(s, IndexRun, any_status=True)
             failures = [
                 {"path": f.path, "kind": f.kind, "reason": f.reason}
                 for f in s.scalars(select(Failure).order_by(Failure.path))
             ] if list_failures else None
-        files = {p.name: p.stat().st_size for p in (layout.db_path, layout.vectors_path, layout.faiss_path) if p.exists()}
+        files = {p.name: p.stat().st_size for p in (layout.db_path, layout.vectors_path, layout.legacy_vectors_path,
+                                                        layout.faiss_path, layout.vectors_for("copy"),
+                                                        layout.faiss_for("copy")) if p.exists()}
         return {
             "index_dir": str(layout.root.resolve()),
             "corpus_root": meta.get("corpus_root"),
             "model": meta.get("model_ref"),
             "dim": meta.get("dim"),
+            "copy_model": meta.get("copy_model_ref"),
+            "copy_dim": meta.get("copy_dim"),
             "preprocess": meta.get("preprocess"),
             "images": n_images,
             "image_bytes": n_bytes,

@@ -15,14 +15,18 @@ import numpy as np
 from sqlalchemy import select
 
 from retrieval import ann
-from retrieval.errors import IndexNotFoundError, QueryError
+from retrieval.errors import IndexNotFoundError, QueryError, RetrievalError
 from retrieval.layout import IndexLayout, is_within
 from retrieval.store import Image, Store
-from retrieval.vectors import VectorStore
+from retrieval.vectors import VectorStore, role_vectors
 
 logger = logging.getLogger(__name__)
 
 MAX_K = 1000
+
+
+class IndexChangedError(RetrievalError):
+    """The index files were replaced while a pinned reader was opening; opening again succeeds."""
 
 
 @dataclass
@@ -36,25 +40,133 @@ class Hit:
 
 
 class IndexReader:
-    """A read-only view of one index directory, for the CLI, the API and curation."""
+    """A view of one index directory, for the CLI, the API and curation.
 
-    def __init__(self, layout: IndexLayout, db_url: str | None = None, mmap: bool = False):
+    Read-only unless `writable`: it then neither migrates nor writes, and works on read-only media.
+    Curation commands that record their runs open it `writable` (they are writers).
+
+    `pin` (the server): FAISS index, vectors and image rows are one generation, fixed when the
+    reader opens: the FAISS and vector files it opened stay mapped, and `rows` reads the database
+    through one read transaction (a WAL snapshot). An `index --rebuild` meanwhile deletes and
+    rewrites all three; a pinned reader keeps answering from the old generation, never from a mix,
+    until the server opens the new one. `store` always reads the current database (runs, curation).
+    """
+
+    def __init__(self, layout: IndexLayout, db_url: str | None = None, mmap: bool = False, writable: bool = False,
+                 pin: bool = False, settings: Any = None):
         if db_url is None and not layout.exists():
             raise IndexNotFoundError(
                 f"no index in {layout.root.resolve()}; run `retrieval index CORPUS` here first or pass --index-dir"
             )
         self.layout = layout
-        self.store = Store(db_url or layout.default_db_url())
-        self.meta = self.store.all_meta()
-        if not self.meta.get("dim"):
-            raise IndexNotFoundError(f"the index in {layout.root} holds no embeddings yet; run `retrieval index` first")
-        self.dim: int = self.meta["dim"]
-        self.corpus_root = Path(self.meta["corpus_root"])  # a folder's root; see `source` for any corpus
-        self._source: Any = None
-        self.vectors = VectorStore(layout.vectors_path, self.dim)
+        self._source: Any = None  # the corpus's source (retrieval.sources), opened on first use
         self._mmap = mmap
+        self._settings = settings  # device and precision of the query embedder; None: the environment's
         self._index: Any = None
         self._embedder: Any = None
+        self._copy_vectors: VectorStore | None = None
+        self._copy_index: Any = None
+        self._copy_embedder: Any = None
+        url = db_url or layout.default_db_url()
+        self.store = Store(url, readonly=not writable)
+        self.rows = self.store  # where image rows are read: a snapshot when pinned
+        files: dict[Path, int] = {}
+        try:
+            if pin:
+                files = self._open_files()
+                self._index = ann.load_index(layout.faiss_path, mmap=mmap)
+                self.rows = Store(url, snapshot=True)
+            self.meta = self.rows.all_meta()
+            if not self.meta.get("dim"):
+                raise IndexNotFoundError(f"the index in {layout.root} holds no embeddings yet; run `retrieval index` first")
+            self.dim: int = self.meta["dim"]
+            self.corpus_root = Path(self.meta["corpus_root"])
+            self.vectors = role_vectors(layout, "search", self.dim)
+            if pin:
+                self.vectors.pin(files[self._vectors_file])
+                self._check_unchanged(files)
+                if self.spec is None:
+                    raise IndexNotFoundError("the index is empty: no image could be embedded")
+                ann.set_nprobe(self._index, self.spec.params.get("nprobe") or 1)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for fd in files.values():
+                os.close(fd)
+
+    def _open_files(self) -> dict[Path, int]:
+        """Hold the FAISS and vector files open, so that their identity can be checked after the snapshot."""
+        files: dict[Path, int] = {}
+        vectors = self.layout.vectors_path
+        if not vectors.exists() and self.layout.legacy_vectors_path.exists():
+            vectors = self.layout.legacy_vectors_path  # an old folder, converted by the next writing command
+        self._vectors_file = vectors
+        for path in (self.layout.faiss_path, vectors):
+            try:
+                files[path] = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                for fd in files.values():
+                    os.close(fd)
+                raise IndexNotFoundError(f"{path} is missing: the index is being rebuilt or was never built") from None
+        return files
+
+    def _check_unchanged(self, files: dict[Path, int]) -> None:
+        """The files loaded are still the current ones after the snapshot began: they belong to it.
+
+        Files are only replaced (FAISS: rename) or deleted (--rebuild) after the database commit that
+        makes them current, so a file current both before and after the snapshot began matches it.
+        """
+        for path, fd in files.items():
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                raise IndexChangedError(f"{path.name} changed while the index was being opened; try again")
+
+    # --- the copy role (a copy-detection model beside the search model) ------------------------
+    @property
+    def has_copy_role(self) -> bool:
+        """True when `index --copy-model` embedded a copy role and its FAISS index exists."""
+        return bool(self.meta.get("copy_dim") and self.meta.get("copy_index"))
+
+    @property
+    def copy_dim(self) -> int | None:
+        return self.meta.get("copy_dim")
+
+    @property
+    def copy_vectors(self) -> VectorStore:
+        if self._copy_vectors is None:
+            if not self.copy_dim:
+                raise IndexNotFoundError("this index has no copy role; run `retrieval index --copy-model ...`")
+            self._copy_vectors = role_vectors(self.layout, "copy", self.copy_dim)
+        return self._copy_vectors
+
+    @property
+    def copy_index(self) -> Any:
+        if self._copy_index is None:
+            data = self.meta.get("copy_index")
+            if not data:
+                raise IndexNotFoundError("this index has no copy role; run `retrieval index --copy-model ...`")
+            self._copy_index = ann.load_index(self.layout.faiss_for("copy"), mmap=self._mmap)
+            ann.set_nprobe(self._copy_index, ann.IndexSpec.from_dict(data).params.get("nprobe") or 1)
+        return self._copy_index
+
+    def copy_embedder(self) -> Any:
+        """The copy model that embedded this index's copy role (same weights, or an error)."""
+        if self._copy_embedder is None:
+            from retrieval.embedding.copy import load_copy_embedder
+            from retrieval.settings import get_settings
+
+            settings = get_settings()
+            embedder = load_copy_embedder(self.meta["copy_model_ref"], settings.device, settings.precision)
+            if embedder.fingerprint != self.meta.get("copy_model_fingerprint"):
+                raise QueryError(f"copy model {self.meta['copy_model_ref']} has other weights than the ones that "
+                                 "embedded this index's copy role; run `retrieval index` to embed it again")
+            self._copy_embedder = embedder
+        return self._copy_embedder
 
     @property
     def spec(self) -> ann.IndexSpec | None:
@@ -62,15 +174,22 @@ class IndexReader:
         return ann.IndexSpec.from_dict(data) if data else None
 
     @property
+    def nprobe(self) -> int:
+        """The nprobe tuned for this index at build time (1 where the index has no lists)."""
+        return int((self.spec.params.get("nprobe") if self.spec else None) or 1)
+
+    @property
     def index(self) -> Any:
         if self._index is None:
             if self.spec is None:
                 raise IndexNotFoundError("the index is empty: no image could be embedded")
             self._index = ann.load_index(self.layout.faiss_path, mmap=self._mmap)
-            ann.set_nprobe(self._index, self.spec.params.get("nprobe") or 1)
+            ann.set_nprobe(self._index, self.nprobe)
         return self._index
 
     def close(self) -> None:
+        if getattr(self, "rows", None) is not None and self.rows is not self.store:
+            self.rows.close()
         self.store.close()
 
     @property
@@ -97,14 +216,14 @@ class IndexReader:
 
     # --- resolving references -----------------------------------------------------------------
     def image(self, image_id: int) -> Image:
-        with self.store.session() as s:
+        with self.rows.session() as s:
             row = s.get(Image, image_id)
         if row is None:
-            raise QueryError(f"no indexed image with id {image_id}")
+            raise QueryError(f"no indexed image with id {image_id}", "not_found")
         return row
 
     def image_by_path(self, rel_path: str) -> Image | None:
-        with self.store.session() as s:
+        with self.rows.session() as s:
             return s.scalar(select(Image).where(Image.path == rel_path))
 
     def relative_path(self, path: Path) -> str | None:
@@ -119,10 +238,10 @@ class IndexReader:
             from retrieval.model import load_embedder
             from retrieval.settings import get_settings
 
-            settings = get_settings()
+            settings = self._settings or get_settings()
             self._embedder = load_embedder(self.meta["model_ref"], settings.device, settings.precision)
             if self._embedder.dim != self.dim:
-                raise QueryError(f"model {self.meta['model_ref']} no longer gives {self.dim}-d vectors")
+                raise QueryError(f"model {self.meta['model_ref']} no longer gives {self.dim}-d vectors", "conflict")
         return self._embedder
 
     def embed_bytes(self, data: bytes, max_pixels: int) -> np.ndarray:
@@ -150,7 +269,7 @@ class IndexReader:
         valid = [(int(i), float(sc)) for i, sc in zip(ids, scores) if i >= 0]
         if not valid:
             return []
-        with self.store.session() as s:
+        with self.rows.session() as s:
             rows = {row.id: row for row in s.scalars(select(Image).where(Image.id.in_([i for i, _ in valid])))}
         return [
             Hit(id=i, path=rows[i].path, score=sc, width=rows[i].width, height=rows[i].height, format=rows[i].format)
@@ -170,7 +289,7 @@ def search_file(reader: IndexReader, image: str, k: int, exclude_self: bool, max
         image_id = int(image)
         return f"stored vector of id {image_id}", reader.search_id(image_id, k, exclude_self)
     if not path.is_file():
-        raise QueryError(f"{image} is neither a file nor an indexed image id")
+        raise QueryError(f"{image} is neither a file nor an indexed image id", "not_found")
     rel = reader.relative_path(path)
     if rel is not None:
         row = reader.image_by_path(rel)

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     index_dir: Path = Field(DEFAULT_INDEX_DIR, description="Where the database, vectors and FAISS index live.")
     db_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<index_dir>/retrieval.db")
     model: str = Field(DEFAULT_MODEL, description="Hub id, local save_pretrained directory, or cached hub id.")
+    copy_model: str | None = Field(None, description="Copy-detection model of the `copy` role (dedup): sscd, "
+                                   "sscd-int8, sscd-distilled, a .pt/.onnx file or a transformers model.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: str = Field("auto", description="auto (fp16/bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
     batch_size: int = Field(32, ge=1, le=4096)
@@ -63,6 +65,8 @@ class Settings(BaseSettings):
     overlap: bool | None = Field(None, description="Write each batch on a separate thread while the next one "
                                  "embeds; None: on a GPU only (on CPU the model already uses every core).")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Images with more pixels are rejected (decompression bombs).")
+    decode_timeout_s: float = Field(60.0, ge=0.0, description="A file that takes longer to decode is stopped and "
+                                    "recorded as a \"timeout\" failure; 0 = no limit.")
     memory_budget: int = Field(parse_size("4GB"), ge=1, description="RAM the FAISS index may use, in bytes.")
     exact_threshold: int = Field(50_000, ge=1, description="Below this many vectors the index is exact (flat).")
     recall_target: float = Field(0.95, gt=0.0, le=1.0, description="recall@10 the ANN index must reach vs exact search.")

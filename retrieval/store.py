@@ -1,7 +1,10 @@
 """Metadata store: SQLAlchemy 2.x engine and ORM tables. The schema is created only by Alembic.
 
-Opening a store runs `alembic upgrade head`, so a new index directory and an old one from an earlier
-release both end up on the current schema without a separate step.
+Opening a store for writing runs `alembic upgrade head`, so a new index directory and an old one from
+an earlier release both end up on the current schema without a separate step. Opening one for reading
+(`readonly=True`) never writes: no migration, no journal-mode change, and SQLite opens the file with
+`mode=ro` (plus `immutable=1` when its folder is not writable: read-only media, where SQLite could
+not even create its shared-memory file).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from sqlalchemy import (
     DateTime,
     Float,
     Integer,
+    LargeBinary,
+    SmallInteger,
     String,
     Text,
     create_engine,
@@ -56,10 +61,20 @@ class Image(Base):
     format: Mapped[str] = mapped_column(String(16))
     phash: Mapped[int] = mapped_column(BigInteger, index=True)  # 64-bit pHash stored as signed int64
     indexed: Mapped[bool] = mapped_column(Boolean, default=False, index=True)  # vector is in the FAISS file
+    # The 8 dihedral 256-bit PDQ hashes (identity first: 8 x 32 bytes) and PDQ's quality (0-100);
+    # NULL for images indexed before PDQ (they get it when the copy role is added).
+    pdq: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    pdq_quality: Mapped[int | None] = mapped_column(SmallInteger, nullable=True)
+    # The copy role's vector: COPY_NONE (not embedded), COPY_WRITTEN (in vectors-copy.npy, not yet
+    # in index-copy.faiss) or COPY_INDEXED.
+    copy_state: Mapped[int] = mapped_column(SmallInteger, default=0, server_default="0", index=True)
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     etag: Mapped[str | None] = mapped_column(String(128), nullable=True)  # object stores; None for local files
     extra: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # list columns / shard sidecars
+
+
+COPY_NONE, COPY_WRITTEN, COPY_INDEXED = 0, 1, 2
 
 
 class Failure(Base):
@@ -128,6 +143,96 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def _sqlite_readonly_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.close()
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite file URL, else None (other databases, in-memory SQLite)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:") or parsed.query:
+        return None
+    return Path(parsed.database)
+
+
+class _SnapshotConnection:
+    """A sqlite3 connection held inside one read transaction: every query sees one snapshot.
+
+    In WAL mode a reader's snapshot stays fixed while writers commit, so the rows a server reads
+    stay those of the generation it loaded, whatever `index --rebuild` does meanwhile. The
+    transaction is never ended by SQLAlchemy (commit and rollback are no-ops), only by close().
+    """
+
+    def __init__(self, conn: Any):
+        self._conn = conn
+        conn.execute("BEGIN")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # the snapshot starts at the first read
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def make_readonly_engine(url: str, snapshot: bool = False) -> Engine:
+    """An engine that cannot write: a SQLite file opened `mode=ro` (`immutable=1` on read-only media).
+
+    `snapshot`: one connection inside one read transaction (see _SnapshotConnection), for WAL databases.
+    """
+    import os
+    import sqlite3
+    from urllib.parse import quote
+
+    from sqlalchemy.pool import QueuePool
+
+    path = sqlite_file(url)
+    if path is None:
+        return make_engine(url)
+    path = path.resolve()
+    if not path.is_file():
+        from retrieval.errors import IndexNotFoundError
+
+        raise IndexNotFoundError(f"no index database at {path}")
+    uri = f"file:{quote(str(path))}?mode=ro"
+    if not os.access(path.parent, os.W_OK):
+        uri += "&immutable=1"  # nothing can change it, and SQLite cannot create its -shm file there
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    if snapshot:
+        probe = connect()
+        try:
+            wal = probe.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        finally:
+            probe.close()
+        if wal:  # outside WAL mode a held read transaction would block the writer
+            from sqlalchemy.pool import StaticPool
+
+            def connect_snapshot() -> Any:
+                return _SnapshotConnection(sqlite3.connect(uri, uri=True, check_same_thread=False,
+                                                           isolation_level=None))
+
+            engine = create_engine("sqlite://", creator=connect_snapshot, poolclass=StaticPool)
+            event.listen(engine, "connect", _sqlite_readonly_pragmas)
+            return engine
+    engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
+    event.listen(engine, "connect", _sqlite_readonly_pragmas)
+    return engine
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL and a busy timeout."""
     url = normalise_url(url)
@@ -164,13 +269,59 @@ def upgrade_to_head(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-class Store:
-    """The metadata database of one index: a session factory plus small typed helpers."""
+def _check_writable(url: str) -> None:
+    """A writer on a SQLite index in a folder it cannot write fails here, in one line."""
+    import errno
+    import os
 
-    def __init__(self, url: str):
+    from retrieval.layout import ReadOnlyIndexError
+
+    path = sqlite_file(url)
+    if path is None:
+        return
+    for target in (path.parent, path):
+        if target.exists() and not os.access(target, os.W_OK):
+            raise ReadOnlyIndexError(path.parent, OSError(errno.EACCES, os.strerror(errno.EACCES)))
+
+
+def check_schema(engine: Engine) -> None:
+    """For readers: the schema must be the one this release writes; reading never migrates."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from retrieval.errors import IndexNotFoundError
+
+    head = ScriptDirectory(str(migrations_dir())).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current is None:
+        raise IndexNotFoundError("the index database is empty; run `retrieval index CORPUS` first")
+    if current != head:
+        raise IndexNotFoundError(f"the index database has schema {current}, this release reads {head}; run "
+                                 f"`retrieval index CORPUS` once to upgrade it (reading never changes an index)")
+
+
+class Store:
+    """The metadata database of one index: a session factory plus small typed helpers.
+
+    `readonly=True`: the handle of readers (search, info, serve): it cannot write and never migrates.
+    `snapshot=True`: read-only, and every query sees the database as it was when the store opened.
+    """
+
+    def __init__(self, url: str, readonly: bool = False, snapshot: bool = False):
         self.url = url
-        self.engine = make_engine(url)
-        upgrade_to_head(self.engine)
+        self.readonly = readonly or snapshot
+        if self.readonly:
+            self.engine = make_readonly_engine(url, snapshot)
+            try:
+                check_schema(self.engine)
+            except BaseException:
+                self.engine.dispose()
+                raise
+        else:
+            _check_writable(url)
+            self.engine = make_engine(url)
+            upgrade_to_head(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
@@ -203,13 +354,6 @@ class Store:
     def image_ids(self) -> "Iterator[int]":
         with self.session() as s:
             yield from s.scalars(select(Image.id).order_by(Image.id)).yield_per(50_000)
-
-    def latest_run(self, completed: bool = True) -> IndexRun | None:
-        with self.session() as s:
-            q = select(IndexRun).order_by(IndexRun.id.desc()).limit(1)
-            if completed:
-                q = q.where(IndexRun.status == "completed")
-            return s.scalar(q)
 
 
 SQL_IN_CHUNK = 10_000  # SQLite allows at most 32,766 bound variables per statement
@@ -355,3 +499,14 @@ def remove_images(store: Store, image_ids: list[int], failure_paths: list[str]) 
             s.execute(delete(Image).where(Image.id.in_(part)))
         for part in chunked(failure_paths):
             s.execute(delete(Failure).where(Failure.path.in_(part)))
+
+
+class ReviewDecision(Base):
+    """A person's keep/remove choice for one member of a dedup run; overrides the computed action."""
+
+    __tablename__ = "review_decisions"
+
+    member_id: Mapped[int] = mapped_column(ForeignKey("duplicate_members.id", ondelete="CASCADE"), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("dedup_runs.id", ondelete="CASCADE"), index=True)
+    action: Mapped[str] = mapped_column(String(8))  # keep or remove
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

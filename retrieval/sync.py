@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 
 from retrieval import ann
 from retrieval.layout import IndexLayout
-from retrieval.store import Image, Store, utcnow
+from retrieval.store import COPY_INDEXED, COPY_WRITTEN, Image, Store, utcnow
 from retrieval.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -48,20 +48,33 @@ class SyncResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _db_ids(store: Store) -> np.ndarray:
-    return np.fromiter(store.image_ids(), dtype=np.int64)
+def meta_key(role: str) -> str:
+    """The meta key of a role's FAISS spec: `index` (search), `copy_index` (copy)."""
+    return "index" if role == "search" else f"{role}_index"
 
 
-def _stale_ids(store: Store) -> np.ndarray:
+def _db_ids(store: Store, role: str = "search") -> np.ndarray:
+    if role == "search":
+        return np.fromiter(store.image_ids(), dtype=np.int64)
     with store.session() as s:
-        rows = s.scalars(select(Image.id).where(Image.indexed.is_(False)).order_by(Image.id))
+        rows = s.scalars(select(Image.id).where(Image.copy_state >= COPY_WRITTEN).order_by(Image.id))
         return np.fromiter(rows, dtype=np.int64)
 
 
-def _mark_indexed(store: Store) -> None:
+def _stale_ids(store: Store, role: str = "search") -> np.ndarray:
+    stale = Image.indexed.is_(False) if role == "search" else Image.copy_state == COPY_WRITTEN
+    with store.session() as s:
+        rows = s.scalars(select(Image.id).where(stale).order_by(Image.id))
+        return np.fromiter(rows, dtype=np.int64)
+
+
+def _mark_indexed(store: Store, role: str = "search") -> None:
     # Safe as a blanket update: the caller holds the index lock, so no writer added rows since.
     with store.session() as s, s.begin():
-        s.execute(update(Image).where(Image.indexed.is_(False)).values(indexed=True, updated_at=utcnow()))
+        if role == "search":
+            s.execute(update(Image).where(Image.indexed.is_(False)).values(indexed=True, updated_at=utcnow()))
+        else:
+            s.execute(update(Image).where(Image.copy_state == COPY_WRITTEN).values(copy_state=COPY_INDEXED))
 
 
 def _needs_rebuild(old: ann.IndexSpec | None, new: ann.IndexSpec, opts: SyncOptions) -> str | None:
@@ -149,17 +162,21 @@ def _tune(index: Any, spec: ann.IndexSpec, ids: np.ndarray, vectors: VectorStore
     return tuned
 
 
-def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: SyncOptions) -> SyncResult:
-    """Make layout.faiss_path hold exactly the database's images, rebuilding when the policy says so."""
+def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: SyncOptions,
+               role: str = "search") -> SyncResult:
+    """Make the role's FAISS file hold exactly the database's images (for the copy role: those with a
+    copy vector), rebuilding when the policy says so."""
     started = time.perf_counter()
-    ids = _db_ids(store)
-    old_spec_dict = store.get_meta("index")
+    ids = _db_ids(store, role)
+    faiss_path = layout.faiss_for(role)
+    key = meta_key(role)
+    old_spec_dict = store.get_meta(key)
     old_spec = ann.IndexSpec.from_dict(old_spec_dict) if old_spec_dict else None
     if len(ids) == 0:
-        if layout.faiss_path.exists():
-            layout.faiss_path.unlink()
+        if faiss_path.exists():
+            faiss_path.unlink()
         with store.session() as s, s.begin():
-            store.set_meta(s, index=None)
+            store.set_meta(s, **{key: None})
         return SyncResult(spec=None)
     factory = opts.factory
     if factory is None and old_spec is not None and old_spec.kind == "custom":
@@ -167,14 +184,14 @@ def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: Sy
     desired = ann.choose_index_spec(len(ids), vectors.dim, opts.memory_budget, opts.exact_threshold,
                                     None if factory == "auto" else factory)
     reason = _needs_rebuild(old_spec, desired, opts)
-    if reason is None and not layout.faiss_path.exists():
+    if reason is None and not faiss_path.exists():
         reason = "index file missing"
-    stale = _stale_ids(store)
+    stale = _stale_ids(store, role)
     timings: dict[str, float] = {}
     result = SyncResult(spec=desired)
 
     if reason is None:
-        index = ann.load_index(layout.faiss_path)
+        index = ann.load_index(faiss_path)
         present = ann.index_ids(index)
         to_remove = np.union1d(np.setdiff1d(present, ids), np.intersect1d(stale, present))
         to_add = np.union1d(stale, np.setdiff1d(ids, present))
@@ -210,13 +227,13 @@ def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: Sy
         index, built = _build_meeting_target(desired, ids, vectors, opts, timings)
         result.spec, result.rebuilt, result.added = built, True, len(ids)
 
-    ann.save_index(index, layout.faiss_path)
+    ann.save_index(index, faiss_path)
     assert result.spec is not None
     result.changed = True
     result.spec.params["built_at"] = utcnow().isoformat()
     with store.session() as s, s.begin():
-        store.set_meta(s, index=result.spec.to_dict())
-    _mark_indexed(store)
+        store.set_meta(s, **{key: result.spec.to_dict()})
+    _mark_indexed(store, role)
     result.seconds = time.perf_counter() - started
     result.timings = timings
     return result

@@ -1,5 +1,12 @@
 """The house's arrows: the core never imports the indexer or the API (the CLI adapter aside), no
-module imports itself back through others, and only `retrieval` is importable after install."""
+module imports itself back through others, and only `retrieval` is importable after install.
+
+The core is every module under retrieval/ except retrieval/cli/. It may not import retrieval.indexer,
+retrieval.api or retrieval.cli, at the top or inside a function, nor name them in a dynamic import.
+`retrieval.Index.update` still runs the indexer: the indexer registers its update function in the
+package metadata (entry-point group `retrieval.updaters` in pyproject.toml) and the core looks it up
+by name, so the dependency points from the indexer to the core, never back.
+"""
 
 from __future__ import annotations
 
@@ -62,6 +69,31 @@ def test_the_core_never_imports_the_indexer_or_the_api() -> None:
     bad = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if _is_core(m)
                  for t in targets if t.startswith(("retrieval.indexer", "retrieval.api", "retrieval.cli")))
     assert bad == []
+
+
+def test_the_core_names_no_adapter_in_a_dynamic_import() -> None:
+    """importlib.import_module("retrieval.indexer...") would dodge the import graph above."""
+    adapters = ("retrieval.indexer", "retrieval.api", "retrieval.cli")
+    bad = []
+    for module, path in _modules().items():
+        if not _is_core(module):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__"):
+                bad += [f"{module}: {a.value}" for a in node.args
+                        if isinstance(a, ast.Constant) and str(a.value).startswith(adapters)]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(adapters) \
+                    and " " not in node.value:
+                bad.append(f"{module}: {node.value!r}")
+    assert bad == []
+
+
+def test_the_indexer_is_reached_through_its_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    (updater,) = [ep for ep in entry_points(group="retrieval.updaters") if ep.name == "local"]
+    assert updater.value.startswith("retrieval.indexer.")
 
 
 def test_the_indexer_and_the_api_do_not_import_each_other_or_the_cli() -> None:

@@ -6,9 +6,9 @@ says which command makes one. Pages are bounded; members come nearest-the-centro
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, Path, Query
 from retrieval.api.deps import Authorized, ReaderDep
 from retrieval.api.schemas import (
     ClusterMemberOut,
@@ -20,23 +20,13 @@ from retrieval.api.schemas import (
     ErrorOut,
     GroupMemberOut,
 )
-from sqlalchemy import func, select
 
-from retrieval.store import (
-    ClusterAssignment,
-    ClusterRun,
-    DedupRun,
-    DuplicateGroup,
-    DuplicateMember,
-    Image,
-    chunked,
-)
+from retrieval.curation import queries
+from retrieval.errors import RetrievalError
 
 router = APIRouter(tags=["curation"], dependencies=Authorized)
 
 ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}}
-NO_DEDUP_RUN = "no dedup run yet: run `retrieval dedup` on this index"
-NO_CLUSTER_RUN = "no clustering run yet: run `retrieval cluster` on this index"
 Page = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number.")]
 PerPage = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
 
@@ -47,14 +37,6 @@ def _public_params(params: dict) -> dict:
     if out.get("against"):
         out["against"] = str(out["against"]).rstrip("/").rsplit("/", 1)[-1]
     return out
-
-
-def _latest_run(session, model: type, detail: str, *where: Any) -> Any:  # noqa: ANN001
-    """The newest completed run of `model` (DedupRun, ClusterRun), or a 404 naming the command."""
-    run = session.scalar(select(model).where(model.status == "completed", *where).order_by(model.id.desc()).limit(1))
-    if run is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail)
-    return run
 
 
 @router.get("/duplicates", response_model=DuplicateGroupsOut, responses=ERRORS,
@@ -69,28 +51,8 @@ def duplicate_groups(
         "Stricter view of the stored run: keep only members at least this similar to their group's "
         "representative, and groups where at least min_size members remain. Must be >= the run's threshold."))] = None,
 ) -> DuplicateGroupsOut:
-    with handle.reader.store.session() as s:
-        run = _latest_run(s, DedupRun, NO_DEDUP_RUN, DedupRun.mode == mode)
-        run_threshold = float(run.params.get("threshold", 0.0))
-        if threshold is not None and threshold < run_threshold:
-            raise HTTPException(422, f"the latest dedup run used threshold {run_threshold}; a lower threshold "
-                                     f"needs a new run (`retrieval dedup -t {threshold}`)")
-        cut = threshold if threshold is not None else -1.0
-        passing = (select(DuplicateMember.group_id)
-                   .where(DuplicateMember.run_id == run.id, DuplicateMember.similarity >= cut)
-                   .group_by(DuplicateMember.group_id).having(func.count() >= min_size))
-        where = (DuplicateGroup.run_id == run.id, DuplicateGroup.id.in_(passing))
-        total = s.scalar(select(func.count(DuplicateGroup.id)).where(*where)) or 0
-        groups = list(s.scalars(select(DuplicateGroup).where(*where).order_by(DuplicateGroup.number)
-                                .offset((page - 1) * per_page).limit(per_page)))
-        members: dict[int, list[DuplicateMember]] = {g.id: [] for g in groups}
-        if groups:
-            for m in s.scalars(select(DuplicateMember).where(DuplicateMember.group_id.in_(list(members)),
-                                                             DuplicateMember.similarity >= cut)
-                               .order_by(DuplicateMember.group_id, DuplicateMember.similarity.desc())):
-                members[m.group_id].append(m)
-        live = {i for part in chunked(m.image_id for ms in members.values() for m in ms if m.image_id is not None)
-                for i in s.scalars(select(Image.id).where(Image.id.in_(part)))}
+    found = queries.stored_groups(handle.reader.store, mode, min_size, threshold, page, per_page)
+    run, total, groups, members, live = found.run, found.total, found.groups, found.members, found.live
     return DuplicateGroupsOut(
         run_id=run.id, mode=run.mode, params=_public_params(run.params), counts=run.counts, finished_at=run.finished_at,
         page=page, per_page=per_page, total_groups=total,
@@ -110,8 +72,7 @@ def duplicate_groups(
 @router.get("/clusters", response_model=ClustersOut, responses=ERRORS,
             summary="Clusters of the latest `retrieval cluster` run, largest first")
 def clusters(handle: ReaderDep, page: Page = 1, per_page: PerPage = 100) -> ClustersOut:
-    with handle.reader.store.session() as s:
-        run = _latest_run(s, ClusterRun, NO_CLUSTER_RUN)
+    run = queries.cluster_run(handle.reader.store)
     sizes = list(enumerate(run.sizes or []))
     sizes.sort(key=lambda cs: (-cs[1], cs[0]))
     chunk = sizes[(page - 1) * per_page: page * per_page]
@@ -124,15 +85,11 @@ def clusters(handle: ReaderDep, page: Page = 1, per_page: PerPage = 100) -> Clus
             summary="Members of one cluster, nearest the centroid first")
 def cluster_members(handle: ReaderDep, cluster: Annotated[int, Path(ge=0, le=10_000_000)],
                     page: Page = 1, per_page: PerPage = 100) -> ClusterOut:
-    with handle.reader.store.session() as s:
-        run = _latest_run(s, ClusterRun, NO_CLUSTER_RUN)
-        if cluster >= run.k:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such cluster in the latest clustering run")
-        rows = s.execute(
-            select(ClusterAssignment, Image.path).join(Image, Image.id == ClusterAssignment.image_id)
-            .where(ClusterAssignment.run_id == run.id, ClusterAssignment.cluster == cluster)
-            .order_by(ClusterAssignment.rank).offset((page - 1) * per_page).limit(per_page)).all()
+    run = queries.cluster_run(handle.reader.store)
+    if cluster >= run.k:
+        raise RetrievalError("no such cluster in the latest clustering run", "not_found")
+    rows = queries.cluster_members(handle.reader.store, run, cluster, page, per_page)
     size = (run.sizes or [0] * run.k)[cluster]
     return ClusterOut(run_id=run.id, cluster=cluster, size=size, page=page, per_page=per_page,
-                      members=[ClusterMemberOut(id=a.image_id, path=path, distance=round(a.distance, 6), rank=a.rank,
-                                                thumbnail_url=f"/images/{a.image_id}/thumbnail") for a, path in rows])
+                      members=[ClusterMemberOut(id=m.image_id, path=m.path, distance=round(m.distance, 6), rank=m.rank,
+                                                thumbnail_url=f"/images/{m.image_id}/thumbnail") for m in rows])

@@ -11,6 +11,9 @@ from retrieval.api.batcher import describe
 from retrieval.api.deps import Authorized, ReaderDep, StateDep
 from retrieval.api.schemas import ErrorOut, HealthOut, ReadyOut, StatsOut
 
+from retrieval import runs
+from retrieval.store import IndexRun
+
 router = APIRouter(tags=["operations"])
 
 
@@ -44,7 +47,8 @@ async def readyz(request: Request) -> JSONResponse:
 def stats(handle: ReaderDep, state: StateDep) -> StatsOut:
     reader = handle.reader
     spec = reader.spec
-    run = reader.store.latest_run()
+    with reader.store.session() as s:  # the run this reader serves (a newer one may have finished since)
+        run = runs.completed(s, IndexRun, handle.run_id) if handle.run_id is not None else None
     return StatsOut(
         images=reader.store.count_images(),
         indexed_vectors=int(reader.index.ntotal) if spec is not None else 0,

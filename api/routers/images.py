@@ -6,7 +6,7 @@ import mimetypes
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 from retrieval.api import service
 from retrieval.api.deps import Authorized, ReaderDep, SettingsDep, StateDep
@@ -14,7 +14,7 @@ from retrieval.api.routers.search import UPLOAD_BODY, UPLOAD_ERRORS
 from retrieval.api.schemas import DuplicateCheckOut, DuplicatesOut, ErrorOut, ImageOut
 from starlette.concurrency import run_in_threadpool
 
-from retrieval.errors import ImageDecodeError
+from retrieval.errors import RetrievalError
 from retrieval.imaging.thumbnails import cached_thumbnail
 from retrieval.search import MAX_K
 
@@ -54,7 +54,7 @@ def image_file(handle: ReaderDep, image_id: ImageId) -> Response:
                         headers=headers)
 
 
-@router.get("/images/{image_id}/thumbnail", responses={**ERRORS, 422: {"model": ErrorOut},
+@router.get("/images/{image_id}/thumbnail", responses={**ERRORS, 415: {"model": ErrorOut}, 422: {"model": ErrorOut},
                                                         200: {"content": {"image/jpeg": {}}}},
             response_class=Response, summary="A cached JPEG thumbnail")
 def image_thumbnail(handle: ReaderDep, settings: SettingsDep, image_id: ImageId,
@@ -66,12 +66,10 @@ def image_thumbnail(handle: ReaderDep, settings: SettingsDep, image_id: ImageId,
     # one cached file per requested size.
     wanted = size or settings.thumbnail_default_size
     edge = next((b for b in THUMBNAIL_BUCKETS if b >= wanted), THUMBNAIL_BUCKETS[-1])
-    try:
+    try:  # an ImageDecodeError is answered like the same error in an upload (api.errors)
         data = cached_thumbnail(handle.reader.layout.root, row.id, edge, row.sha256, real, settings.max_pixels)
-    except ImageDecodeError:
-        raise HTTPException(422, "the image cannot be decoded for a thumbnail") from None
     except OSError:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "the image file is not available") from None
+        raise RetrievalError(service.FILE_GONE, "not_found") from None
     return Response(data, media_type="image/jpeg",
                     headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=86400"})
 

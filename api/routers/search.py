@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from retrieval.api import service
 from retrieval.api.deps import Authorized, ReaderDep, SettingsDep, StateDep
 from retrieval.api.schemas import ErrorOut, SearchOut
 from retrieval.api.url_fetch import fetch_image_url, is_url
 from starlette.concurrency import run_in_threadpool
 
+from retrieval.errors import RetrievalError
 from retrieval.search import MAX_K
 
 router = APIRouter(tags=["search"], dependencies=Authorized)
@@ -60,7 +61,7 @@ async def search_indexed(
     threshold = (collapse_threshold or settings.duplicate_threshold) if collapse_duplicates else None
     if is_url(image):
         if not settings.allow_url_queries:
-            raise HTTPException(400, "URL queries are disabled; start the server with --allow-url-queries")
+            raise RetrievalError("URL queries are disabled; start the server with --allow-url-queries", "invalid")
         data = await run_in_threadpool(fetch_image_url, image, settings.max_upload_bytes, settings.url_timeout_s,
                                        settings.url_allow_private)
         vector = await service.embed_upload(state, handle, data)

@@ -31,6 +31,7 @@ peak_rss_mb (getrusage of this process; peak_rss_before_search_mb is the same ju
 so the search's own growth is the difference; largest_worker_rss_mb: the largest pool worker;
 peak_tree_pss_mb: the peak of this process plus its workers, by PSS sampled every 0.2 s during the
 search, i.e. what the machine actually had to hold), pairs (unordered duplicate pairs found).
+With --pairs-out PATH the pairs themselves are saved (so groups can be compared with ours).
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=["cnn", "hash"], default="cnn")
     parser.add_argument("--hashes", default=None)
     parser.add_argument("--max-distance", type=int, default=10)
+    parser.add_argument("--pairs-out", default=None,
+                        help="also write the duplicate pairs found as an (m, 2) int64 .npy of row numbers, i < j")
     parser.add_argument("--max-memory-fraction", type=float, default=0.8,
                         help="refuse (JSON with an error, exit 0) when the search would need more than this "
                              "fraction of MemAvailable")
@@ -197,6 +200,10 @@ def main() -> None:
         dup = method.find_duplicates(encoding_map=encoding_map, **search)
     wall = time.perf_counter() - t
     pairs = sum(len(v) for v in dup.values()) // 2  # the map is symmetric: each pair is listed twice
+    if args.pairs_out:
+        found = {(min(int(a), int(b)), max(int(a), int(b))) for a, others in dup.items()
+                 for b in (o[0] if isinstance(o, tuple) else o for o in others)}
+        np.save(args.pairs_out, np.array(sorted(found), dtype=np.int64).reshape(-1, 2))
     print(json.dumps({
         "tool": "imagededup", "version": version("imagededup"), "n": int(n), "d": int(d), "mode": args.mode,
         **params, "import_s": round(import_s, 1), "setup_s": round(setup_s, 3),

@@ -17,7 +17,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from retrieval.cli.options import DbOpt, IndexDirOpt
+from retrieval.cli.options import DbOpt, IndexDirOpt, JsonOpt, ProgressOpt, open_index
 from retrieval.cli.options import settings as _settings
 from retrieval.errors import RetrievalError
 
@@ -33,6 +33,13 @@ class _Group(TyperGroup):
             first = str(getattr(exc, "orig", exc)).splitlines()[0]
             typer.echo(f"Error: database error: {first}", err=True)
             raise typer.Exit(1) from None
+        except MemoryError:
+            typer.echo("Error: out of memory", err=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            typer.echo(f"Error: {exc.strerror or exc}{where}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("Interrupted. Run the same command again to resume where it stopped.", err=True)
             raise typer.Exit(130) from None
@@ -47,13 +54,25 @@ def _database_errors() -> tuple[type[BaseException], ...]:
 app = typer.Typer(
     cls=_Group,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from retrieval import __version__
+
+        typer.echo(f"retrieval {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (INFO level).")) -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (INFO level)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """Index images with DINOv2, search them, and curate the dataset.
 
     Example:
@@ -69,19 +88,21 @@ def index(
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local save_pretrained folder, or cached hub id [default: facebook/dinov2-small, or the model the index was built with]."),
+    copy_model: Optional[str] = typer.Option(None, "--copy-model", help="Copy-detection model for dedup (the `copy` role): sscd, sscd-int8, sscd-distilled, a .pt/.onnx file or a transformers model; added to an existing index by embedding only that role [env: RETRIEVAL_COPY_MODEL; default: the one the index has, else none]."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N [default: auto]."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, fp16, bf16 [default: auto: fp16/bf16 on GPU, fp32 on CPU]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass [default: 32]."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decode worker processes; 0 decodes in the main process [default: from the CPU count]."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject images with more pixels (decompression bombs) [default: 89478485]."),
+    decode_timeout: Optional[float] = typer.Option(None, "--decode-timeout", help="Seconds one file may take to decode before it is stopped and recorded as a timeout; 0 = no limit [default: 60]."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="RAM for the FAISS index, e.g. 2GB [default: 4GB]."),
     index_factory: Optional[str] = typer.Option(None, "--index-factory", help="FAISS factory string to use instead of the automatic choice, e.g. 'IVF1024,PQ32'; later runs keep it until 'auto'."),
     exact_threshold: Optional[int] = typer.Option(None, "--exact-threshold", help="Below this many images the index is exact [default: 50000]."),
     recall_target: Optional[float] = typer.Option(None, "--recall-target", help="recall@10 vs exact search that nprobe is tuned for [default: 0.95]."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Forget the existing index and embed everything again (after changing the model)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again files that failed before, even if unchanged."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    progress: Optional[bool] = ProgressOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Index a folder of images (or a bucket, a list, shards): embed new and changed files, drop deleted ones, update the FAISS index.
 
@@ -94,13 +115,12 @@ def index(
 
         retrieval index s3://bucket/photos   |   retrieval index 'shards/{000000..000009}.tar'   |   retrieval index urls.parquet
     """
-    from retrieval.indexer.pipeline import IndexOptions, run_index
-
-    settings = _settings(index_dir=index_dir, db_url=db, model=model, device=device, precision=precision,
-                         batch_size=batch_size, workers=workers, max_pixels=max_pixels, memory_budget=memory_budget,
-                         exact_threshold=exact_threshold, recall_target=recall_target)
-    summary = run_index(IndexOptions(corpus=corpus, settings=settings, rebuild=rebuild, retry_failed=retry_failed,
-                                     index_factory=index_factory, progress=progress))
+    index = open_index(index_dir=index_dir, db_url=db, model=model, copy_model=copy_model, device=device, precision=precision,
+                       batch_size=batch_size, workers=workers, max_pixels=max_pixels, memory_budget=memory_budget,
+                       decode_timeout_s=decode_timeout, exact_threshold=exact_threshold,
+                       recall_target=recall_target)
+    summary = index.update(corpus, rebuild=rebuild, retry_failed=retry_failed, index_factory=index_factory,
+                           progress=progress)
     if as_json:
         typer.echo(json.dumps(asdict(summary), indent=2))
         return
@@ -126,20 +146,17 @@ def search(
 
         retrieval search ./photos/cat.jpg -k 5
     """
-    from retrieval.layout import IndexLayout
-    from retrieval.search import IndexReader, search_file
+    from retrieval.report_text import plural
 
-    settings = _settings(index_dir=index_dir, db_url=db)
-    reader = IndexReader(IndexLayout(settings.index_dir), settings.db_url)
-    try:
-        how, hits = search_file(reader, image, k, exclude_self=not include_self, max_pixels=settings.max_pixels)
-    finally:
-        reader.close()
+    with open_index(index_dir=index_dir, db_url=db) as index:
+        result = index.search(image, k, include_self=include_self)
+        corpus_name = index.reader.corpus_name
     if as_json:
-        typer.echo(json.dumps({"query": image, "answered_from": how, "results": [asdict(h) for h in hits]}, indent=2))
+        typer.echo(json.dumps({"query": image, "answered_from": result.answered_from,
+                               "results": [asdict(h) for h in result.hits]}, indent=2))
         return
-    typer.echo(f"{len(hits)} nearest to {image} ({how}), corpus {reader.corpus_name}:")
-    for rank, hit in enumerate(hits, 1):
+    typer.echo(f"{plural(len(result.hits), 'nearest image')} to {image} ({result.answered_from}), corpus {corpus_name}:")
+    for rank, hit in enumerate(result.hits, 1):
         typer.echo(f"{rank:>4}  {hit.score:.4f}  id={hit.id:<8} {hit.path}  ({hit.width}x{hit.height} {hit.format})")
 
 
@@ -156,11 +173,9 @@ def info(
 
         retrieval info --failures
     """
-    from retrieval.layout import IndexLayout
-    from retrieval.report_text import collect_info, format_info
+    from retrieval.report_text import format_info
 
-    settings = _settings(index_dir=index_dir, db_url=db)
-    data = collect_info(IndexLayout(settings.index_dir), settings.db_url, list_failures=failures)
+    data = open_index(index_dir=index_dir, db_url=db).info(failures=failures)
     typer.echo(json.dumps(data, indent=2, default=str) if as_json else format_info(data))
 
 
@@ -168,6 +183,7 @@ def info(
 def verify(
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print {ok, checked, problems} as JSON."),
 ) -> None:
     """Check that the database, the vector file and the FAISS index agree (counts, ids, dims, model).
 
@@ -175,17 +191,14 @@ def verify(
 
     Example:
 
-        retrieval verify --index-dir ./retrieval-index
+        retrieval verify --index-dir ./retrieval-index --json
     """
-    from retrieval.errors import IndexNotFoundError
-    from retrieval.layout import IndexLayout
-    from retrieval.verify import verify_index
-
-    settings = _settings(index_dir=index_dir, db_url=db)
-    layout = IndexLayout(settings.index_dir)
-    if settings.db_url is None and not layout.exists():
-        raise IndexNotFoundError(f"no index in {layout.root.resolve()}; run `retrieval index CORPUS` first")
-    report = verify_index(layout, settings.db_url)
+    report = open_index(index_dir=index_dir, db_url=db).verify()
+    if as_json:
+        typer.echo(json.dumps({"ok": report.ok, "checked": report.checked, "problems": report.problems}, indent=2))
+        if not report.ok:
+            raise typer.Exit(1)
+        return
     for line in report.checked:
         typer.echo(f"ok       {line}")
     for line in report.problems:
@@ -232,7 +245,47 @@ def serve(
     if allow_url_queries:
         os.environ["RETRIEVAL_ALLOW_URL_QUERIES"] = "1"
     logging.getLogger("api").setLevel(log_level.upper())
+    if not os.environ.get("RETRIEVAL_API_KEY") and not host.startswith(("127.", "localhost", "::1")):
+        typer.echo(f"note: listening on {host} without RETRIEVAL_API_KEY: the API is open to the network and "
+                   "review decisions cannot be changed (set RETRIEVAL_API_KEY)", err=True)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    typer.echo(f"retrieval: open http://{shown}:{port}/ in a browser (API docs at /docs)", err=True)
     uvicorn.run("retrieval.api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+
+
+@app.command()
+def export(
+    output: Path = typer.Option(Path("retrieval-export"), "--output", "-o", help="Folder the files are written to."),
+    index_dir: Optional[Path] = IndexDirOpt,
+    db: Optional[str] = DbOpt,
+    parquet: bool = typer.Option(True, "--parquet/--no-parquet", help="Write images.parquet (needs pyarrow)."),
+    npy: bool = typer.Option(True, "--npy/--no-npy", help="Write embeddings_<role>.npy and ids.npy."),
+    batch_size: int = typer.Option(10_000, "--batch-size", "-b", min=1, help="Images per written batch (memory bound)."),
+    progress: Optional[bool] = ProgressOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Export the dataset: images.parquet (one row per image with its embeddings, hashes, latest dedup
+    group and action, cluster) and .npy embeddings that pandas, polars, Hugging Face datasets,
+    LanceDB and numpy load as they are.
+
+    Example:
+
+        retrieval export -o ./dataset --batch-size 50000
+    """
+    from retrieval.report_text import plural
+
+    with open_index(index_dir=index_dir, db_url=db) as index:
+        result = index.export(output, parquet=parquet, npy=npy, batch_size=batch_size, progress=progress)
+    files = [p for p in (result.parquet, *result.npy.values(), result.ids) if p is not None]
+    if as_json:
+        typer.echo(json.dumps({"rows": result.rows, "dedup_run": result.dedup_run, "cluster_run": result.cluster_run,
+                               "files": [str(p.resolve()) for p in files]}, indent=2))
+        return
+    runs = ", ".join(f"{what} run {run}" for what, run in (("dedup", result.dedup_run), ("cluster", result.cluster_run))
+                     if run is not None)
+    typer.echo(f"exported {plural(result.rows, 'image')}" + (f" (with {runs})" if runs else "") + ":")
+    for path in files:
+        typer.echo(f"  {path.resolve()}")
 
 
 from retrieval.cli.curation import register as _register_curation  # noqa: E402 - light: imports lazily

@@ -10,8 +10,16 @@ from retrieval.errors import RetrievalError
 
 IndexDirOpt = typer.Option(None, "--index-dir", help="Index folder [default: ./retrieval-index, env RETRIEVAL_INDEX_DIR].")
 DbOpt = typer.Option(None, "--db", help="SQLAlchemy URL of the metadata DB [default: SQLite in the index folder].")
-ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+ProgressOpt = typer.Option(None, "--progress/--no-progress", show_default=False,
+                           help="Show progress bars [default: only when stderr is a terminal].")
 JsonOpt = typer.Option(False, "--json", help="Print the summary as JSON.")
+
+
+def open_index(**overrides: Any) -> Any:
+    """The retrieval.Index the options name (opened lazily: commands that build one work too)."""
+    from retrieval.index import Index
+
+    return Index(settings(**overrides))
 
 
 def settings(**overrides: Any) -> Any:
@@ -25,3 +33,6 @@ def settings(**overrides: Any) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise RetrievalError(f"invalid --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+RayOpt = typer.Option(None, "--ray", metavar="auto|local|ADDRESS",
+                      help="Run on a Ray cluster: auto (the cluster this machine joined), local (a private "
+                           "one-machine Ray), or an address [default: env RETRIEVAL_RAY_ADDRESS, else no Ray].")

@@ -20,16 +20,19 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from retrieval.curation.dedup import fingerprint
+from retrieval import runs
 from retrieval.errors import RetrievalError
+from retrieval.report_text import plural
 from retrieval.search import IndexReader
-from retrieval.store import ClusterAssignment, ClusterRun, Image, utcnow
+from retrieval.store import ClusterAssignment, ClusterRun, Image
+from retrieval.vectors import VectorStore, clip_cosine
 
 logger = logging.getLogger(__name__)
 
 MAX_K = 100_000
 MAX_POINTS_PER_CENTROID = 256
 ASSIGN_BATCH = 65_536
+RAY_SHARD_BATCHES = 4  # ASSIGN_BATCHes of ids per Ray task
 
 
 def default_k(n: int) -> int:
@@ -63,13 +66,48 @@ def assign(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.n
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
     sims, labels = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
-    return labels[:, 0].astype(np.int64), (1.0 - sims[:, 0]).astype(np.float32)
+    return labels[:, 0].astype(np.int64), (1.0 - clip_cosine(sims[:, 0])).astype(np.float32)
+
+
+def assign_ids(ids: np.ndarray, vectors: VectorStore, centroids: np.ndarray,
+               batch: int = ASSIGN_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """assign() over the stored vectors of `ids`, `batch` rows at a time (a Ray task runs this on a shard)."""
+    parts = [assign(vectors.read(ids[start : start + batch]), centroids) for start in range(0, len(ids), batch)]
+    if not parts:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def assign_all(vectors: VectorStore, ids: np.ndarray, centroids: np.ndarray, progress: bool = False,
+               ray: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster and cosine distance of every id, locally or as Ray tasks over shards of RAY_SHARD_BATCHES batches.
+
+    Shards are whole multiples of ASSIGN_BATCH, so both ways run the same searches on the same rows.
+    """
+    from tqdm import tqdm
+
+    batch = ASSIGN_BATCH
+    if ray is not None:
+        from retrieval.distributed import map_shards, shards
+
+        pieces = [ids[a:b] for a, b in shards(len(ids), RAY_SHARD_BATCHES * batch)]
+        parts = map_shards(ray, assign_ids, pieces, vectors, centroids, batch, progress=progress, desc="assigning")
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    labels, dists = [], []
+    for start in tqdm(range(0, len(ids), batch), desc="assigning", disable=not progress):
+        lab, dist = assign_ids(ids[start : start + batch], vectors, centroids, batch)
+        labels.append(lab)
+        dists.append(dist)
+    return np.concatenate(labels), np.concatenate(dists)
 
 
 def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, seed: int = 0,
-                   force: bool = False, progress: bool = False) -> ClusterOutcome:
-    from tqdm import tqdm
+                   force: bool = False, progress: bool = False, ray: str | None = None) -> ClusterOutcome:
+    """k-means on a seeded sample, then every image assigned to its nearest centroid.
 
+    `ray`, a cluster address (see retrieval.distributed), runs the assignment as Ray tasks; the
+    result is the same as a local run's.
+    """
     with reader.store.session() as s:
         ids = np.fromiter(s.scalars(select(Image.id).order_by(Image.id)), dtype=np.int64)
     n = len(ids)
@@ -81,12 +119,9 @@ def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, s
     if k > n:
         raise RetrievalError(f"-k {k} is larger than the number of indexed images ({n})")
     params = {"k": k, "niter": niter, "seed": seed, "spherical": True}
-    fp = fingerprint(reader, params)
+    fp = runs.fingerprint(reader.store, reader.meta.get("model_fingerprint"), params)
     if not force:
-        with reader.store.session() as s:
-            candidates = s.scalars(select(ClusterRun).where(ClusterRun.fingerprint == fp,
-                                                            ClusterRun.status == "completed")
-                                   .order_by(ClusterRun.id.desc())).all()
+        candidates = runs.reusable(reader.store, ClusterRun, fp)
         # A run whose centroid file was deleted cannot serve `curate --mode cluster`: recompute.
         old = next((r for r in candidates if _centroid_file(reader, r) is not None), None)
         if old is not None:
@@ -95,22 +130,13 @@ def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, s
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(ids, size=min(n, k * MAX_POINTS_PER_CENTROID), replace=False))
     centroids = spherical_kmeans(reader.vectors.read(sample), k, niter, seed)
-    labels, dists = [], []
-    for start in tqdm(range(0, n, ASSIGN_BATCH), desc="assigning", disable=not progress):
-        lab, dist = assign(reader.vectors.read(ids[start : start + ASSIGN_BATCH]), centroids)
-        labels.append(lab)
-        dists.append(dist)
-    label, dist = np.concatenate(labels), np.concatenate(dists)
+    label, dist = assign_all(reader.vectors, ids, centroids, progress, ray)
     order = np.lexsort((ids, dist, label))  # by cluster, nearest first
     rank = np.empty(n, np.int64)
     starts = np.searchsorted(label[order], np.arange(k))
     rank[order] = np.arange(n) - np.repeat(starts, np.bincount(label, minlength=k))
     sizes = np.bincount(label, minlength=k).tolist()
-    with reader.store.session() as s, s.begin():
-        run = ClusterRun(status="running", k=k, n_images=n, fingerprint=fp, params=params)
-        s.add(run)
-        s.flush()
-        run_id = run.id
+    run_id = runs.start(reader.store, ClusterRun, k=k, n_images=n, fingerprint=fp, params=params)
     try:
         _save_centroids(centroids_path(reader.layout.root, run_id), centroids)
         with reader.store.session() as s, s.begin():
@@ -119,14 +145,9 @@ def run_clustering(reader: IndexReader, k: int | None = None, niter: int = 20, s
                 s.execute(ClusterAssignment.__table__.insert(), [
                     {"run_id": run_id, "image_id": int(i), "cluster": int(c), "distance": float(d), "rank": int(r)}
                     for i, c, d, r in zip(ids[sl], label[sl], dist[sl], rank[sl])])
-            row = s.get(ClusterRun, run_id)
-            assert row is not None
-            row.status, row.finished_at, row.sizes = "completed", utcnow(), sizes
-    except BaseException:
-        with reader.store.session() as s, s.begin():
-            row = s.get(ClusterRun, run_id)
-            if row is not None:
-                row.status, row.finished_at = "failed", utcnow()
+            runs.complete(s, ClusterRun, run_id, sizes=sizes)
+    except BaseException as exc:
+        runs.fail(reader.store, ClusterRun, run_id, exc)
         raise
     return ClusterOutcome(run_id, k, n, False, sizes)
 
@@ -161,9 +182,9 @@ def _centroid_file(reader: IndexReader, run: ClusterRun) -> Path | None:
 
 def load_centroids(reader: IndexReader, run_id: int) -> np.ndarray:
     with reader.store.session() as s:
-        run = s.get(ClusterRun, run_id)
-    if run is None or run.status != "completed":
-        raise RetrievalError(f"no completed clustering run {run_id}; run `retrieval cluster` first")
+        run = runs.completed(s, ClusterRun, run_id)
+    if run is None:
+        raise RetrievalError(f"no completed clustering run {run_id}; run `retrieval cluster` first", "not_found")
     path = _centroid_file(reader, run)
     if path is None:
         raise RetrievalError(f"the centroids of clustering run {run_id} are missing "
@@ -172,8 +193,7 @@ def load_centroids(reader: IndexReader, run_id: int) -> np.ndarray:
 
 
 def latest_run(reader: IndexReader) -> int | None:
-    with reader.store.session() as s:
-        return s.scalar(select(ClusterRun.id).where(ClusterRun.status == "completed").order_by(ClusterRun.id.desc()))
+    return runs.latest_id(reader.store, ClusterRun)
 
 
 def members(reader: IndexReader, run_id: int, cluster: int, limit: int | None = None) -> list[tuple[int, str, float]]:
@@ -202,7 +222,7 @@ def write_cluster_report(reader: IndexReader, outcome: ClusterOutcome, out_dir: 
         listing.append({"cluster": c, "size": outcome.sizes[c], "nearest": [{"image_id": i, "path": p,
                                                                                "distance": round(d, 6)}
                                                                               for i, p, d in near]})
-        items.append({"id": c, "title": f"cluster {c}: {outcome.sizes[c]} images",
+        items.append({"id": c, "title": f"cluster {c}: {plural(outcome.sizes[c], 'image')}",
                       "detail": "nearest the centroid first; score = cosine distance",
                       "cells": [{"src": thumbs.src(f"i{i}", reader.locate(p)), "path": p, "score": d}
                                 for i, p, d in near]})

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from retrieval.curation.dedup import fingerprint
+from retrieval import runs
 from retrieval.curation.graph import is_exact_index, search_exact_topk
 from retrieval.errors import RetrievalError
+from retrieval.report_text import plural
 from retrieval.search import IndexReader
 from retrieval.sources.open import open_aux_source, source_id
 from retrieval.store import (
@@ -32,7 +33,6 @@ from retrieval.store import (
     CurationRun,
     Image,
     chunked,
-    utcnow,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
         if cluster_run is None:
             raise RetrievalError("--mode cluster needs a clustering run; run `retrieval cluster` first")
         centroids = load_centroids(reader, cluster_run)
-    fp = fingerprint(reader, opts.result_params(cluster_run), folder_content(opts.queries))
+    fp = runs.fingerprint(reader.store, reader.meta.get("model_fingerprint"), opts.result_params(cluster_run),
+                          folder_content(opts.queries))
     if not opts.force:
         reused = _reuse(reader, fp)
         if reused is not None:
@@ -172,10 +173,8 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
     for d in items:
         d["path"] = paths.get(d["image_id"], "")
     with reader.store.session() as s, s.begin():
-        run = CurationRun(status="completed", mode=opts.mode, fingerprint=fp, params=opts.params(), counts=counts,
-                          query_failures=q.failures, cluster_run_id=cluster_run, finished_at=utcnow())
-        s.add(run)
-        s.flush()
+        run = runs.add_completed(s, CurationRun, mode=opts.mode, fingerprint=fp, params=opts.params(), counts=counts,
+                                 query_failures=q.failures, cluster_run_id=cluster_run)
         s.add_all([CurationItem(run_id=run.id, image_id=d["image_id"], path=d["path"], how=d["how"], query=d["query"],
                                 score=d["score"], times_retrieved=d["times_retrieved"], cluster=d.get("cluster"))
                    for d in items])
@@ -185,11 +184,10 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
 
 def _reuse(reader: IndexReader, fp: str) -> CurateOutcome | None:
     """The newest completed run with this fingerprint, items in the order the run produced them."""
+    run = next(iter(runs.reusable(reader.store, CurationRun, fp)), None)
+    if run is None:
+        return None
     with reader.store.session() as s:
-        run = s.scalar(select(CurationRun).where(CurationRun.fingerprint == fp, CurationRun.status == "completed")
-                       .order_by(CurationRun.id.desc()).limit(1))
-        if run is None:
-            return None
         rows = s.scalars(select(CurationItem).where(CurationItem.run_id == run.id)).all()
     logger.info("reusing curation run %d: same parameters and queries, index unchanged", run.id)
     # sample: best score first; cluster: clusters by decreasing query count (ties: lower cluster), then ids.
@@ -236,7 +234,7 @@ def write_curation_report(reader: IndexReader, outcome: CurateOutcome, out_dir: 
         key = f"query {d['query']}" if d["how"] == "sample" else f"cluster {d['cluster']}"
         rows.setdefault(key, []).append(d)
     thumbs = Thumbnailer(out_dir, max_pixels)
-    items = [{"id": i, "title": key, "detail": f"{len(ds)} images",
+    items = [{"id": i, "title": key, "detail": plural(len(ds), "image"),
               "cells": [{"src": thumbs.src(f"i{d['image_id']}", reader.locate(d["path"])), "path": d["path"],
                          "score": d["score"], "reason": f"retrieved {d['times_retrieved']}x" if d["how"] == "sample"
                          else None} for d in ds[:12]]}

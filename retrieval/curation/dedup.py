@@ -1,15 +1,18 @@
-"""`retrieval dedup`: exact, near-exact and embedding duplicates, self or against a reference set.
+"""`retrieval dedup`: exact, near-exact and copy duplicates, self or against a reference set.
 
 Mirrors the DINOv2 pipeline: hash dedup, then copy detection on a k-NN graph (k = 64) whose edges
 above a cosine threshold are joined with a disjoint-set; one image survives per component. With a
 reference folder (relative dedup) every component that touches a reference file is removed whole.
 Results are stored in SQLite; a rerun with the same parameters on an unchanged index reuses them.
+
+The graph uses the index's copy role (a copy-detection model such as SSCD, `index --copy-model`)
+when it has one, as the paper does; otherwise the search role (DINOv2), whose thresholds are
+provisional. Stages: exact bytes / pixels, pHash, PDQ with flips and rotations, the embedding
+k-NN graph. Every member's reason is the stage of the edge that joined it to its group.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,22 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 
+from retrieval import runs
 from retrieval.curation import hashing
-from retrieval.curation.graph import Edges, knn_edges, maybe_gpu
+from retrieval.curation.graph import Edges, RayGraph, knn_edges, maybe_gpu, sampled_edge_recall, scores_are_exact
+from retrieval.curation.hamming import range_pairs_dihedral
 from retrieval.curation.groups import Group, Nodes, build_groups
 from retrieval.curation.policy import DEFAULT_POLICY, check_policy
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
 from retrieval.sources.open import source_id
+from retrieval.vectors import clip_cosine
 from retrieval.store import (
     DedupRun,
     DuplicateGroup,
     DuplicateMember,
     Image,
-    IndexRun,
-    utcnow,
+    ReviewDecision,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,13 +50,60 @@ DEFAULT_THRESHOLD = 0.95
 DEFAULT_REFERENCE_THRESHOLD = 0.90
 DEFAULT_K = 64
 SCHEMA_VERSION = 1
+RECALL_SAMPLE = 256
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (VmHWM), for the run record; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+# Default cosine thresholds of the copy role, per copy model: (self-dedup, against a reference set).
+# Measured for the two models installable here on real photographs with 19 kinds of planted edit
+# (benchmarks/dedup_quality.py; benchmarks/README.md): the highest-recall threshold whose pair
+# precision reaches 0.97 when the two halves of one photograph count as false pairs. Different
+# photographs never scored above 0.43 with either model there, so 0.6 against a reference set
+# (which removes whole groups) keeps a wide margin. The fp32 `sscd` TorchScript could not be
+# measured here: its entry is SSCD's README value (cosine > 0.75 is a copy at about 90 % precision
+# on DISC21 pairs) and stays provisional.
+COPY_THRESHOLDS: dict[str, tuple[float, float]] = {
+    "sscd": (0.75, 0.60),
+    "sscd-int8": (0.81, 0.60),
+    "sscd-distilled": (0.83, 0.60),
+}
+COPY_THRESHOLDS_MEASURED = {"sscd-int8", "sscd-distilled"}  # the others are provisional: said so once
+DEFAULT_COPY_THRESHOLD = COPY_THRESHOLDS["sscd"]  # other SSCD-like files (.pt / .onnx): provisional
+
+# PDQ: Meta's reference match radius is 31 of 256 bits, and hashes of quality < 50 are unreliable
+# (flat or tiny images): those take no part in the PDQ stage.
+DEFAULT_PDQ_DISTANCE = 31
+PDQ_MIN_QUALITY = 50
+
+# Stages by the strength of their evidence: a member joined by several edges is credited to the strongest.
+STAGE_RANK = {"exact": 0, "phash": 1, "pdq": 2, "copy": 3, "embedding": 3}
+
+# Safety of the result: say so when a group holds more than this share of the corpus (and at least
+# GIANT_GROUP_MIN images), when a group's weakest pair is this far below the threshold, or when a
+# run would remove more than this share of the corpus.
+GIANT_GROUP_FRACTION = 0.02
+GIANT_GROUP_MIN = 20
+WEAK_PAIR_MARGIN = 0.15
+MOST_REMOVED_FRACTION = 0.5
 
 
 @dataclass
 class DedupOptions:
-    threshold: float | None = None  # None: DEFAULT_THRESHOLD, or DEFAULT_REFERENCE_THRESHOLD with `against`
+    threshold: float | None = None  # None: the role's default (see default_threshold)
     k: int = DEFAULT_K
     phash_distance: int = hashing.DEFAULT_PHASH_DISTANCE  # -1 disables the pHash stage
+    pdq_distance: int = DEFAULT_PDQ_DISTANCE  # -1 disables the PDQ stage
+    role: str = "auto"  # auto (copy when the index has it), copy or search
     keep: str = DEFAULT_POLICY
     max_group_diameter: float | None = None  # cosine distance (1 - cos) to the representative
     against: Path | str | None = None  # a folder or any retrieval.sources source
@@ -64,6 +116,8 @@ class DedupOptions:
     max_pixels: int = 89_478_485
     workers: int = 0
     batch_size: int = 32
+    ray: str | None = None  # a Ray cluster address (retrieval.distributed): the k-NN graph runs there
+    recall_sample: int = RECALL_SAMPLE  # nodes whose exact k-NN edges check the graph (0: not measured)
 
     @property
     def effective_threshold(self) -> float:
@@ -79,13 +133,17 @@ class DedupOptions:
             raise RetrievalError(f"-k must be at least 1, got {self.k}")
         if self.phash_distance > 64:
             raise RetrievalError(f"--phash-distance must be at most 64 (a 64-bit hash), got {self.phash_distance}")
+        if self.pdq_distance > 256:
+            raise RetrievalError(f"--pdq-distance must be at most 256 (a 256-bit hash), got {self.pdq_distance}")
+        if self.role not in ("auto", "copy", "search"):
+            raise RetrievalError(f"--role must be auto, copy or search, got {self.role!r}")
         if self.max_group_diameter is not None and not 0.0 <= self.max_group_diameter <= 2.0:
             raise RetrievalError(f"--max-group-diameter is a cosine distance in [0, 2], got {self.max_group_diameter}")
         check_policy(self.keep)
 
     def params(self) -> dict[str, Any]:
         return {"threshold": self.effective_threshold, "k": self.k, "phash_distance": self.phash_distance,
-                "keep": self.keep, "max_group_diameter": self.max_group_diameter,
+                "pdq_distance": self.pdq_distance, "role": self.role, "keep": self.keep, "max_group_diameter": self.max_group_diameter,
                 "against": source_id(self.against) if self.against else None,
                 "embeddings": self.embeddings, "pixels": self.pixels}
 
@@ -95,6 +153,50 @@ class DedupOutcome:
     run_id: int
     reused: bool
     counts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoleView:
+    """The embedding the k-NN graph runs on: the copy role, or the search role as the fallback."""
+
+    name: str  # copy or search
+    stage: str  # the reason its edges give: copy or embedding
+    model_ref: str
+    dim: int
+    index: Any
+    read: Any
+    provisional: bool  # thresholds not measured for this model
+
+
+def choose_role(reader: IndexReader, wanted: str = "auto") -> str:
+    if wanted == "copy" and not reader.has_copy_role:
+        raise RetrievalError("this index has no copy role; add one with `retrieval index CORPUS --copy-model "
+                             "sscd-distilled` (or sscd, sscd-int8, a .pt/.onnx file)")
+    if wanted == "auto":
+        return "copy" if reader.has_copy_role else "search"
+    return wanted
+
+
+def default_threshold(reader: IndexReader, role: str, against: bool) -> tuple[float, bool]:
+    """(the role's default threshold, whether it is provisional) for self-dedup or `against`."""
+    if role == "search":
+        return (DEFAULT_REFERENCE_THRESHOLD if against else DEFAULT_THRESHOLD), True
+    ref = str(reader.meta.get("copy_model_ref") or "")
+    kind = (reader.meta.get("copy_preprocess") or {}).get("model_kind")
+    if kind == "transformers":
+        return (DEFAULT_REFERENCE_THRESHOLD if against else DEFAULT_THRESHOLD), True
+    pair = COPY_THRESHOLDS.get(ref)
+    measured = pair is not None and ref in COPY_THRESHOLDS_MEASURED
+    pair = pair or DEFAULT_COPY_THRESHOLD
+    return (pair[1] if against else pair[0]), not measured
+
+
+def _role_view(reader: IndexReader, role: str, use_gpu: bool) -> RoleView:
+    if role == "copy":
+        return RoleView("copy", "copy", str(reader.meta.get("copy_model_ref")), int(reader.copy_dim or 0),
+                        maybe_gpu(reader.copy_index, use_gpu), reader.copy_vectors.read, False)
+    return RoleView("search", "embedding", str(reader.meta.get("model_ref")), reader.dim,
+                    maybe_gpu(reader.index, use_gpu), reader.vectors.read, True)
 
 
 def load_nodes(reader: IndexReader) -> Nodes:
@@ -125,16 +227,6 @@ def _with_references(nodes: Nodes, ref: Any) -> Nodes:
         is_ref=np.r_[nodes.is_ref, np.ones(m, bool)])
 
 
-def fingerprint(reader: IndexReader, params: dict[str, Any], extra: Any = None) -> str:
-    """Changes whenever the parameters, the indexed images or the reference folder change."""
-    with reader.store.session() as s:
-        state = s.execute(select(func.count(Image.id), func.max(Image.id), func.max(Image.updated_at))).one()
-        last_run = s.scalar(select(func.max(IndexRun.id)))
-    h = hashlib.sha256(json.dumps([params, [str(x) for x in state], last_run, reader.meta.get("model_fingerprint"),
-                                   extra], sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
 def _folder_state(folder: Path | str) -> list[Any]:
     from retrieval.sources.open import open_aux_source
 
@@ -143,48 +235,75 @@ def _folder_state(folder: Path | str) -> list[Any]:
 
 def run_dedup(reader: IndexReader, opts: DedupOptions) -> DedupOutcome:
     """Find duplicate groups, store them as a run, and return its id (reused when nothing changed)."""
+    from dataclasses import replace
+
+    role = choose_role(reader, opts.role)
+    default, provisional = default_threshold(reader, role, opts.against is not None)
+    opts = replace(opts, role=role, threshold=default if opts.threshold is None else opts.threshold)
     opts.validate()
     params = opts.params()
+    params["model"] = reader.meta.get("copy_model_ref" if role == "copy" else "model_ref")
+    params["threshold_provisional"] = provisional and opts.threshold == default
     ref_state = _folder_state(opts.against) if opts.against else None
-    fp = fingerprint(reader, params, ref_state)
+    fp = runs.fingerprint(reader.store, reader.meta.get("model_fingerprint"), params,
+                          [ref_state, reader.meta.get("copy_model_fingerprint")])
     if not opts.force:
-        with reader.store.session() as s:
-            old = s.scalar(select(DedupRun).where(DedupRun.fingerprint == fp, DedupRun.status == "completed")
-                           .order_by(DedupRun.id.desc()).limit(1))
+        old = next(iter(runs.reusable(reader.store, DedupRun, fp)), None)
         if old is not None:
             logger.info("reusing dedup run %d: same parameters, index unchanged", old.id)
             return DedupOutcome(run_id=old.id, reused=True, counts=old.counts or {})
-    with reader.store.session() as s, s.begin():
-        run = DedupRun(status="running", mode="relative" if opts.against else "self", fingerprint=fp, params=params)
-        s.add(run)
-        s.flush()
-        run_id = run.id
+    run_id = runs.start(reader.store, DedupRun, mode="relative" if opts.against else "self", fingerprint=fp,
+                        params=params)
     try:
-        counts, groups, nodes, failures = _compute(reader, opts)
+        counts, groups, nodes, failures = _compute(reader, opts, params["threshold_provisional"])
         _store(reader, run_id, nodes, groups, counts, failures)
     except BaseException as exc:
-        with reader.store.session() as s, s.begin():
-            row = s.get(DedupRun, run_id)
-            if row is not None:
-                row.status, row.error, row.finished_at = "failed", str(exc)[:2000], utcnow()
+        runs.fail(reader.store, DedupRun, run_id, exc)
         raise
     return DedupOutcome(run_id=run_id, reused=False, counts=counts)
 
 
-def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], list[Group], Nodes, list[Any]]:
+def _compute(reader: IndexReader, opts: DedupOptions,
+             provisional: bool = False) -> tuple[dict[str, Any], list[Group], Nodes, list[Any]]:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     nodes = load_nodes(reader)
     ids = nodes.image_id
     n = len(ids)
     threshold = opts.effective_threshold
+    role = _role_view(reader, choose_role(reader, opts.role), opts.use_gpu) if opts.embeddings else None
+    if role is None:
+        role_name = choose_role(reader, opts.role)
+        read = reader.copy_vectors.read if role_name == "copy" else reader.vectors.read
+        dim = int(reader.copy_dim or 0) if role_name == "copy" else reader.dim
+        stage = "copy" if role_name == "copy" else "embedding"
+    else:
+        role_name, read, dim, stage = role.name, role.read, role.dim, role.stage
+    warnings: list[dict[str, Any]] = []
+    if role_name == "search" and provisional:
+        message = ("the thresholds are provisional: this index has no copy-detection model, so dedup runs on "
+                   "the search model's embeddings, whose thresholds nobody has measured; add one with "
+                   "`retrieval index CORPUS --copy-model sscd-distilled` (or sscd) or measure yours with "
+                   "`retrieval calibrate`")
+        logger.warning("%s", message)
+        warnings.append({"kind": "provisional_thresholds", "message": message})
+    covered = _with_role_vector(reader, ids, role_name)
+    if not covered.all():
+        message = (f"{int((~covered).sum())} image(s) have no {role_name} vector yet (their decode failed when the "
+                   f"copy role was added); only the hash stages can match them. Run `retrieval index` again.")
+        logger.warning("%s", message)
+        warnings.append({"kind": "missing_vectors", "message": message})
     ref = None
     failures: list[Any] = []
     if opts.against:
         from retrieval.curation.folders import embed_folder
 
-        ref = embed_folder(opts.against, reader.embedder(), opts.max_pixels, opts.batch_size, opts.workers,
-                           opts.progress, what="reference")
+        if role_name == "copy":
+            ref = embed_folder(opts.against, None, opts.max_pixels, opts.batch_size, opts.workers,
+                               opts.progress, what="reference", copy=reader.copy_embedder())
+        else:
+            ref = embed_folder(opts.against, reader.embedder(), opts.max_pixels, opts.batch_size, opts.workers,
+                               opts.progress, what="reference")
         failures = ref.failures
         nodes = _with_references(nodes, ref)
         timings["embed_reference_s"] = time.perf_counter() - t
@@ -192,36 +311,61 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
     def to_pos(edges: Edges) -> Edges:
         return Edges(np.searchsorted(ids, edges.src), np.searchsorted(ids, edges.dst), edges.sim)
 
-    parts: list[Edges] = []
+    parts: list[tuple[str, Edges]] = []
     graph_stats: dict[str, Any] = {}
     exact_links: set[tuple[int, int]] = set()
     t = time.perf_counter()
+    cpu0 = time.process_time()
     all_pos = np.arange(len(nodes))
-    parts.append(hashing.sha256_edges(all_pos, nodes.sha256.astype(str)))
+    parts.append(("exact", hashing.sha256_edges(all_pos, nodes.sha256.astype(str))))
     if opts.pixels:
         px = to_pos(hashing.pixel_edges(reader.locate, ids, nodes.path[:n], nodes.sha256[:n], nodes.phash[:n],
                                         nodes.width[:n], nodes.height[:n], opts.max_pixels))
         exact_links = {(int(a), int(b)) for a, b in zip(np.minimum(px.src, px.dst), np.maximum(px.src, px.dst))}
-        parts.append(px)
+        parts.append(("exact", px))
     timings["exact_s"] = time.perf_counter() - t
+    peaks = {"exact": _peak_rss_mb()}
+    cpu = {"exact": time.process_time() - cpu0}
     t = time.perf_counter()
     if opts.phash_distance >= 0:
-        parts.append(hashing.phash_edges(all_pos, nodes.phash, opts.phash_distance, progress=opts.progress))
+        parts.append(("phash", hashing.phash_edges(all_pos, nodes.phash, opts.phash_distance, progress=opts.progress)))
     timings["phash_s"] = time.perf_counter() - t
+    peaks["phash"] = _peak_rss_mb()
+    cpu["phash"] = time.process_time() - cpu0 - sum(cpu.values())
     t = time.perf_counter()
-    if opts.embeddings:
+    pdq_stats: dict[str, int] = {}
+    if opts.pdq_distance >= 0:
+        blobs = _load_pdq(reader, ids) + (list(ref.pdq) if ref is not None else [])
+        quality = _load_pdq_quality(reader, ids, ref)
+        parts.append(("pdq", pdq_edges(blobs, quality, opts.pdq_distance, pdq_stats)))
+    timings["pdq_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if role is not None:
         import faiss
 
-        index = maybe_gpu(reader.index, opts.use_gpu)
-        k = min(opts.k, max(1, n - 1))
+        query_ids = ids[covered]
+        k = min(opts.k, max(1, len(query_ids) - 1))
         extra = None
         offset = int(ids.max()) + 1
         if ref is not None and len(ref.paths):
-            flat = faiss.IndexFlatIP(reader.dim)
+            flat = faiss.IndexFlatIP(role.dim)
             flat.add(np.ascontiguousarray(ref.vectors, dtype=np.float32))
             extra = (flat, offset)
-        emb = knn_edges(index, ids, reader.vectors.read, k, threshold, opts.batch, opts.progress, extra,
-                        stats=graph_stats)
+        on_ray = None
+        if opts.ray is not None:
+            if role.name == "copy":
+                copy_spec = (reader.meta.get("copy_index") or {}).get("params") or {}
+                on_ray = RayGraph(opts.ray, str(reader.layout.faiss_for("copy").resolve()),
+                                  int(copy_spec.get("nprobe") or 1), reader.copy_vectors)
+            else:
+                on_ray = RayGraph(opts.ray, str(reader.layout.faiss_path.resolve()), reader.nprobe, reader.vectors)
+        emb = knn_edges(role.index, query_ids, role.read, k, threshold, opts.batch, opts.progress, extra,
+                        stats=graph_stats, ray=on_ray) if len(query_ids) else Edges.empty()
+        if opts.recall_sample > 0 and len(query_ids) and not scores_are_exact(role.index):
+            t_recall = time.perf_counter()
+            graph_stats["edge_recall_sample"] = sampled_edge_recall(emb, query_ids, role.read, k, threshold,
+                                                                    sample=opts.recall_sample)
+            timings["graph_recall_check_s"] = time.perf_counter() - t_recall
         # A FAISS id the database no longer holds (an index run killed before its sync) must not
         # become an edge: searchsorted below would map it onto an unrelated image.
         # (Edges are canonical, src < dst, so a stale id can sit on either end.)
@@ -229,16 +373,20 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
         emb = Edges(emb.src[known], emb.dst[known], emb.sim[known])
         is_ref_dst = emb.dst >= offset
         dst = np.where(is_ref_dst, n + (emb.dst - offset), np.searchsorted(ids, np.minimum(emb.dst, offset - 1)))
-        parts.append(Edges(np.searchsorted(ids, emb.src), dst, emb.sim))
-    timings["graph_s"] = time.perf_counter() - t
-    edges = Edges.concat(parts).canonical()
+        parts.append((role.stage, Edges(np.searchsorted(ids, emb.src), dst, emb.sim)))
+    timings["graph_s"] = time.perf_counter() - t - timings.get("graph_recall_check_s", 0.0)
+    peaks["graph"] = _peak_rss_mb()
+    cpu["graph"] = time.process_time() - cpu0 - sum(cpu.values())
+    edges = Edges.concat([e for _, e in parts]).canonical()
+    stages = edge_stages(edges, parts, len(nodes))
 
     def vectors_of(pos: np.ndarray) -> np.ndarray:
         pos = np.asarray(pos)
-        out = np.empty((len(pos), reader.dim), np.float32)
+        out = np.zeros((len(pos), dim), np.float32)
         corpus = pos < n
-        if corpus.any():
-            out[corpus] = reader.vectors.read(ids[pos[corpus]])
+        have = corpus & covered[np.minimum(pos, n - 1)] if n else corpus
+        if have.any():
+            out[have] = read(ids[pos[have]])
         if (~corpus).any():
             assert ref is not None
             out[~corpus] = ref.vectors[pos[~corpus] - n]
@@ -252,11 +400,184 @@ def _compute(reader: IndexReader, opts: DedupOptions) -> tuple[dict[str, Any], l
         # Relative mode: components that never touch a reference are not this run's business
         # (a plain `dedup` does self-deduplication).
         groups = [g for g in groups if g.touches_reference]
+    assign_joining_stages(groups, edges, stages, stage)
     timings["groups_s"] = time.perf_counter() - t
+    peaks["groups"] = _peak_rss_mb()
+    cpu["groups"] = time.process_time() - cpu0 - sum(cpu.values())
     counts = _counts(groups, nodes, n, threshold, ref, timings)
+    counts["peak_rss_mb_after"] = peaks
+    counts["cpu_s"] = {k: round(v, 3) for k, v in cpu.items()}  # CPU time per stage (all threads)
+    counts["role"] = role_name
+    counts["model"] = reader.meta.get("copy_model_ref" if role_name == "copy" else "model_ref")
+    if pdq_stats:
+        counts["pdq"] = pdq_stats
     if graph_stats:
         counts["graph"] = graph_stats  # e.g. the measured ANN pre-filter margin, for the record
+    counts["warnings"] = warnings + safety_warnings(groups, n, threshold, counts, opts.max_group_diameter)
     return counts, groups, nodes, failures
+
+
+def _with_role_vector(reader: IndexReader, ids: np.ndarray, role: str) -> np.ndarray:
+    """Which images (in `ids` order) have a vector of the role: all for search, copy_state >= 1 for copy."""
+    if role == "search":
+        return np.ones(len(ids), bool)
+    from retrieval.store import COPY_WRITTEN
+
+    with reader.store.session() as s:
+        have = np.fromiter(s.scalars(select(Image.id).where(Image.copy_state >= COPY_WRITTEN)), dtype=np.int64)
+    return np.isin(ids, have)
+
+
+def _load_pdq(reader: IndexReader, ids: np.ndarray) -> list[bytes | None]:
+    with reader.store.session() as s:
+        rows = dict(s.execute(select(Image.id, Image.pdq)).all())
+    return [rows.get(int(i)) for i in ids]
+
+
+def _load_pdq_quality(reader: IndexReader, ids: np.ndarray, ref: Any) -> np.ndarray:
+    with reader.store.session() as s:
+        rows = dict(s.execute(select(Image.id, Image.pdq_quality)).all())
+    q = [rows.get(int(i)) or 0 for i in ids]
+    if ref is not None:
+        q += [100 if p is not None else 0 for p in ref.pdq]  # reference files are always matched
+    return np.asarray(q, np.int64)
+
+
+def pdq_edges(blobs: list[bytes | None], quality: np.ndarray, radius: int,
+              stats: dict[str, int] | None = None) -> Edges:
+    """Pairs of positions whose PDQ hashes are within `radius` bits under any flip or 90-degree rotation.
+
+    Hashes below PDQ_MIN_QUALITY (flat, tiny images, where PDQ says it is unreliable) take no part.
+    """
+    from retrieval.imaging.hashes import pdq_variants
+
+    usable = np.array([b is not None for b in blobs], bool) & (np.asarray(quality) >= PDQ_MIN_QUALITY)
+    pos = np.flatnonzero(usable)
+    if stats is not None:
+        stats.update(hashed=int(sum(b is not None for b in blobs)), usable=int(len(pos)))
+    if len(pos) < 2:
+        return Edges.empty()
+    variants = pdq_variants([blobs[p] for p in pos])  # type: ignore[misc]
+    i, j, _ = range_pairs_dihedral(np.ascontiguousarray(variants[:, 0]), variants, radius)
+    return Edges(pos[i], pos[j], np.ones(len(i), np.float32)).canonical()
+
+
+def edge_stages(edges: Edges, parts: list[tuple[str, Edges]], n_nodes: int) -> np.ndarray:
+    """For every canonical edge, the strongest stage (STAGE_RANK) among the stages that found it."""
+    if not len(edges):
+        return np.empty(0, dtype=object)
+    keys, ranks = [], []
+    for stage, e in parts:
+        if not len(e):
+            continue
+        a, b = np.minimum(e.src, e.dst), np.maximum(e.src, e.dst)
+        keys.append(a.astype(np.int64) * n_nodes + b)
+        ranks.append(np.full(len(a), STAGE_RANK[stage], np.int64))
+    key = np.concatenate(keys)
+    rank = np.concatenate(ranks)
+    order = np.lexsort((rank, key))
+    key, rank = key[order], rank[order]
+    first = np.r_[True, key[1:] != key[:-1]]
+    key, rank = key[first], rank[first]
+    at = np.searchsorted(key, edges.src.astype(np.int64) * n_nodes + edges.dst)
+    names = {r: s for s, r in STAGE_RANK.items() if s != "embedding"}
+    out = np.array([names[int(r)] for r in rank[at]], dtype=object)
+    # the embedding stage shares the copy stage's rank: name it after the role that ran
+    is_embed = np.zeros(len(edges), bool)
+    for stage, e in parts:
+        if stage == "embedding" and len(e):
+            a, b = np.minimum(e.src, e.dst), np.maximum(e.src, e.dst)
+            is_embed |= np.isin(edges.src.astype(np.int64) * n_nodes + edges.dst, a.astype(np.int64) * n_nodes + b)
+    out[is_embed & (out == "copy")] = "embedding"
+    return out
+
+
+def assign_joining_stages(groups: list[Group], edges: Edges, stages: np.ndarray, role_stage: str) -> None:
+    """Set each removed member's reason to the stage of the edge that joined it to its group.
+
+    The group is grown from its representative (or its reference files) along the strongest
+    evidence first (exact, then pHash, PDQ, the embedding; by similarity within a stage), so a
+    byte-identical copy is "exact" even when an embedding edge also links it. Members held in the
+    group only by their similarity to the representative take the embedding stage's name.
+    """
+    import heapq
+
+    if not groups:
+        return
+    size = max(int(edges.src.max(initial=0)), int(edges.dst.max(initial=0)),
+               max(m.pos for g in groups for m in g.members)) + 1
+    where = np.full(size, -1, np.int64)
+    for gi, g in enumerate(groups):
+        where[[m.pos for m in g.members]] = gi
+    ga, gb = where[edges.src], where[edges.dst]
+    inside = np.flatnonzero((ga >= 0) & (ga == gb))
+    inside = inside[np.argsort(ga[inside], kind="stable")]
+    bounds = np.searchsorted(ga[inside], np.arange(len(groups) + 1))
+    for gi, g in enumerate(groups):
+        adj: dict[int, list[int]] = {}
+        for e in inside[bounds[gi] : bounds[gi + 1]].tolist():
+            adj.setdefault(int(edges.src[e]), []).append(e)
+            adj.setdefault(int(edges.dst[e]), []).append(e)
+        roots = [m.pos for m in g.members if m.reason in ("representative",)] or \
+                [m.pos for m in g.members if m.action == "keep"]
+        joined: dict[int, str] = {r: "" for r in roots}
+        heap: list[tuple[int, float, int, int]] = []
+
+        def push(p: int) -> None:
+            for e in adj.get(p, []):
+                other = int(edges.dst[e]) if int(edges.src[e]) == p else int(edges.src[e])
+                if other not in joined:
+                    heapq.heappush(heap, (STAGE_RANK[stages[e]], -float(edges.sim[e]), e, other))
+
+        for r in roots:
+            push(r)
+        while heap:
+            _, _, e, p = heapq.heappop(heap)
+            if p in joined:
+                continue
+            joined[p] = str(stages[e])
+            push(p)
+        for m in g.members:
+            if m.action == "remove" and m.reason != "reference":
+                m.reason = joined.get(m.pos) or role_stage
+        g.reasons = sorted({m.reason for m in g.members if m.action == "remove"})
+
+
+def safety_warnings(groups: list[Group], n: int, threshold: float, counts: dict[str, Any],
+                    max_group_diameter: float | None) -> list[dict[str, Any]]:
+    """Words for a result a user should not act on blindly: giant groups, chains of dissimilar
+    images, a run that would remove most of the corpus; each with what to try."""
+    out: list[dict[str, Any]] = []
+    if max_group_diameter is None:
+        advice = ("Split chains with --max-group-diameter 0.3 (the largest cosine distance to the representative), "
+                  "raise --threshold, or measure the threshold on this corpus with `retrieval calibrate`.")
+    else:
+        advice = ("Lower --max-group-diameter, raise --threshold, or measure the threshold on this corpus with "
+                  "`retrieval calibrate`.")
+    giant_at = max(GIANT_GROUP_MIN, GIANT_GROUP_FRACTION * n)
+    giant = [(i + 1, len(g.members)) for i, g in enumerate(groups) if len(g.members) > giant_at]
+    if giant:
+        out.append({"kind": "giant_groups", "groups": [number for number, _ in giant],
+                    "message": f"{len(giant)} group(s) hold more than {GIANT_GROUP_FRACTION:.0%} of the corpus "
+                               f"(largest: group {giant[0][0]} with {giant[0][1]} of {n} images): a chain of near "
+                               f"neighbours may join images that are not copies of each other. {advice}"})
+    floor = threshold - WEAK_PAIR_MARGIN
+    weak = [(i + 1, g.min_pairwise) for i, g in enumerate(groups) if g.min_pairwise < floor]
+    if weak:
+        worst = min(weak, key=lambda x: x[1])
+        out.append({"kind": "weak_groups", "groups": [number for number, _ in weak],
+                    "message": f"{len(weak)} group(s) contain two images with similarity below {floor:.2f} "
+                               f"({WEAK_PAIR_MARGIN} under the threshold {threshold:.2f}; worst: group {worst[0]} "
+                               f"at {worst[1]:.2f}): they are joined through a chain, not by being alike; review "
+                               f"them in report.html. {advice}"})
+    removing = counts.get("images_to_remove", 0)
+    if n and removing > MOST_REMOVED_FRACTION * n:
+        out.append({"kind": "most_removed",
+                    "message": f"this run would remove {removing} of {n} images ({removing / n:.0%}); check the "
+                               f"groups before --apply. {advice}"})
+    for w in out:
+        logger.warning("%s", w["message"])
+    return out
 
 
 def edge_cosines(edges: Edges, vectors_of: Any, chunk: int = 65_536) -> np.ndarray:
@@ -297,18 +618,16 @@ def _store(reader: IndexReader, run_id: int, nodes: Nodes, groups: list[Group], 
         for number, g in enumerate(groups, 1):
             row = DuplicateGroup(run_id=run_id, number=number, size=len(g.members),
                                  representative_id=None if g.representative is None else int(nodes.image_id[g.representative]),
-                                 reasons=",".join(g.reasons)[:64], weakest_edge=g.weakest_edge,
-                                 min_pairwise=g.min_pairwise, touches_reference=g.touches_reference)
+                                 reasons=",".join(g.reasons)[:64], weakest_edge=clip_cosine(g.weakest_edge),
+                                 min_pairwise=clip_cosine(g.min_pairwise), touches_reference=g.touches_reference)
             s.add(row)
             s.flush()
             s.add_all([DuplicateMember(group_id=row.id, run_id=run_id,
                                        image_id=None if nodes.is_ref[m.pos] else int(nodes.image_id[m.pos]),
                                        path=nodes.path[m.pos], is_reference=bool(nodes.is_ref[m.pos]),
-                                       action=m.action, similarity=round(m.similarity, 6), reason=m.reason)
+                                       action=m.action, similarity=round(clip_cosine(m.similarity), 6), reason=m.reason)
                        for m in _ordered(g)])
-        run = s.get(DedupRun, run_id)
-        assert run is not None
-        run.status, run.finished_at, run.counts, run.reference_failures = "completed", utcnow(), counts, failures
+        runs.complete(s, DedupRun, run_id, counts=counts, reference_failures=failures)
 
 
 def _ordered(g: Group) -> list[Any]:
@@ -319,31 +638,44 @@ def _ordered(g: Group) -> list[Any]:
 def load_run(reader: IndexReader, run_id: int | None = None) -> dict[str, Any]:
     """A stored run as the versioned duplicates.json document (latest completed run by default)."""
     with reader.store.session() as s:
-        q = select(DedupRun).where(DedupRun.status == "completed")
-        run = s.get(DedupRun, run_id) if run_id is not None else s.scalar(q.order_by(DedupRun.id.desc()).limit(1))
-        if run_id is not None and (run is None or run.status != "completed"):
-            raise RetrievalError(f"no completed dedup run with id {run_id} in this index")
+        run = runs.latest(s, DedupRun) if run_id is None else runs.completed(s, DedupRun, run_id)
+        if run is None and run_id is not None:
+            raise RetrievalError(f"no completed dedup run with id {run_id} in this index", "not_found")
         if run is None:
-            raise RetrievalError("no completed dedup run in this index; run `retrieval dedup` first")
+            raise RetrievalError("no completed dedup run in this index; run `retrieval dedup` first", "not_found")
         groups = s.scalars(select(DuplicateGroup).where(DuplicateGroup.run_id == run.id)
                            .order_by(DuplicateGroup.number)).all()
-        members = s.scalars(select(DuplicateMember).where(DuplicateMember.run_id == run.id)
-                            .order_by(DuplicateMember.id)).all()
+        # Review decisions (made in the web UI) override the computed actions.
+        members = s.execute(select(DuplicateMember, ReviewDecision.action)
+                            .outerjoin(ReviewDecision, ReviewDecision.member_id == DuplicateMember.id)
+                            .where(DuplicateMember.run_id == run.id).order_by(DuplicateMember.id)).all()
     by_group: dict[int, list[dict[str, Any]]] = {}
-    for m in members:
+    for m, decided in members:
         by_group.setdefault(m.group_id, []).append({
-            "image_id": m.image_id, "path": m.path, "reference": m.is_reference, "action": m.action,
-            "similarity": m.similarity, "reason": m.reason})
+            "image_id": m.image_id, "path": m.path, "reference": m.is_reference, "action": decided or m.action,
+            "similarity": m.similarity, "reason": m.reason, **({"reviewed": True} if decided else {})})
     return {
         "schema": "retrieval.duplicates", "schema_version": SCHEMA_VERSION,
         "run": {"id": run.id, "mode": run.mode, "params": run.params, "started_at": str(run.started_at),
                 "finished_at": str(run.finished_at), "applied_at": str(run.applied_at) if run.applied_at else None},
         "corpus_root": reader.corpus_name,
         "source": reader.source.to_meta(),
-        "summary": run.counts or {},
+        "summary": _reviewed_summary(run.counts or {}, by_group),
+        "warnings": (run.counts or {}).get("warnings", []),
         "reference_failures": run.reference_failures or [],
         "groups": [{"group": g.number, "size": g.size, "representative_id": g.representative_id,
                     "reasons": [r for r in g.reasons.split(",") if r], "weakest_edge": round(g.weakest_edge, 6),
                     "min_pairwise_similarity": round(g.min_pairwise, 6), "touches_reference": g.touches_reference,
                     "members": by_group.get(g.id, [])} for g in groups],
     }
+
+
+def _reviewed_summary(counts: dict[str, Any], by_group: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The run's counts, with the removal count after review decisions when there are any."""
+    members = [m for ms in by_group.values() for m in ms if not m["reference"]]
+    reviewed = sum(1 for m in members if m.get("reviewed"))
+    if not reviewed:
+        return counts
+    remove = sum(1 for m in members if m["action"] == "remove")
+    return {**counts, "reviewed_decisions": reviewed, "images_to_remove": remove,
+            "images_to_keep": (counts.get("images") or 0) - remove}

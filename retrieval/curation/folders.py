@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.imaging.decode import WorkItem
+from retrieval.imaging.decode import DecodeSpec, WorkItem
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.loader import decode_batches
 from retrieval.imaging.scan import scan_corpus
+from retrieval.settings import get_settings
 from retrieval.sources.open import open_aux_source
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class FolderEmbedding:
     vectors: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
     sha256: list[str] = field(default_factory=list)
     phash: list[int] = field(default_factory=list)  # unsigned 64-bit
+    pdq: list[bytes | None] = field(default_factory=list)  # 8 dihedral PDQ hashes (retrieval.imaging.hashes)
     failures: list[dict[str, str]] = field(default_factory=list)
 
     def full_path(self, path: str) -> str:
@@ -43,8 +45,12 @@ class FolderEmbedding:
 
 
 def embed_folder(folder: Path | str, embedder: Any, max_pixels: int, batch_size: int = 32, workers: int = 0,
-                 progress: bool = False, what: str = "folder") -> FolderEmbedding:
-    """Embed every image under `folder`; unreadable or broken files are recorded, never fatal."""
+                 progress: bool = False, what: str = "folder", copy: Any = None) -> FolderEmbedding:
+    """Embed every image under `folder` (any source); unreadable or broken files are recorded, never fatal.
+
+    With `copy` (a retrieval.embedding.copy.CopyEmbedder) the vectors are the copy role's and
+    `embedder` is not used.
+    """
     import tempfile
     from contextlib import closing
 
@@ -55,9 +61,11 @@ def embed_folder(folder: Path | str, embedder: Any, max_pixels: int, batch_size:
     out = FolderEmbedding(root=source.local_root.resolve() if source.local_root is not None else source.uri)
     items = [WorkItem(path=e.path, size=e.size, mtime_ns=e.mtime_ns, etag=e.etag, meta=e.meta) for e in entries]
     parts: list[np.ndarray] = []
+    spec = embedder.preprocess if copy is None else DecodeSpec(search=None, copy=copy.prepare)
     with tempfile.TemporaryDirectory(prefix="retrieval-decoding-") as tmp, InflightMarkers(tmp) as markers, \
             closing(source.decode_stream(items, lambda reader, part: decode_batches(
-                reader, part, embedder.preprocess, max_pixels, batch_size, workers, markers))) as batches, \
+                reader, part, spec, max_pixels, batch_size, workers, markers,
+                timeout_s=get_settings().decode_timeout_s or None))) as batches, \
             tqdm(total=len(items), unit="img", desc=f"embedding {what}", disable=not progress) as bar:
         for results, pixels in batches:
             good = [r for r in results if r.embeddable]
@@ -65,13 +73,16 @@ def embed_folder(folder: Path | str, embedder: Any, max_pixels: int, batch_size:
                 if r.failure_reason is not None:
                     out.failures.append({"path": r.item.path, "kind": r.failure_kind or "corrupt",
                                          "reason": r.failure_reason})
+            if copy is not None:
+                good = [r for r in good if r.copy_pixels is not None]
             if good:
-                parts.append(embedder.embed(pixels))
+                parts.append(embedder.embed(pixels) if copy is None else copy.embed_many([r.copy_pixels for r in good]))
+                out.pdq += [r.pdq for r in good]
                 out.paths += [r.item.path for r in good]
                 out.sha256 += [r.sha256 or "" for r in good]
                 out.phash += [r.phash for r in good]
             bar.update(len(results))
-    out.vectors = np.concatenate(parts) if parts else np.empty((0, embedder.dim), np.float32)
+    out.vectors = np.concatenate(parts) if parts else np.empty((0, (copy or embedder).dim), np.float32)
     for f in out.failures:
         logger.warning("%s file %s skipped: %s", what, f["path"], f["reason"])
     return out

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from retrieval import ann
+from retrieval.vectors import clip_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def search_exact_topk(index: Any, queries: np.ndarray, query_ids: np.ndarray | N
     sims = exact_rows(queries, cand, read)
     kk = min(k, cand.shape[1])
     top = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
-    return np.take_along_axis(sims, top, axis=1), np.take_along_axis(cand, top, axis=1)
+    return clip_cosine(np.take_along_axis(sims, top, axis=1)), np.take_along_axis(cand, top, axis=1)
 
 
 def prefilter_margin(index: Any, queries: np.ndarray, query_ids: np.ndarray, k: int,
@@ -166,12 +168,13 @@ def maybe_gpu(index: Any, use_gpu: bool) -> Any:
 
 def knn_edges(index: Any, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int, threshold: float,
               batch: int = BATCH, progress: bool = False, extra: Any = None,
-              stats: dict[str, Any] | None = None) -> Edges:
+              stats: dict[str, Any] | None = None, ray: "RayGraph | None" = None) -> Edges:
     """Edges (i, j, exact cosine) with j among the k nearest of i and cosine >= threshold.
 
     `extra`, when given, is an (index, offset) pair searched as well (a reference set): its
     ids are shifted by `offset` so they never collide with image ids. `stats`, when given,
-    receives the measured pre-filter margin.
+    receives the measured pre-filter margin. `ray`, when given, runs the batches as Ray tasks
+    over shards of query ids (the margin is still measured here, once): the same edges.
     """
     from tqdm import tqdm
 
@@ -186,19 +189,139 @@ def knn_edges(index: Any, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarr
                     "scoring below %.3f are not re-ranked", margin, min_approx)
         if stats is not None:
             stats["prefilter_margin"] = round(margin, 4)
+    if ray is not None:
+        job = ShardJob(ray.faiss_path, ray.nprobe, ray.vectors, k, threshold, exact, min_approx, batch,
+                       _serialized(extra))
+        return _edges_on_ray(ray.address, ids, job, progress)
     parts: list[Edges] = []
     for start in tqdm(range(0, len(ids), batch), desc="k-NN graph", unit="batch", disable=not progress):
         chunk = np.asarray(ids[start : start + batch], dtype=np.int64)
-        queries = read(chunk)
-        sims, nbrs = search_exact_topk(index, queries, chunk, k, read, exact, min_approx)
-        parts.append(_above(chunk, sims, nbrs, threshold))
-        if extra is not None:
-            ref_index, offset = extra
-            kk = min(k, ref_index.ntotal)
-            if kk:
-                s, n = ref_index.search(queries, kk)  # a flat index over float32 vectors: exact already
-                parts.append(_above(chunk, s, np.where(n >= 0, n + offset, -1), threshold))
+        parts.append(batch_edges(index, chunk, read, k, threshold, exact, min_approx, extra))
     return Edges.concat(parts).canonical()
+
+
+def batch_edges(index: Any, chunk: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int, threshold: float,
+                exact: bool, min_approx: float | None, extra: Any = None) -> Edges:
+    """The edges of one batch of query ids (the unit of work, locally and in a Ray task)."""
+    queries = read(chunk)
+    sims, nbrs = search_exact_topk(index, queries, chunk, k, read, exact, min_approx)
+    parts = [_above(chunk, sims, nbrs, threshold)]
+    if extra is not None:
+        ref_index, offset = extra
+        kk = min(k, ref_index.ntotal)
+        if kk:
+            s, n = ref_index.search(queries, kk)  # a flat index over float32 vectors: exact already
+            parts.append(_above(chunk, s, np.where(n >= 0, n + offset, -1), threshold))
+    return Edges.concat(parts)
+
+
+# --- the same graph as Ray tasks ---------------------------------------------------------------
+RAY_SHARD_BATCHES = 16  # query batches per Ray task
+
+
+@dataclass(frozen=True)
+class RayGraph:
+    """Where the index lives, for tasks on other nodes (the index folder is on shared storage)."""
+
+    address: str
+    faiss_path: str
+    nprobe: int
+    vectors: Any  # a VectorStore: pickles as (path, dim) and maps the file on the worker
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    faiss_path: str
+    nprobe: int
+    vectors: Any
+    k: int
+    threshold: float
+    exact: bool
+    min_approx: float | None
+    batch: int
+    extra: tuple[bytes, int] | None  # the reference set's flat index, serialised, and its id offset
+
+
+def _serialized(extra: Any) -> tuple[bytes, int] | None:
+    if extra is None:
+        return None
+    import faiss
+
+    ref_index, offset = extra
+    return faiss.serialize_index(ref_index).tobytes(), offset
+
+
+_LOADED: dict[tuple[str, int, int, int], Any] = {}  # one FAISS index per worker process, reused by its tasks
+
+
+def _index_for(job: ShardJob) -> Any:
+    stat = Path(job.faiss_path).stat()
+    key = (job.faiss_path, stat.st_mtime_ns, stat.st_size, job.nprobe)
+    if key not in _LOADED:
+        _LOADED.clear()
+        index = ann.load_index(Path(job.faiss_path), mmap=True)
+        ann.set_nprobe(index, job.nprobe)
+        _LOADED[key] = index
+    return _LOADED[key]
+
+
+def shard_edges(ids: np.ndarray, job: ShardJob) -> Edges:
+    """A Ray task: the edges of a shard of query ids, batch by batch exactly as the local loop does."""
+    index = _index_for(job)
+    extra = None
+    if job.extra is not None:
+        import faiss
+
+        extra = (faiss.deserialize_index(np.frombuffer(job.extra[0], dtype=np.uint8)), job.extra[1])
+    return Edges.concat([batch_edges(index, ids[start : start + job.batch], job.vectors.read, job.k, job.threshold,
+                                     job.exact, job.min_approx, extra)
+                         for start in range(0, len(ids), job.batch)])
+
+
+def _edges_on_ray(address: str, ids: np.ndarray, job: ShardJob, progress: bool) -> Edges:
+    from retrieval.distributed import map_shards, shards
+
+    ids = np.asarray(ids, dtype=np.int64)
+    pieces = [ids[a:b] for a, b in shards(len(ids), RAY_SHARD_BATCHES * job.batch)]
+    return Edges.concat(map_shards(address, shard_edges, pieces, job, progress=progress, desc="k-NN graph")).canonical()
+
+
+def sampled_edge_recall(edges: Edges, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int,
+                        threshold: float, sample: int = 256, block: int = 16_384, seed: int = 0) -> dict[str, Any]:
+    """Edge recall at the threshold against brute force, on `sample` query nodes.
+
+    For each sampled node the exact top k (by a scan of every stored vector, in blocks of `block`
+    rows, so memory stays O(sample * block)) gives the true edges at or above the threshold; the
+    recall is the share of them present in `edges` (ids, canonical). This is the graph's loss from
+    the approximate index, measured in every run instead of assumed.
+    """
+    ids = np.asarray(ids, np.int64)
+    if len(ids) < 2 or sample <= 0:
+        return {"queries": 0, "true_edges": 0, "recall": None}
+    rng = np.random.default_rng(seed)
+    q_ids = np.sort(rng.choice(ids, size=min(sample, len(ids)), replace=False))
+    queries = read(q_ids)
+    kk = min(k, len(ids) - 1)
+    best_s = np.full((len(q_ids), 0), -np.inf, np.float32)
+    best_i = np.full((len(q_ids), 0), -1, np.int64)
+    for start in range(0, len(ids), block):
+        b = ids[start : start + block]
+        s = queries @ read(b).T
+        s[q_ids[:, None] == b[None, :]] = -np.inf  # a node is not its own neighbour
+        s = np.concatenate([best_s, s], axis=1)
+        i = np.concatenate([best_i, np.broadcast_to(b, (len(q_ids), len(b)))], axis=1)
+        if s.shape[1] > kk:
+            top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            s, i = np.take_along_axis(s, top, axis=1), np.take_along_axis(i, top, axis=1)
+        best_s, best_i = s, i
+    rows, cols = np.nonzero(best_s >= threshold)
+    a = np.minimum(q_ids[rows], best_i[rows, cols])
+    b = np.maximum(q_ids[rows], best_i[rows, cols])
+    base = int(max(ids.max(), edges.dst.max() if len(edges) else 0)) + 1
+    truth = np.unique(a * base + b)
+    found = np.isin(truth, edges.src.astype(np.int64) * base + edges.dst.astype(np.int64))
+    return {"queries": int(len(q_ids)), "true_edges": int(len(truth)),
+            "recall": round(float(found.mean()), 5) if len(truth) else None}
 
 
 def _above(src_ids: np.ndarray, sims: np.ndarray, nbrs: np.ndarray, threshold: float) -> Edges:

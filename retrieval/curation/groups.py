@@ -13,7 +13,6 @@ import numpy as np
 from retrieval.curation.graph import Edges
 from retrieval.curation.hashing import hamming
 from retrieval.curation.policy import Candidate, choose
-from retrieval.curation.unionfind import DisjointSet
 
 PAIRWISE_BLOCK = 4096
 
@@ -59,9 +58,29 @@ class Group:
 
 
 def components(n_nodes: int, edges: Edges) -> list[np.ndarray]:
-    ds = DisjointSet(n_nodes)
-    ds.union_many(edges.src, edges.dst)
-    return ds.components(min_size=2)
+    """Connected components with at least two nodes, largest first, then by smallest node; nodes ascending.
+
+    scipy's connected_components over the edge list (compiled), restricted to the nodes that have
+    an edge, so a split of a small group does not pay for every node of the corpus.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not len(edges):
+        return []
+    src, dst = np.asarray(edges.src, np.int64), np.asarray(edges.dst, np.int64)
+    if len(src) and max(int(src.max()), int(dst.max())) >= n_nodes:
+        raise ValueError(f"an edge names node {max(int(src.max()), int(dst.max()))} of {n_nodes}")
+    nodes, local = np.unique(np.r_[src, dst], return_inverse=True)
+    m = len(nodes)
+    graph = coo_matrix((np.ones(len(src), np.int8), (local[: len(src)], local[len(src) :])), shape=(m, m))
+    _, labels = connected_components(graph, directed=False)
+    order = np.argsort(labels, kind="stable")  # nodes ascending within a label
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    groups = [nodes[g] for g in np.split(order, starts[1:]) if len(g) >= 2]
+    groups.sort(key=lambda g: (-len(g), int(g[0])))
+    return groups
 
 
 def weakest_edge(nodes: np.ndarray, edges: Edges) -> float:

@@ -3,8 +3,9 @@
 * exact bytes: equal sha256;
 * identical pixels (a PNG and a lossless re-save, different metadata): only images that already
   share pHash and size can have identical pixels, so only those are decoded and hashed;
-* near-exact: 64-bit DCT pHash within a Hamming radius, by FAISS binary range search in batches
-  (exact, bounded memory). The paper uses a PCA hash at this stage; pHash is what we store.
+* near-exact: 64-bit DCT pHash within a Hamming radius, by multi-index hashing
+  (retrieval/curation/hamming.py: exact, bounded memory). The paper uses a PCA hash at this stage;
+  pHash is what we store.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ logger = logging.getLogger(__name__)
 # start to collide around 10. This stage has no embedding check behind it, so the conservative
 # side is right; `retrieval calibrate` prints the measured distances per transform.
 DEFAULT_PHASH_DISTANCE = 8
-PHASH_BATCH = 65_536
 
 
 def group_edges(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -49,34 +49,18 @@ def sha256_edges(ids: np.ndarray, sha256: np.ndarray) -> Edges:
 
 
 def phash_codes(phash_signed: np.ndarray) -> np.ndarray:
-    """Signed int64 pHash values (as stored) -> (n, 8) uint8 big-endian codes for FAISS binary indexes."""
+    """Signed int64 pHash values (as stored) -> (n, 8) uint8 big-endian codes (bit 0 = the top bit)."""
     return np.ascontiguousarray(np.asarray(phash_signed, dtype=np.int64).astype(">i8").view(np.uint8).reshape(-1, 8))
 
 
-def phash_edges(ids: np.ndarray, phash_signed: np.ndarray, max_distance: int, batch: int = PHASH_BATCH,
-                progress: bool = False) -> Edges:
-    """Pairs whose pHash Hamming distance is <= max_distance (exact)."""
-    import faiss
-    from tqdm import tqdm
+def phash_edges(ids: np.ndarray, phash_signed: np.ndarray, max_distance: int, progress: bool = False) -> Edges:
+    """Pairs whose pHash Hamming distance is <= max_distance (exact, by multi-index hashing)."""
+    from retrieval.curation.hamming import range_pairs
 
     if len(ids) < 2 or max_distance < 0:
         return Edges.empty()
-    codes = phash_codes(phash_signed)
-    index = faiss.IndexBinaryFlat(64)
-    index.add(codes)
-    src, dst = [], []
-    for start in tqdm(range(0, len(ids), batch), desc="pHash", unit="batch", disable=not progress):
-        # range_search keeps distances < radius
-        lims, _, labels = index.range_search(codes[start : start + batch], max_distance + 1)
-        counts = np.diff(lims).astype(np.int64)
-        labels = labels.astype(np.int64)
-        rows = np.repeat(np.arange(start, start + len(counts)), counts)
-        keep = labels > rows
-        src.append(ids[rows[keep]])
-        dst.append(ids[labels[keep]])
-    a = np.concatenate(src) if src else np.empty(0, np.int64)
-    b = np.concatenate(dst) if dst else np.empty(0, np.int64)
-    return Edges(a, b, np.ones(len(a), np.float32)).canonical()
+    i, j, _ = range_pairs(phash_codes(phash_signed), max_distance)
+    return Edges(ids[i], ids[j], np.ones(len(i), np.float32)).canonical()
 
 
 def hamming(a: int, b: int) -> int:

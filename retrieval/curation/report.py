@@ -95,8 +95,18 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def escape_line(path: str) -> str:
+    """A path on one line: backslash, newline and carriage return written as \\\\, \\n and \\r."""
+    return path.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def write_text_lines(path: Path, lines: Iterable[str]) -> None:
-    atomic_write_bytes(path, "".join(f"{line}\n" for line in lines).encode())
+    """`path` (one path a line, escaped by escape_line so that each is one line) and, beside it,
+    the same paths separated by NUL bytes, exactly as they are (`<name>.nul`, for `xargs -0`)."""
+    items = list(lines)
+    atomic_write_bytes(path, "".join(f"{escape_line(line)}\n" for line in items).encode("utf-8", "surrogateescape"))
+    atomic_write_bytes(path.with_suffix(".nul"), b"".join(line.encode("utf-8", "surrogateescape") + b"\0"
+                                                          for line in items))
 
 
 def write_dedup_reports(doc: dict[str, Any], out_dir: Path, max_pixels: int, progress: bool = False,
@@ -137,7 +147,11 @@ def write_dedup_reports(doc: dict[str, Any], out_dir: Path, max_pixels: int, pro
     summary = {"run": doc["run"]["id"], "mode": doc["run"]["mode"], "corpus": doc["corpus_root"],
                **{k: v for k, v in doc["run"]["params"].items()}, **s}
     notes = ("Numbers are images, not graph edges. Kept images are outlined in green; the score is the exact "
-             "cosine to the representative (to the nearest reference file in reference groups).")
+             "cosine to the representative (to the nearest reference file in reference groups); the reason is "
+             "the stage of the edge that joined the image to its group (exact, phash, pdq, copy, embedding).")
+    warnings = [w["message"] for w in s.get("warnings", [])]
+    if warnings:
+        notes = " ".join(f"WARNING: {w}" for w in warnings) + " " + notes
     atomic_write_bytes(files["report.html"],
                        render_html(f"Duplicates (run {doc['run']['id']})", "groups", summary, items, notes).encode())
     return files

@@ -5,7 +5,7 @@ DataLoader worker that used to stop the whole run, and the next run hit the same
 
 * when a worker dies, the DataLoader is shut down, the files that were in flight (the in-flight
   markers of retrieval.imaging.inflight; the next undelivered batch when no marker names one) are decoded
-  in isolation (retrieval.imaging.isolate), where the culprit becomes a "crash" failure, and a new
+  in isolation (retrieval.imaging.safe), where the culprit becomes a "crash" failure, and a new
   DataLoader goes on with the files not yet delivered;
 * files in flight when an earlier run died (with `--workers 0` a crash takes the main process
   with it), and files whose last attempt crashed, are decoded in isolation before the rest.
@@ -120,16 +120,20 @@ def regroup(batches: Iterator[Batch], batch_size: int, pin_memory: bool = False)
             close()  # stopping early must shut the DataLoader down and restore the signal handler
 
 
-def _isolated_batch(root: str, items: Sequence[WorkItem], config: PreprocessConfig, max_pixels: int) -> Batch:
-    return collate_results(decode_isolated(root, items, config, max_pixels))
+def _isolated_batch(root: str, items: Sequence[WorkItem], config: PreprocessConfig, max_pixels: int,
+                    timeout_s: float | None) -> Batch:
+    return collate_results(decode_isolated(root, items, config, max_pixels, timeout_s))
 
 
 def decode_batches(root: str, items: Sequence[WorkItem], config: PreprocessConfig, max_pixels: int,
                    batch_size: int, workers: int, markers: InflightMarkers | None = None,
-                   suspects: Collection[str] = (), pin_memory: bool = False) -> Iterator[Batch]:
+                   suspects: Collection[str] = (), pin_memory: bool = False,
+                   timeout_s: float | None = None) -> Iterator[Batch]:
     """(results, uint8 pixel batch or None) for every item, whatever the decoders do.
 
-    `suspects`: paths to decode in isolation from the start (their last attempt crashed). Close the
+    `suspects`: paths to decode in isolation from the start (their last attempt crashed).
+    `timeout_s`: the time one file may take to decode (a worker on a file longer is ended, and the
+    file decoded in isolation, where it becomes a "timeout" failure). Close the
     generator when stopping early (`finally: batches.close()`), so the signal handler is restored.
     """
     todo = list(items)
@@ -142,12 +146,12 @@ def decode_batches(root: str, items: Sequence[WorkItem], config: PreprocessConfi
             logger.warning("decoding %d file(s) in isolation first: their last decoding crashed or was cut short",
                            len(first))
             for start in range(0, len(first), batch_size):
-                yield _isolated_batch(root, first[start : start + batch_size], config, max_pixels)
+                yield _isolated_batch(root, first[start : start + batch_size], config, max_pixels, timeout_s)
     if markers is not None:
         markers.discard(leftovers)  # only now: had we died above, the next run would isolate them again
     while todo:
         delivered = 0
-        loader = _loader(root, todo, config, max_pixels, batch_size, workers, markers, pin_memory)
+        loader = _loader(root, todo, config, max_pixels, batch_size, workers, markers, pin_memory, timeout_s)
         it = iter(loader)
         try:
             with _worker_deaths_reported_by_next() if workers else nullcontext():
@@ -168,7 +172,7 @@ def decode_batches(root: str, items: Sequence[WorkItem], config: PreprocessConfi
         in_flight = markers.snapshot() if markers is not None else {}
         names = set(in_flight.values())
         culprits = [i for i in rest if i.path in names] or rest[:batch_size]  # unknown: the next batch
-        yield _isolated_batch(root, culprits, config, max_pixels)
+        yield _isolated_batch(root, culprits, config, max_pixels, timeout_s)
         if markers is not None:
             markers.discard(in_flight)
         done = {i.path for i in culprits}
@@ -176,9 +180,9 @@ def decode_batches(root: str, items: Sequence[WorkItem], config: PreprocessConfi
 
 
 def _loader(root: str, items: list[WorkItem], config: PreprocessConfig, max_pixels: int, batch_size: int,
-            workers: int, markers: InflightMarkers | None, pin_memory: bool) -> Any:
+            workers: int, markers: InflightMarkers | None, pin_memory: bool, timeout_s: float | None) -> Any:
     from torch.utils.data import DataLoader
 
-    return DataLoader(DecodeDataset(root, items, config, max_pixels, markers), batch_size=batch_size,
+    return DataLoader(DecodeDataset(root, items, config, max_pixels, markers, timeout_s), batch_size=batch_size,
                       num_workers=workers, collate_fn=collate_results, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import re
 import struct
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -149,7 +150,16 @@ class DecodedImage:
     offset: tuple[float, float] = (0.0, 0.0)
 
 
-def _classify_open_error(exc: Exception, head: bytes) -> ImageDecodeError:
+def bomb_error(exc: Exception, max_pixels: int) -> ImageDecodeError:
+    """Pillow's decompression-bomb guard fired: the reason quotes the configured limit, not Pillow's."""
+    size = re.search(r"Image size \((\d+) pixels\)", str(exc))
+    found = f"the image has {int(size.group(1)) / 1e6:.1f} MP, " if size else ""
+    return ImageDecodeError(f"too many pixels: {found}over the limit of {max_pixels / 1e6:.1f} MP "
+                            f"(raise it with --max-pixels if this image is legitimate)", "too_large")
+
+
+def classify_decode_error(exc: Exception, head: bytes, max_pixels: int) -> ImageDecodeError:
+    """The ImageDecodeError for a decoder exception: one classification for indexing, uploads and thumbnails."""
     if isinstance(exc, UnidentifiedImageError):
         fmt = sniff_format(head)
         if fmt is not None:
@@ -157,7 +167,7 @@ def _classify_open_error(exc: Exception, head: bytes) -> ImageDecodeError:
                                     "corrupt")
         return ImageDecodeError("not an image: Pillow recognises no image format in the content", "not_an_image")
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return ImageDecodeError(f"too many pixels (decompression bomb guard): {exc}", "too_large")
+        return bomb_error(exc, max_pixels)
     text = str(exc) or type(exc).__name__
     if "truncated" in text.lower() or isinstance(exc, EOFError):
         return ImageDecodeError(f"truncated image: the file ends before the image data does ({text})", "truncated")
@@ -235,7 +245,7 @@ def decode_image(data: bytes, config: PreprocessConfig, max_pixels: int) -> Deco
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError,
             Image.DecompressionBombError, Image.DecompressionBombWarning, struct.error) as exc:
-        raise _classify_open_error(exc, data[:16]) from None
+        raise classify_decode_error(exc, data[:16], max_pixels) from None
     return DecodedImage(image=rgb, width=width, height=height, format=fmt, scale=scale, offset=offset)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,12 +47,30 @@ class ScanEntry:
     meta: dict[str, Any] | None = None
 
 
-def _sniff(path: str) -> bool:
+def text_path(path: str) -> str:
+    """`path` as text that can be stored and printed: a name that is not valid UTF-8 (held by Python
+    as surrogate escapes) gets its bad bytes written as \\xNN. Equal to `path` for every valid name."""
     try:
-        with open(path, "rb") as f:
-            return looks_like_image(f.read(16))
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _sniff(path: str) -> bool:
+    """Do the first bytes look like an image? Never blocks: a FIFO or device is not read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return looks_like_image(os.read(fd, 16))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def scan_corpus(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[ScanEntry]:
@@ -67,40 +86,60 @@ def scan_corpus(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[ScanEntr
         raise CorpusError(f"corpus path {root} is not a folder")
     real_root = os.path.realpath(root)
     excluded = {os.path.realpath(p) for p in exclude}
-    yield from _walk(real_root, "", real_root, excluded)
+    yield from _walk(real_root, real_root, excluded)
 
 
-def _walk(folder: str, rel: str, real_root: str, excluded: set[str]) -> Iterator[ScanEntry]:
+def _list(folder: str) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            return sorted(it, key=lambda e: e.name)
     except OSError as exc:
-        logger.warning("cannot list %s: %s", folder, exc.strerror or exc)
-        return
-    for entry in entries:
-        if entry.name.startswith("."):
+        logger.warning("cannot list %s: %s", text_path(folder), exc.strerror or exc)
+        return []
+
+
+def _walk(top: str, real_root: str, excluded: set[str]) -> Iterator[ScanEntry]:
+    """Depth first, names sorted; iterative, so that no depth of folders can exhaust the stack."""
+    stack: list[tuple[Iterator[os.DirEntry[str]], str]] = [(iter(_list(top)), "")]
+    while stack:
+        entries, rel = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
             continue
-        rel_path = f"{rel}{entry.name}"
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                if entry.path not in excluded and os.path.realpath(entry.path) not in excluded:
-                    yield from _walk(entry.path, rel_path + "/", real_root, excluded)
-                continue
-            if entry.is_symlink():
-                if not is_within(entry.path, real_root) or not os.path.isfile(entry.path):
-                    logger.debug("skipping symlink %s: points outside the corpus or not to a file", rel_path)
-                    continue
-            elif not entry.is_file(follow_symlinks=False):
-                continue
-        except OSError:
-            continue
-        ext = os.path.splitext(entry.name)[1].lower()
-        if ext in NON_IMAGE_EXTENSIONS:
-            continue
-        if ext not in IMAGE_EXTENSIONS and not _sniff(entry.path):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=True)
-            yield ScanEntry(rel_path, st.st_size, st.st_mtime_ns)
-        except OSError:
-            yield ScanEntry(rel_path, -1, 0)
+        found = _candidate(entry, rel, real_root, excluded, stack)
+        if found is not None:
+            yield found
+
+
+def _candidate(entry: os.DirEntry[str], rel: str, real_root: str, excluded: set[str],
+               stack: list[tuple[Iterator[os.DirEntry[str]], str]]) -> ScanEntry | None:
+    """The ScanEntry for a candidate image file; a folder to descend into is pushed on `stack`."""
+    if entry.name.startswith("."):
+        return None
+    rel_path = f"{rel}{entry.name}"
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            # Folders are reached from the resolved root without following links: their path is
+            # already resolved (no realpath per folder, which costs O(depth) system calls each).
+            if entry.path not in excluded:
+                stack.append((iter(_list(entry.path)), rel_path + "/"))
+            return None
+        if entry.is_symlink():
+            if not is_within(entry.path, real_root) or not os.path.isfile(entry.path):
+                logger.debug("skipping symlink %s: points outside the corpus or not to a file", text_path(rel_path))
+                return None
+        elif not entry.is_file(follow_symlinks=False):
+            return None
+    except OSError:
+        return None
+    ext = os.path.splitext(entry.name)[1].lower()
+    if ext in NON_IMAGE_EXTENSIONS:
+        return None
+    if ext not in IMAGE_EXTENSIONS and not _sniff(entry.path):
+        return None
+    try:
+        st = entry.stat(follow_symlinks=True)
+        return ScanEntry(rel_path, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return ScanEntry(rel_path, -1, 0)

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from retrieval.errors import ImageDecodeError
-from retrieval.imaging.preprocess import to_rgb
+from retrieval.imaging.preprocess import classify_decode_error, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,12 @@ def cache_path(index_root: Path, image_id: int, size: int, sha256: str) -> Path:
 
 
 def make_thumbnail(data: bytes, size: int, max_pixels: int, quality: int = 85) -> bytes:
-    """JPEG bytes of `data` fitted into size x size, EXIF orientation applied, alpha on white."""
+    """JPEG bytes of `data` fitted into size x size, EXIF orientation applied, alpha on white.
+
+    A file that does not decode raises the same ImageDecodeError (same failure kind) as indexing it would.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)", "empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -47,7 +52,7 @@ def make_thumbnail(data: bytes, size: int, max_pixels: int, quality: int = 85) -
     except ImageDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure is "cannot thumbnail this file"
-        raise ImageDecodeError(f"cannot decode the image for a thumbnail ({type(exc).__name__})") from None
+        raise classify_decode_error(exc, data[:16], max_pixels) from None
 
 
 def cached_thumbnail(index_root: Path, image_id: int, size: int, sha256: str, source: Path, max_pixels: int) -> bytes:

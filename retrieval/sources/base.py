@@ -69,7 +69,7 @@ def _status_of(exc: BaseException) -> int | None:
 def classify(exc: BaseException) -> tuple[str, str, bool]:
     """(failure kind, reason, transient?) for an error raised while reading remote bytes."""
     if isinstance(exc, ReadFailure):
-        return exc.kind, exc.reason, False
+        return exc.failure_kind, exc.reason, False
     if isinstance(exc, FileNotFoundError):
         return "vanished", "the object does not exist (deleted since the listing?)", False
     if isinstance(exc, PermissionError):
@@ -215,7 +215,7 @@ def prefetch(reader: SourceReader, items: Sequence[Any], folder: Path) -> Staged
         try:
             data = reader.read(item.path, item.size)
         except ReadFailure as exc:
-            errors[item.path] = (exc.kind, exc.reason)
+            errors[item.path] = (exc.failure_kind, exc.reason)
             return
         target = folder / hashlib.sha1(item.path.encode()).hexdigest()
         target.write_bytes(data)

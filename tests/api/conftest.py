@@ -46,7 +46,7 @@ class Indexed:
         from retrieval.vectors import VectorStore
 
         ids = np.array(sorted(self.ids.values()))
-        store = VectorStore(self.index_dir / "vectors.f16", 32)
+        store = VectorStore(self.index_dir / "vectors.npy", 32)
         return ids, store.read(ids)
 
 

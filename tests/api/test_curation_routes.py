@@ -93,3 +93,11 @@ def test_duplicates_threshold_is_a_stricter_view_of_the_run(curated_client: Test
         view = curated_client.get("/duplicates", params={"threshold": mid}).json()
         assert all(m["similarity"] >= mid for g in view["groups"] for m in g["members"])
         assert view["total_groups"] <= body["total_groups"]
+
+
+def test_run_timestamps_carry_a_timezone(curated_client: TestClient) -> None:
+    from datetime import datetime, timezone
+
+    for url in ("/duplicates", "/clusters"):
+        finished = curated_client.get(url).json()["finished_at"]
+        assert datetime.fromisoformat(finished).utcoffset() == timezone.utc.utcoffset(None), (url, finished)

@@ -61,8 +61,10 @@ def test_exclude_self_and_min_score(client: TestClient, indexed: Indexed) -> Non
 def test_out_of_range_parameters_are_422(client: TestClient, indexed: Indexed, params: dict) -> None:
     r = client.get("/search", params={"image": indexed.ids["a/img0001.jpg"], **params})
     assert r.status_code == 422
-    detail = r.json()["detail"]
-    assert isinstance(detail, list) and detail[0]["loc"][0] == "query" and "input" not in detail[0]
+    body = r.json()  # the one error shape: a one-line detail, plus the fields for a validation error
+    assert isinstance(body["detail"], str) and body["detail"].startswith("invalid request: query.")
+    errors = body["errors"]
+    assert errors[0]["loc"][0] == "query" and "input" not in errors[0]
 
 
 def test_missing_image_parameter_is_422(client: TestClient) -> None:

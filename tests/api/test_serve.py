@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -24,22 +26,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(indexed: Indexed, tmp_path: Path):  # noqa: ANN201
+@contextmanager
+def running_server(index_dir: Path, workdir: Path, env: dict[str, str], headers: dict[str, str] | None = None,
+                   startup_s: float = 120) -> Iterator[str]:
+    """`retrieval serve` on a free loopback port until the block ends; yields its base URL."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RETRIEVAL_API_KEY": "k3y", "RETRIEVAL_DEVICE": "cpu",
-           "RETRIEVAL_BATCH_MAX_WAIT_MS": "20", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index-dir", str(indexed.index_dir),
+    log_path = workdir / "server.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index-dir", str(index_dir),
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+                            env={**env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120  # a startup wait, not an assertion on speed
+        deadline = time.monotonic() + startup_s  # a startup wait, not an assertion on speed
         while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert proc.poll() is None, log_path.read_text()
             try:
-                if httpx.get(f"{base}/readyz", headers={"Authorization": "Bearer k3y"}, timeout=2).status_code == 200:
+                if httpx.get(f"{base}/readyz", headers=headers, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -54,6 +57,14 @@ def server(indexed: Indexed, tmp_path: Path):  # noqa: ANN201
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def server(indexed: Indexed, tmp_path: Path):  # noqa: ANN201
+    env = {**os.environ, "RETRIEVAL_API_KEY": "k3y", "RETRIEVAL_DEVICE": "cpu",
+           "RETRIEVAL_BATCH_MAX_WAIT_MS": "20", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with running_server(indexed.index_dir, tmp_path, env, {"Authorization": "Bearer k3y"}) as base:
+        yield base
 
 
 def test_serve_answers_concurrent_uploads(server: str, indexed: Indexed) -> None:

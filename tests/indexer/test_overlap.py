@@ -90,8 +90,8 @@ def test_index_with_the_writer_thread_matches_inline(corpus: Path, tiny_model_di
         assert a[path][:-1] == b[path][:-1], path  # id, sha256, size, phash, ... (not the indexed flag's timing)
     assert failures(tmp_path / "threaded" / "retrieval.db").keys() == set(expected_failures)
     dim = 32
-    va = VectorStore(tmp_path / "inline" / "vectors.f16", dim)
-    vb = VectorStore(tmp_path / "threaded" / "vectors.f16", dim)
+    va = VectorStore(tmp_path / "inline" / "vectors.npy", dim)
+    vb = VectorStore(tmp_path / "threaded" / "vectors.npy", dim)
     ids = sorted(r[0] for r in a.values())
     np.testing.assert_allclose(vb.read(ids), va.read(ids), atol=1e-3)
 

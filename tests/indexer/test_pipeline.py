@@ -79,7 +79,7 @@ def test_index_end_to_end(corpus: Path, tiny_model_dir: Path) -> None:
     assert len(hits) == 5 and "a/img0001.jpg" not in [h["path"] for h in hits]
     scores = [h["score"] for h in hits]
     assert scores == sorted(scores, reverse=True)
-    store = VectorStore(Path("retrieval-index/vectors.f16"), 32)
+    store = VectorStore(Path("retrieval-index/vectors.npy"), 32)
     query = store.read([got["a/img0001.jpg"][0]])[0]
     all_ids = np.array(sorted(r[0] for r in got.values()))
     sims = store.read(all_ids) @ query
@@ -131,7 +131,7 @@ def test_incremental_add_change_touch_delete(corpus: Path, tiny_model_dir: Path)
     embedder = load_embedder(str(tiny_model_dir), device="cpu")
     pixels, _ = load_and_preprocess(changed.read_bytes(), embedder.preprocess, 10**8)
     fresh = embedder.embed(pixels[None])[0]
-    stored = VectorStore(Path("retrieval-index/vectors.f16"), 32).read([after["a/img0001.jpg"][0]])[0]
+    stored = VectorStore(Path("retrieval-index/vectors.npy"), 32).read([after["a/img0001.jpg"][0]])[0]
     assert float(fresh @ stored) > 0.999
 
 
@@ -162,10 +162,10 @@ def test_bad_inputs_are_recorded_with_reasons_and_skipped(corpus: Path, tiny_mod
 
         real_read = decode._read
 
-        def deny(root: str, item):  # noqa: ANN001
+        def deny(root: str, item, *rest):  # noqa: ANN001, ANN002
             if item.path == "locked.jpg":
                 raise PermissionError(13, "Permission denied")
-            return real_read(root, item)
+            return real_read(root, item, *rest)
 
         monkeypatch.setattr(decode, "_read", deny)
     else:
@@ -209,7 +209,7 @@ def test_decode_workers_give_the_same_vectors(corpus: Path, tiny_model_dir: Path
     a = rows(Path("serial/retrieval.db"))
     b = rows(Path("parallel/retrieval.db"))
     assert {p: r[:7] for p, r in a.items()} == {p: r[:7] for p, r in b.items()}
-    assert Path("serial/vectors.f16").read_bytes() == Path("parallel/vectors.f16").read_bytes()
+    assert Path("serial/vectors.npy").read_bytes() == Path("parallel/vectors.npy").read_bytes()
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -324,7 +324,7 @@ def test_bad_index_factory_is_refused_before_embedding(corpus: Path, tiny_model_
                     "--index-factory", "IVF7,Bogus")
     assert code == 1 and out.startswith("Error: invalid index factory 'IVF7,Bogus'") and "Traceback" not in out
     assert "could not parse" in out and "faiss::" not in out
-    assert not Path("retrieval-index/vectors.f16").exists(), "nothing was embedded"
+    assert not Path("retrieval-index/vectors.npy").exists(), "nothing was embedded"
 
 
 def test_custom_factory_sticks_until_auto(corpus: Path, tiny_model_dir: Path) -> None:

@@ -70,8 +70,8 @@ def test_index_with_worker_chunks_matches_one_process(corpus: Path, tiny_model_d
     a, b = rows(tmp_path / "one" / "retrieval.db"), rows(tmp_path / "two" / "retrieval.db")
     assert a == b
     ids = sorted(r[0] for r in a.values())
-    np.testing.assert_allclose(VectorStore(tmp_path / "two" / "vectors.f16", 32).read(ids),
-                               VectorStore(tmp_path / "one" / "vectors.f16", 32).read(ids), atol=1e-3)
+    np.testing.assert_allclose(VectorStore(tmp_path / "two" / "vectors.npy", 32).read(ids),
+                               VectorStore(tmp_path / "one" / "vectors.npy", 32).read(ids), atol=1e-3)
 
 
 def test_worker_chunk_gives_each_worker_several_chunks_within_bounds() -> None:

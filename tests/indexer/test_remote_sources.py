@@ -106,10 +106,13 @@ def test_index_an_s3_bucket_then_search_serve_and_reindex_without_reads(s3, tmp_
         assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
         r = client.get(f"/search?image={image_id}&k=3")
         assert r.status_code == 200 and r.json()["results"][0]["path"].startswith("s3://")
-        import sqlite3
+    import sqlite3
 
-        with sqlite3.connect("retrieval-index/retrieval.db") as conn:  # a row pointing elsewhere is not served
-            conn.execute("UPDATE images SET path = ? WHERE id = ?", (f"s3://{bucket}-other/x.jpg", image_id))
+    with sqlite3.connect("retrieval-index/retrieval.db") as conn:  # a row pointing elsewhere is not served
+        conn.execute("UPDATE images SET path = ? WHERE id = ?", (f"s3://{bucket}-other/x.jpg", image_id))
+    # (a running server answers from the generation it loaded: a fresh one sees the changed row)
+    with TestClient(create_app(ApiSettings(index_dir=Path("retrieval-index"), device="cpu",
+                                           reload_check_s=3600.0))) as client:
         r = client.get(f"/images/{image_id}/file")
         assert r.status_code == 404
 
@@ -235,8 +238,11 @@ def test_index_webdataset_shards_local_and_on_s3(s3, tmp_path: Path, tiny_model_
     # dedup --apply on shards writes a manifest and a filtered list instead of moving anything
     fs.pipe(f"{bucket}/shards/000003.tar", (shards / "000000.tar").read_bytes())  # a whole shard of copies
     index(f"s3://{bucket}/shards/*.tar", tiny_model_dir, "--index-dir", "remote-index")
-    code, out = cli("dedup", "--index-dir", "remote-index", "--apply", "--report-dir", "dd", "--no-progress",
-                    "--no-embeddings", "--phash-distance", "-1")  # exact copies only: random weights
+    args = ("dedup", "--index-dir", "remote-index", "--report-dir", "dd", "--no-progress", "--no-embeddings",
+            "--phash-distance", "-1", "--pdq-distance", "-1")  # exact copies only: random weights
+    code, out = cli(*args)  # the report first: --apply acts on a reviewed run only
+    assert code == 0, out
+    code, out = cli(*args, "--apply", "--run", "1")
     assert code == 0, out
     assert "not changed in place" in out and "nothing moved" in out
     import pyarrow.parquet as pq
@@ -285,7 +291,9 @@ def test_index_a_parquet_list_of_http_urls_then_dedup_against_and_curate_with_re
         assert code == 0, out
         curated = (Path("cur") / "curated.txt").read_text().split()
         assert curated and all(u.startswith(base) for u in curated)
-        code, out = cli("dedup", "--apply", "--report-dir", "dd", "--no-progress")
+        code, out = cli("dedup", "--report-dir", "dd", "--no-progress", "--json")  # review first, then apply
+        assert code == 0, out
+        code, out = cli("dedup", "--apply", "--run", json.loads(out)["run_id"], "--report-dir", "dd", "--no-progress")
         assert code == 0 and "kept.parquet" in out
 
 

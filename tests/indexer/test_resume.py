@@ -96,5 +96,5 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, tiny_model_dir: Path) -> No
         embedder.embed(load_and_preprocess((corpus / p).read_bytes(), embedder.preprocess, 10**8)[0][None])[0]
         for _, p in pairs
     ])
-    stored = VectorStore(tmp_path / "retrieval-index" / "vectors.f16", embedder.dim).read(np.array(ids))
+    stored = VectorStore(tmp_path / "retrieval-index" / "vectors.npy", embedder.dim).read(np.array(ids))
     assert np.min(np.sum(fresh * stored, axis=1)) > 0.999

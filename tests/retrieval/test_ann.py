@@ -407,6 +407,79 @@ def test_save_and_load_ivfpq(ivfpq: Built, tmp_path: Path) -> None:
         np.testing.assert_array_equal(scores, want_scores)
 
 
+# --- per-call search parameters -------------------------------------------------------------------
+def _ivf_flat(n: int = 3_000, d: int = 16, seed: int = 11) -> tuple[object, np.ndarray, np.ndarray]:
+    x = clustered(n, d, seed=seed, n_centres=40)
+    ids = big_unique_ids(n, seed=seed)
+    index = ann.new_index(ann.IndexSpec(kind="custom", factory="IVF16,Flat", n=n, dim=d))
+    index.train(x)
+    ann.add(index, ids, x)
+    return index, ids, x
+
+
+def test_nprobe_applies_to_one_search_and_leaves_the_shared_index_alone() -> None:
+    index, ids, x = _ivf_flat()
+    read = reader(ids, x)
+    ann.set_nprobe(index, 2)
+    queries = clustered(100, 16, seed=11, draw=3, n_centres=40)
+    _, every_list = ann.search_reranked(index, queries, K, read, nprobe=16)
+    assert faiss.extract_index_ivf(index).nprobe == 2
+    _, truth = brute_force(queries, x, ids, K)
+    np.testing.assert_array_equal(every_list, truth)  # all 16 lists of an IVF-Flat index: exact
+    _, default = ann.search_reranked(index, queries, K, read)
+    _, two = ann.search_reranked(copy_index(index), queries, K, read, nprobe=2)
+    np.testing.assert_array_equal(default, two)  # no nprobe: the index's own
+
+
+def test_concurrent_searches_with_different_nprobe_each_get_their_own_answers() -> None:
+    """One shared index, threads searching at nprobe 1 and 16 at once: each matches its oracle."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    index, ids, x = _ivf_flat()
+    read = reader(ids, x)
+    queries = clustered(200, 16, seed=11, draw=4, n_centres=40)
+    _, truth = brute_force(queries, x, ids, K)
+    _, one_list = ann.search_reranked(copy_index(index), queries, K, read, nprobe=1)
+    assert not np.array_equal(one_list, truth), "nprobe=1 must differ from exact search for this test to mean anything"
+    want = {1: one_list, 16: truth}
+
+    def work(worker: int) -> list[int]:
+        wrong = []
+        for i in range(20):
+            nprobe = 1 if (worker + i) % 2 else 16
+            pos = slice((i * 10) % 200, (i * 10) % 200 + 10)
+            _, found = ann.search_reranked(index, queries[pos], K, read, nprobe=nprobe)
+            if not np.array_equal(found, want[nprobe][pos]):
+                wrong.append(nprobe)
+        return wrong
+
+    with ThreadPoolExecutor(8) as pool:
+        wrong = [w for ws in pool.map(work, range(16)) for w in ws]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "PCA8,IVF16,Flat", "IVF16,PQ4,RFlat", "IDMap2,Flat"])
+def test_search_params_fit_every_index_wrapper(factory: str) -> None:
+    """Per-call nprobe through pre-transforms and refinement equals setting it on a private copy."""
+    n, d = 2_000, 16
+    x = clustered(n, d, seed=12, n_centres=40)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    if factory.startswith("IDMap2"):
+        index.add_with_ids(x, np.arange(n, dtype=np.int64))
+        assert ann.search_params(index, 3) is None  # nothing to probe
+        return
+    index.add(x)
+    queries = clustered(50, d, seed=12, draw=1, n_centres=40)
+    private = copy_index(index)
+    ann.set_nprobe(private, 3)
+    want_d, want_i = private.search(queries, K)
+    got_d, got_i = index.search(queries, K, params=ann.search_params(index, 3))
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_d, want_d, rtol=1e-6)
+    assert ann.search_params(index, None) is None
+
+
 # --- the flat path --------------------------------------------------------------------------------
 def test_flat_search_equals_brute_force() -> None:
     n, d = 1_500, 32

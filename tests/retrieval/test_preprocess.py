@@ -419,6 +419,14 @@ def test_decompression_bomb_header_is_refused_cheaply():
     assert _decode_error(bomb).startswith("too many pixels")
 
 
+def test_decompression_bomb_reason_quotes_the_configured_limit():
+    """Pillow's own guard fires inside open() for this one: the reason still quotes --max-pixels, not Pillow's."""
+    bomb = raw_png(100_000, 100_000, 1, 0, zlib.compress(b"\x00" * 64))
+    message = _decode_error(bomb, max_pixels=50_000_000)
+    assert "the limit of 50.0 MP" in message and "10000.0 MP" in message and "--max-pixels" in message, message
+    assert "178956970" not in message and "89478485" not in message
+
+
 @pytest.mark.parametrize("side", [9500, 13500])  # 90 MP (Pillow warning range), 182 MP (Pillow error range)
 def test_max_pixels_above_pillow_default_is_honoured(side, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored whatever a fix does

@@ -164,3 +164,85 @@ def test_truncate_drops_rows(store: VectorStore) -> None:
     with pytest.raises(KeyError):
         store.read([5])
     np.testing.assert_allclose(store.read(np.arange(4)), x[:4], atol=FP16_ATOL, rtol=0)
+
+
+# --- the .npy format and the upgrade of headerless vectors.f16 files --------------------------------
+
+def test_npy_store_opens_without_knowing_the_dimension(tmp_path: Path) -> None:
+    path = tmp_path / "vectors.npy"
+    x = unit_vectors(30)
+    VectorStore(path, DIM).write(np.arange(5, 35), x)
+    loaded = np.load(path, mmap_mode="r")  # plain numpy, no dimension given
+    assert loaded.shape == (35, DIM) and loaded.dtype == DTYPE
+    np.testing.assert_array_equal(np.asarray(loaded[5:35]), x.astype(DTYPE))
+    reopened = VectorStore(path)  # the dimension comes from the header
+    assert reopened.dim == DIM and reopened.n_rows == 35
+    with pytest.raises(ValueError, match="holds 24-d"):
+        VectorStore(path, DIM + 1)
+
+
+def test_npy_header_grows_in_place_and_truncates(tmp_path: Path) -> None:
+    from retrieval.vectors import HEADER_BYTES
+
+    store = VectorStore(tmp_path / "v.npy", DIM)
+    store.write(np.arange(3), unit_vectors(3))
+    store.write(np.array([10**6]), unit_vectors(1, seed=4))  # a 7-digit row count in the same header
+    assert store.n_rows == 10**6 + 1
+    assert store.path.stat().st_size == HEADER_BYTES + (10**6 + 1) * DIM * 2
+    store.truncate(2)
+    assert store.n_rows == 2 and np.load(store.path).shape == (2, DIM)
+
+
+def test_rows_written_but_not_announced_are_invisible(tmp_path: Path) -> None:
+    """A kill between the row write and the header update: the header still says the old count."""
+    from retrieval.vectors import npy_header
+
+    store = VectorStore(tmp_path / "v.npy", DIM)
+    store.write(np.arange(4), unit_vectors(4))
+    with open(store.path, "r+b") as f:  # simulate: rows 4..5 written, header not yet rewritten
+        f.seek(0, 2)
+        f.write(unit_vectors(2, seed=9).astype(DTYPE).tobytes())
+        f.seek(0)
+        assert f.read(len(npy_header(4, DIM))) == npy_header(4, DIM)
+    assert VectorStore(store.path).n_rows == 4 and np.load(store.path).shape == (4, DIM)
+
+
+def _legacy_file(path: Path, x: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(x.astype(DTYPE).tobytes())
+
+
+def test_legacy_file_is_read_until_the_first_write_converts_it(tmp_path: Path) -> None:
+    legacy, target = tmp_path / "vectors.f16", tmp_path / "vectors.npy"
+    x = unit_vectors(12)
+    _legacy_file(legacy, x)
+    store = VectorStore(target, DIM, legacy=legacy)
+    assert store.n_rows == 12 and not target.exists()
+    np.testing.assert_array_equal(store.read(np.arange(12)), x.astype(DTYPE).astype(np.float32))
+    store.write(np.array([12]), unit_vectors(1, seed=5))
+    assert target.exists() and not legacy.exists()
+    np.testing.assert_array_equal(np.load(target)[:12], x.astype(DTYPE))
+    assert VectorStore(target).n_rows == 13
+
+
+def test_upgrade_is_crash_safe_at_every_step(tmp_path: Path) -> None:
+    from retrieval.vectors import upgrade_legacy
+
+    legacy, target = tmp_path / "vectors.f16", tmp_path / "vectors.npy"
+    x = unit_vectors(20)
+    _legacy_file(legacy, x)
+    # killed while copying: a partial temporary file; the old file is untouched and the next call starts over
+    (tmp_path / ".vectors.npy.upgrading").write_bytes(b"\x93NUMPY partial")
+    assert upgrade_legacy(legacy, target, DIM)
+    np.testing.assert_array_equal(np.load(target), x.astype(DTYPE))
+    assert not legacy.exists() and not (tmp_path / ".vectors.npy.upgrading").exists()
+    # killed after the rename, before the old file was deleted: the next call only deletes it
+    _legacy_file(legacy, unit_vectors(3, seed=7))
+    assert not upgrade_legacy(legacy, target, DIM)
+    assert not legacy.exists()
+    np.testing.assert_array_equal(np.load(target), x.astype(DTYPE))
+    # a trailing partial row of the old format (a kill mid-write) is dropped
+    legacy2, target2 = tmp_path / "b.f16", tmp_path / "b.npy"
+    legacy2.write_bytes(x.astype(DTYPE).tobytes() + b"\x01\x02\x03")
+    upgrade_legacy(legacy2, target2, DIM)
+    assert np.load(target2).shape == (20, DIM)

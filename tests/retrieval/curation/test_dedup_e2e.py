@@ -44,7 +44,7 @@ def test_dedup_finds_planted_copies_and_writes_reports(planted, cli, tmp_path: P
     result = json.loads(out)
     s = result["summary"]
     assert (s["images"], s["groups"], s["images_in_groups"], s["images_to_remove"]) == (16, 4, 8, 4)
-    assert s["removed_by_reason"] == {"exact": 1, "phash": 2, "embedding": 1}
+    assert s["removed_by_reason"] == {"exact": 1, "phash": 2, "pdq": 1}  # the flipped copy: PDQ with flips
     assert result["applied"] is None
 
     doc = json.loads((out_dir / "duplicates.json").read_text())
@@ -59,7 +59,7 @@ def test_dedup_finds_planted_copies_and_writes_reports(planted, cli, tmp_path: P
         assert 0.999 <= g["weakest_edge"] <= 1.0 and g["min_pairwise_similarity"] <= 1.0
 
     rows = list(csv.DictReader((out_dir / "duplicates.csv").open()))
-    assert len(rows) == 8 and {r["reason"] for r in rows if r["action"] == "remove"} == {"exact", "phash", "embedding"}
+    assert len(rows) == 8 and {r["reason"] for r in rows if r["action"] == "remove"} == {"exact", "phash", "pdq"}
     assert sorted((out_dir / "remove.txt").read_text().split()) == sorted(copies)
     assert sorted((out_dir / "keep.txt").read_text().split()) == sorted(copies.values())
 
@@ -79,19 +79,21 @@ def test_dedup_finds_planted_copies_and_writes_reports(planted, cli, tmp_path: P
 def test_keep_policies(planted, cli, tmp_path: Path) -> None:
     corpus, index_dir, copies = planted
     _, out = cli("dedup", "--index-dir", index_dir, "-t", T, "-o", tmp_path / "r", "--no-progress", "--json",
-                 "--keep", "shortest-path", "--no-embeddings")
+                 "--keep", "shortest-path", "--no-embeddings", "--pdq-distance", "-1")
     doc = json.loads((tmp_path / "r" / "duplicates.json").read_text())
-    assert len(doc["groups"]) == 3  # the flipped copy is only found by the embedding stage
+    assert len(doc["groups"]) == 3  # the flipped copy is only found by PDQ (off here) or the embedding stage
     for g in doc["groups"]:
         kept = [m["path"] for m in g["members"] if m["action"] == "keep"]
         assert kept == [min((m["path"] for m in g["members"]), key=lambda p: (len(p), p))]
     code, out = cli("dedup", "--index-dir", index_dir, "--keep", "biggest", ok=False)
-    assert code == 1 and "unknown keep policy" in out
+    # a usage error (exit 2) naming the choices, before anything runs; the library checks too (policy.py)
+    assert code == 2 and "'biggest' is not one of 'highest-resolution', 'largest'" in out
 
 
 def test_apply_moves_exactly_the_listed_files(planted, cli, tmp_path: Path) -> None:
     corpus, index_dir, copies = planted
     moved_to = tmp_path / "removed"
+    cli("dedup", "--index-dir", index_dir, "-t", T, "-o", tmp_path / "r", "--no-progress")  # the reviewed report
     _, out = cli("dedup", "--index-dir", index_dir, "-t", T, "-o", tmp_path / "r", "--no-progress", "--json",
                  "--apply", "--move-to", moved_to)
     result = json.loads(out)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from retrieval import ann
-from retrieval.curation.graph import Edges, brute_force_edges, knn_edges
+from retrieval.curation import hamming as hamming_search
+from retrieval.curation.graph import Edges, brute_force_edges, knn_edges, sampled_edge_recall
 from retrieval.curation.groups import Nodes, build_groups, components
 from retrieval.curation.hashing import hamming, phash_codes, phash_edges
-from retrieval.curation.unionfind import DisjointSet
 
 
 def planted_vectors(n: int, dim: int, n_groups: int, per_group: int, noise: float, seed: int) -> np.ndarray:
@@ -23,28 +23,37 @@ def planted_vectors(n: int, dim: int, n_groups: int, per_group: int, noise: floa
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _canon(labels: np.ndarray) -> set[frozenset[int]]:
-    out: dict[int, set[int]] = {}
-    for i, l in enumerate(labels):
-        out.setdefault(int(l), set()).add(i)
-    return {frozenset(s) for s in out.values()}
+def _oracle_components(n: int, a: np.ndarray, b: np.ndarray) -> list[list[int]]:
+    """Components by breadth-first search over adjacency lists, in the documented order."""
+    adj: dict[int, set[int]] = {}
+    for x, y in zip(a.tolist(), b.tolist()):
+        adj.setdefault(x, set()).add(y)
+        adj.setdefault(y, set()).add(x)
+    seen: set[int] = set()
+    out = []
+    for start in range(n):
+        if start in seen or start not in adj:
+            continue
+        comp, todo = {start}, [start]
+        while todo:
+            for y in adj[todo.pop()]:
+                if y not in comp:
+                    comp.add(y)
+                    todo.append(y)
+        seen |= comp
+        if len(comp) >= 2:
+            out.append(sorted(comp))
+    return sorted(out, key=lambda c: (-len(c), c[0]))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_union_find_equals_scipy_connected_components(seed: int) -> None:
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
+@pytest.mark.parametrize("seed,n,m", [(0, 2000, 1500), (1, 2000, 3000), (2, 50, 0), (3, 10, 40), (4, 5000, 200)])
+def test_components_equal_breadth_first_oracle(seed: int, n: int, m: int) -> None:
     rng = np.random.default_rng(seed)
-    n, m = 2000, 1500
     a, b = rng.integers(0, n, m), rng.integers(0, n, m)
-    ds = DisjointSet(n)
-    ds.union_many(a, b)
-    _, labels = connected_components(coo_matrix((np.ones(m), (a, b)), shape=(n, n)), directed=False)
-    assert _canon(ds.labels()) == _canon(labels)
-    comps = ds.components(min_size=2)
-    assert {frozenset(c.tolist()) for c in comps} == {s for s in _canon(labels) if len(s) >= 2}
-    assert [len(c) for c in comps] == sorted((len(c) for c in comps), reverse=True)
+    a[: m // 10] = b[: m // 10]  # self-loops are not components
+    got = components(n, Edges(a, b, np.ones(m, np.float32)))
+    assert [c.tolist() for c in got] == _oracle_components(n, a[a != b], b[a != b])
+    assert all(c.dtype == np.int64 for c in got)
 
 
 def _index(x: np.ndarray, ids: np.ndarray, factory: str) -> object:
@@ -168,7 +177,9 @@ def test_chain_safety_reports_and_splits_chained_groups() -> None:
     assert g.min_pairwise == pytest.approx(np.sqrt(0.5), abs=1e-5)
 
 
-def test_phash_edges_equal_brute_force_hamming() -> None:
+@pytest.mark.parametrize("brute_pairs", [0, hamming_search.BRUTE_PAIRS])  # multi-index hashing, then brute force
+def test_phash_edges_equal_brute_force_hamming(monkeypatch: pytest.MonkeyPatch, brute_pairs: int) -> None:
+    monkeypatch.setattr(hamming_search, "BRUTE_PAIRS", brute_pairs)
     rng = np.random.default_rng(6)
     base = rng.integers(-(1 << 63), (1 << 63) - 1, 300, dtype=np.int64)
     # plant near copies: flip 0..6 bits of the first 40 hashes
@@ -178,7 +189,21 @@ def test_phash_edges_equal_brute_force_hamming() -> None:
             copies[i] ^= np.int64(1) << np.int64(bit) if bit < 63 else np.int64(-(1 << 63))
     h = np.r_[base, copies]
     ids = np.arange(len(h), dtype=np.int64)
-    got = phash_edges(ids, h, 5, batch=64)
+    got = phash_edges(ids, h, 5)
     want = {(i, j) for i in range(len(h)) for j in range(i + 1, len(h)) if hamming(int(h[i]), int(h[j])) <= 5}
     assert set(zip(got.src.tolist(), got.dst.tolist())) == want and len(want) >= 30
     assert phash_codes(np.array([1], np.int64)).tolist() == [[0, 0, 0, 0, 0, 0, 0, 1]]
+
+
+def test_sampled_edge_recall_counts_the_exact_k_nn_edges_a_graph_misses() -> None:
+    x = planted_vectors(900, 16, n_groups=60, per_group=5, noise=0.05, seed=9)
+    ids = np.arange(10, 910, dtype=np.int64)  # ids are not positions
+    read = lambda q: x[np.asarray(q) - 10]  # noqa: E731
+    truth = brute_force_edges(ids, x, 0.9, k=3)
+    full = sampled_edge_recall(truth, ids, read, k=3, threshold=0.9, sample=900, block=97)
+    assert full["queries"] == 900 and full["true_edges"] == len(truth) > 200 and full["recall"] == 1.0
+    half = Edges(truth.src[::2], truth.dst[::2], truth.sim[::2])
+    part = sampled_edge_recall(half, ids, read, k=3, threshold=0.9, sample=900, block=97)
+    assert part["recall"] == pytest.approx(len(half) / len(truth), abs=1e-4)
+    some = sampled_edge_recall(half, ids, read, k=3, threshold=0.9, sample=100)
+    assert some["queries"] == 100 and 0 < some["true_edges"] < len(truth)

@@ -79,7 +79,7 @@ def test_reads_are_bounded() -> None:
     assert read_bounded(io.BytesIO(b"x" * 100), 100) == b"x" * 100
     with pytest.raises(ReadFailure) as info:
         read_bounded(io.BytesIO(b"x" * 101), 100)
-    assert info.value.kind == "too_large"
+    assert info.value.failure_kind == "too_large"
 
 
 def test_transient_errors_are_retried_with_backoff_then_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,14 +103,14 @@ def test_transient_errors_are_retried_with_backoff_then_recorded(monkeypatch: py
 
     with pytest.raises(ReadFailure) as info:
         with_retries(gone, FAST, "x")
-    assert info.value.kind == "vanished"
+    assert info.value.failure_kind == "vanished"
 
     def always() -> bytes:
         raise TimeoutError("timed out")
 
     with pytest.raises(ReadFailure) as info:
         with_retries(always, FAST, "x")
-    assert info.value.kind == "io_error" and "TimeoutError" in info.value.reason
+    assert info.value.failure_kind == "io_error" and "TimeoutError" in info.value.reason
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
@@ -157,7 +157,7 @@ def test_http_reads_time_out_retry_and_fail_with_a_reason() -> None:
             start = time.monotonic()
             with pytest.raises(ReadFailure) as info:
                 read_url(f"{base}/{name}", limits)
-            failures[name] = info.value.kind
+            failures[name] = info.value.failure_kind
             assert time.monotonic() - start < 3, f"{name}: a read never hangs past its timeout and retries"
         assert failures == {"missing.jpg": "vanished", "denied.jpg": "unreadable", "big.jpg": "too_large",
                             "slow.jpg": "io_error"}

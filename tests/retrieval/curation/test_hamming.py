@@ -1,0 +1,144 @@
+"""Multi-index Hamming range search against a brute-force oracle (bit by bit, no shared code)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.curation import hamming
+from retrieval.curation.hamming import range_pairs, range_pairs_dihedral
+
+
+def oracle(codes: np.ndarray, radius: int) -> set[tuple[int, int, int]]:
+    bits = np.unpackbits(codes, axis=1).astype(np.int32)
+    d = (bits[:, None, :] != bits[None, :, :]).sum(axis=2)
+    i, j = np.nonzero(np.triu(d <= radius, k=1))
+    return {(int(a), int(b), int(d[a, b])) for a, b in zip(i, j)}
+
+
+def oracle_dihedral(codes: np.ndarray, variants: np.ndarray, radius: int) -> set[tuple[int, int, int]]:
+    cb = np.unpackbits(codes, axis=1).astype(np.int32)
+    vb = np.unpackbits(variants, axis=2).astype(np.int32)
+    d = (vb[:, :, None, :] != cb[None, None, :, :]).sum(axis=3).min(axis=1)  # d[i, j]: variants of i vs j
+    both = np.minimum(d, d.T)
+    i, j = np.nonzero(np.triu(both <= radius, k=1))
+    return {(int(a), int(b), int(both[a, b])) for a, b in zip(i, j)}
+
+
+def as_set(found: tuple[np.ndarray, np.ndarray, np.ndarray]) -> set[tuple[int, int, int]]:
+    i, j, d = found
+    assert i.dtype == np.int64 and j.dtype == np.int64 and d.dtype == np.int32
+    assert np.all(i < j)
+    out = set(zip(i.tolist(), j.tolist(), d.tolist()))
+    assert len(out) == len(i), "a pair was reported twice"
+    return out
+
+
+def planted(rng: np.random.Generator, n: int, nbytes: int, radius: int) -> np.ndarray:
+    """Random codes plus, for a third of them, copies at exactly radius - 1, radius and radius + 1 bits,
+    plus exact duplicates: the adversarial cases around the boundary."""
+    codes = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+    nbits = nbytes * 8
+    out = [codes]
+    for delta in (radius - 1, radius, radius + 1, 0):
+        if delta < 0 or delta > nbits:
+            continue
+        src = codes[rng.choice(n, n // 6 + 1, replace=False)]
+        bits = np.unpackbits(src, axis=1)
+        for row in bits:
+            row[rng.choice(nbits, delta, replace=False)] ^= 1
+        out.append(np.packbits(bits, axis=1))
+    allc = np.concatenate(out)
+    return allc[rng.permutation(len(allc))]
+
+
+def force_mih(fn, *args):
+    """The multi-index path even where brute force would be chosen (small n)."""
+    if fn is range_pairs:
+        return hamming._range_pairs(np.ascontiguousarray(args[0]), args[1], method="mih")
+    return hamming._range_pairs_dihedral(np.ascontiguousarray(args[0]), np.ascontiguousarray(args[1]), args[2],
+                                         method="mih")
+
+
+@pytest.mark.parametrize("nbytes,radius", [(8, 0), (8, 1), (8, 4), (8, 8), (8, 10), (8, 20), (32, 0), (32, 8),
+                                           (32, 31), (3, 5)])
+def test_range_pairs_equal_brute_force(nbytes: int, radius: int) -> None:
+    rng = np.random.default_rng(nbytes * 100 + radius)
+    codes = planted(rng, 240, nbytes, radius)
+    want = oracle(codes, radius)
+    assert as_set(force_mih(range_pairs, codes, radius)) == want
+    assert as_set(range_pairs(codes, radius)) == want
+    assert as_set(hamming._range_pairs(codes, radius, method="brute")) == want
+    assert any(d == radius for _, _, d in want) or radius > nbytes * 8 - 1
+
+
+def test_clustered_codes_and_big_buckets() -> None:
+    """Few distinct values (blank images share a hash): buckets far larger than a batch."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (5, 8), dtype=np.uint8)
+    codes = base[rng.integers(0, 5, 400)]
+    flip = rng.random((400, 8)) < 0.05
+    codes = codes ^ (flip * rng.integers(1, 256, (400, 8))).astype(np.uint8)
+    old = hamming.CANDIDATE_BATCH
+    hamming.CANDIDATE_BATCH = 20  # force the batched and the sliced big-run paths (runs of ~80)
+    try:
+        got = force_mih(range_pairs, codes, 6)
+    finally:
+        hamming.CANDIDATE_BATCH = old
+    assert as_set(got) == oracle(codes, 6)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_tiny_inputs(n: int) -> None:
+    codes = np.zeros((n, 8), np.uint8)
+    for fn in (range_pairs, lambda c, r: force_mih(range_pairs, c, r)):
+        i, j, d = fn(codes, 3)
+        assert len(i) == len(j) == len(d) == (1 if n == 2 else 0)
+        assert i.dtype == np.int64 and d.dtype == np.int32
+    assert len(range_pairs(codes, -1)[0]) == 0
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        range_pairs(np.zeros((3, 2), np.int64), 1)
+    with pytest.raises(ValueError, match="variants"):
+        range_pairs_dihedral(np.zeros((3, 8), np.uint8), np.zeros((3, 8, 4), np.uint8), 1)
+
+
+def test_plan_keeps_the_pigeonhole() -> None:
+    for nbits, radius, n in [(64, 8, 10**6), (64, 10, 10**7), (256, 31, 10**6), (256, 31, 10**4), (64, 0, 10**6)]:
+        plan = hamming._plan(nbits, radius, n, n)
+        assert plan is not None
+        assert sum(plan.widths) == nbits
+        assert sum(s + 1 for s in plan.radii) == radius + 1
+        assert min(plan.radii) >= 0
+
+
+@pytest.mark.parametrize("nbytes,radius", [(32, 31), (32, 10), (8, 6), (8, 0)])
+def test_dihedral_equal_brute_force(nbytes: int, radius: int) -> None:
+    rng = np.random.default_rng(radius)
+    n = 150
+    codes = planted(rng, n, nbytes, radius)[:n]
+    variants = rng.integers(0, 256, (n, 8, nbytes), dtype=np.uint8)
+    variants[:, 0] = codes
+    # planted transformed copies: j's plain hash near one of i's variants, at and around the radius
+    nbits = nbytes * 8
+    for k, delta in enumerate([radius, radius + 1, max(radius - 1, 0), 0] * 5):
+        i, j, v = rng.choice(n, 2, replace=False).tolist() + [int(rng.integers(1, 8))]
+        bits = np.unpackbits(variants[i, v])
+        bits[rng.choice(nbits, min(delta, nbits), replace=False)] ^= 1
+        codes[j] = variants[j, 0] = np.packbits(bits)
+    want = oracle_dihedral(codes, variants, radius)
+    assert as_set(force_mih(range_pairs_dihedral, codes, variants, radius)) == want
+    assert as_set(range_pairs_dihedral(codes, variants, radius)) == want
+    assert as_set(hamming._range_pairs_dihedral(codes, variants, radius, method="brute")) == want
+
+
+def test_key_ranges_and_small_batches_give_the_same_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounded-memory paths (entries sorted in several key ranges, tiny candidate batches)."""
+    rng = np.random.default_rng(11)
+    codes = planted(rng, 400, 8, 7)
+    want = oracle(codes, 7)
+    monkeypatch.setattr(hamming, "ENTRY_BATCH", 1000)
+    monkeypatch.setattr(hamming, "CANDIDATE_BATCH", 50)
+    assert as_set(force_mih(range_pairs, codes, 7)) == want
