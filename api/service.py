@@ -7,6 +7,7 @@ processes (api.decoding).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,8 @@ from retrieval.errors import RetrievalError
 from retrieval.layout import is_within
 from retrieval.search import MAX_K, Hit
 from retrieval.store import Image
+
+logger = logging.getLogger(__name__)
 
 MAX_REF_CHARS = 4096
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -70,11 +73,31 @@ def resolve_ref(handle: ReaderHandle, ref: str) -> Image:
 
 def corpus_file(handle: ReaderHandle, row: Image) -> Path:
     """The real path of an indexed image, only if it is a regular file inside the corpus root."""
+    if handle.reader.source.local_root is None:
+        raise RetrievalError("the image file is not available", "not_found")
     root = os.path.realpath(handle.reader.corpus_root)
     real = os.path.realpath(os.path.join(root, row.path))
     if not is_within(real, root) or not os.path.isfile(real):
         raise RetrievalError(FILE_GONE, "not_found")
     return Path(real)
+
+
+def is_local(handle: ReaderHandle) -> bool:
+    return handle.reader.source.local_root is not None
+
+
+def source_bytes(handle: ReaderHandle, row: Image) -> bytes:
+    """An image of a remote source, read from it; only paths that belong to the indexed source."""
+    from retrieval.errors import ReadFailure
+
+    source = handle.reader.source
+    if not source.owns(row.path):
+        raise RetrievalError("the image file is not available", "not_found")
+    try:
+        return source.read_bytes(row.path)
+    except ReadFailure as exc:
+        logger.warning("cannot read %s from its source: %s", row.path, exc.reason)
+        raise RetrievalError("the image file is not available", "not_found") from None
 
 
 # --- output ------------------------------------------------------------------------------------

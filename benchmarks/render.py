@@ -573,6 +573,28 @@ def _embed_copy(d: dict[str, Any]) -> list[str]:
     return [desc, _table(["copy model", "forward only, img/s", "`index --copy-model`, img/s"], rows)]
 
 
+def _sources(d: dict[str, Any]) -> list[str]:
+    desc = (f"`benchmarks/sources.py`: the same {_n(d['images'])} images ({d.get('image_size', '?')}) indexed from "
+            f"a local folder, from WebDataset shards of {_n(d.get('per_shard'))} images, and from moto's S3-compatible "
+            f"server on 127.0.0.1, in one run; {d.get('model', '?')}; decode workers: {d.get('workers', 0)}.")
+    rows = []
+    local = next(iter(d["sources"].values()))
+    for name, r in d["sources"].items():
+        t = r.get("timings", {})
+        ratio = r["images_per_s"] / local["images_per_s"] if r.get("images_per_s") and local.get("images_per_s") else None
+        rows.append([name, _n(r.get("images_per_s")), _ratio(ratio) if ratio else "-", _n(r["wall_s"]),
+                     _n(t.get("scan_s")), _n(t.get("decode_wait_s"))])
+    u = d["unchanged_bucket"]
+    again, first = u["unchanged_rerun"], u["first_run"]
+    at = again.get("timings", {})
+    scale = "" if u["objects"] >= 100_000 else f" (measured at {_n(u['objects'])} objects, not 100,000)"
+    goal = (f"**Goal** (re-index of an unchanged bucket costs a listing, no reads, no model): {_n(u['objects'])} "
+            f"objects re-indexed in {_n(again['wall_s'])} s (listing {_n(at.get('scan_s'))} s, comparison "
+            f"{_n(at.get('plan_s'))} s; first run {_n(first['wall_s'])} s), model loaded: "
+            f"{'yes' if again.get('device') not in (None, '-') else 'no'}{scale}.")
+    return [desc, _table(["source", "img/s", "vs local folder", "wall s", "scan/list s", "decode wait s"], rows), goal]
+
+
 Renderer = Callable[[dict[str, Any]], list[str]]
 ORDER: list[tuple[str, str, Renderer]] = [
     ("embed_throughput", "Embedding throughput", _embed),
@@ -584,6 +606,7 @@ ORDER: list[tuple[str, str, Renderer]] = [
     ("api_batching", "API throughput and batching", _api),
     ("incremental_reindex", "Incremental re-index", _incremental),
     ("ui_render", "Web UI first render", _ui_render),
+    ("sources", "Indexing from shards and object storage", _sources),
 ]
 NAMES = [name for name, _, _ in ORDER]
 

@@ -26,9 +26,10 @@ from retrieval.errors import CorpusError, IndexMismatchError
 from retrieval.imaging.decode import DecodeSpec, WorkItem
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.loader import decode_batches, regroup
-from retrieval.imaging.scan import IMAGE_EXTENSIONS, scan_corpus
+from retrieval.imaging.scan import IMAGE_EXTENSIONS
 from retrieval.layout import IndexLayout, IndexLock, remove_stale_temporaries
 from retrieval.settings import Settings
+from retrieval.sources import Source, open_source
 from retrieval.store import (
     COPY_NONE,
     ClusterAssignment,
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class IndexOptions:
-    corpus: Path
+    corpus: Path | str  # a folder, a URL prefix, a list or shards (retrieval.sources.open_source)
     settings: Settings
     rebuild: bool = False
     retry_failed: bool = False
@@ -103,6 +104,24 @@ def default_workers(device: str) -> int:
     return 0 if cpus <= 4 else max(1, cpus // 8)
 
 
+# A remote source that stops answering (endpoint down, credentials revoked mid-run) turns every
+# read into a failure after its retries; after this many in a row the run stops with one clear
+# error instead of grinding through the rest. What was committed stays; the next run resumes.
+UNREACHABLE_STREAK = 200
+
+
+def _unreachable(results: list[Any], streak: int) -> tuple[int, str | None]:
+    """The running count of consecutive reads that failed after retries, and the last reason."""
+    reason = None
+    for r in results:
+        if r.failure_kind == "io_error" and (r.failure_reason or "").startswith("read failed after retries"):
+            streak += 1
+            reason = r.failure_reason
+        else:
+            streak = 0
+    return streak, reason
+
+
 MIN_WORKER_CHUNK = 32
 CHUNKS_PER_WORKER = 8
 
@@ -147,14 +166,16 @@ def _reset_index(layout: IndexLayout, store: Store) -> None:
         s.execute(delete(Meta))
         if store.engine.dialect.name == "sqlite":
             s.execute(text("DELETE FROM sqlite_sequence WHERE name = 'images'"))
+        elif store.engine.dialect.name == "postgresql":
+            s.execute(text("SELECT setval(pg_get_serial_sequence('images', 'id'), 1, false)"))
     for path in (layout.vectors_path, layout.legacy_vectors_path, layout.faiss_path, layout.vectors_for("copy"),
                  layout.faiss_for("copy")):
         if path.exists():
             path.unlink()
 
 
-def _check_corpus(corpus: Path, store: Store) -> str:
-    root = str(corpus.resolve())
+def _check_corpus(source: Source, store: Store) -> str:
+    root = source.uri
     recorded = store.get_meta("corpus_root")
     if recorded and recorded != root:
         raise IndexMismatchError(
@@ -250,11 +271,7 @@ def _load_copy_model(opts: IndexOptions, store: Store, layout: IndexLayout, plan
 def run_index(opts: IndexOptions) -> IndexSummary:
     """Index (or update the index of) one corpus. Safe to interrupt at any point and run again."""
     s = opts.settings
-    corpus = Path(opts.corpus)
-    if not corpus.exists():
-        raise CorpusError(f"corpus folder {corpus} does not exist")
-    if not corpus.is_dir():
-        raise CorpusError(f"corpus path {corpus} is not a folder")
+    source = open_source(opts.corpus)
     layout = IndexLayout(Path(s.index_dir))
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -271,17 +288,17 @@ def run_index(opts: IndexOptions) -> IndexSummary:
             previous_copy = store.get_meta("copy_model_ref")
             if opts.rebuild:
                 _reset_index(layout, store)
-            root = _check_corpus(corpus, store)
+            root = _check_corpus(source, store)
 
             t = time.perf_counter()
-            entries = list(scan_corpus(corpus, exclude=(layout.root,)))
+            entries = list(source.scan(cache_dir=layout.root, exclude=(layout.root,)))
             timings["scan_s"] = time.perf_counter() - t
             t = time.perf_counter()
             plan = make_plan(store, entries, retry_failed=opts.retry_failed)
             timings["plan_s"] = time.perf_counter() - t
             if plan.scanned == 0 and store.count_images() == 0:
                 raise CorpusError(
-                    f"no images found in {corpus} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ... "
+                    f"no images found in {opts.corpus} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ... "
                     f"and image file signatures)"
                 )
 
@@ -298,7 +315,7 @@ def run_index(opts: IndexOptions) -> IndexSummary:
             summary = IndexSummary(corpus=root, index_dir=str(layout.root.resolve()),
                                    unchanged=plan.unchanged, known_failures=plan.known_failures,
                                    removed=len(plan.removed_ids))
-            run = _start_run(store, root, embedder)
+            run = _start_run(store, source, embedder)
             summary.model = store.get_meta("model_ref") or ""
             summary.copy_model = store.get_meta("copy_model_ref")
             summary.device = embedder.device if embedder else "-"
@@ -306,7 +323,7 @@ def run_index(opts: IndexOptions) -> IndexSummary:
             remove_images(store, plan.removed_ids, plan.removed_failure_paths)
             if plan.todo:
                 assert embedder is not None
-                counts = _embed_all(opts, root, plan.todo, embedder, store, timings, plan.crashed, copy)
+                counts = _embed_all(opts, source, plan.todo, embedder, store, timings, plan.crashed, copy)
                 summary.new, summary.changed, summary.touched, summary.failed = (
                     counts.new, counts.changed, counts.touched, counts.failed)
                 embedded = counts.new + counts.changed
@@ -315,7 +332,7 @@ def run_index(opts: IndexOptions) -> IndexSummary:
                     summary.copy_embedded = embedded
             if copy is not None:
                 t1 = time.perf_counter()
-                summary.copy_embedded += _add_copy_role(opts, root, copy, store, layout)
+                summary.copy_embedded += _add_copy_role(opts, source, copy, store, layout)
                 timings["copy_backfill_s"] = time.perf_counter() - t1
 
             dim = store.get_meta("dim")
@@ -361,8 +378,11 @@ def _failure_kinds(store: Store) -> dict[str, int]:
         return dict(s.execute(select(Failure.kind, func.count()).group_by(Failure.kind)).all())
 
 
-def _start_run(store: Store, root: str, embedder: Any) -> int:
+def _start_run(store: Store, source: Source, embedder: Any) -> int:
+    root = source.uri
     with store.session() as s, s.begin():
+        if source.kind != "folder" and store.get_meta("source") is None:
+            store.set_meta(s, source=source.to_meta())  # a folder index stays as it always was
         if embedder is not None and store.get_meta("dim") is None:
             store.set_meta(s, corpus_root=root, model_ref=embedder.model_ref, model_fingerprint=embedder.fingerprint,
                            dim=embedder.dim, preprocess=embedder.preprocess.to_dict(), created_at=utcnow().isoformat())
@@ -384,7 +404,7 @@ def _finish_run(store: Store, run_id: int, summary: IndexSummary) -> None:
                       timings=summary.timings, images_per_s=summary.images_per_s)
 
 
-def _embed_all(opts: IndexOptions, root: str, items: list[WorkItem], embedder: Any, store: Store,
+def _embed_all(opts: IndexOptions, source: Source, items: list[WorkItem], embedder: Any, store: Store,
                timings: dict[str, float], crashed: set[str], copy: Any = None) -> BatchCounts:
     import torch
 
@@ -395,12 +415,12 @@ def _embed_all(opts: IndexOptions, root: str, items: list[WorkItem], embedder: A
         # Leave the decode workers their cores, so they never preempt the model's threads.
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
     try:
-        return _embed_loop(opts, root, items, embedder, store, timings, workers, crashed, copy)
+        return _embed_loop(opts, source, items, embedder, store, timings, workers, crashed, copy)
     finally:
         torch.set_num_threads(threads)
 
 
-def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: Any, store: Store,
+def _embed_loop(opts: IndexOptions, source: Source, items: list[WorkItem], embedder: Any, store: Store,
                 timings: dict[str, float], workers: int, crashed: set[str], copy: Any = None) -> BatchCounts:
     from tqdm import tqdm
 
@@ -413,8 +433,9 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
     chunk = worker_chunk(len(items), workers, s.batch_size)
     # One decode per file: the search input, the copy input (when a copy model is set) and PDQ.
     spec = DecodeSpec(search=embedder.preprocess, copy=copy.prepare if copy is not None else None)
-    chunks = decode_batches(root, items, spec, s.max_pixels, chunk, workers, markers,
-                            suspects=crashed, pin_memory=pin, timeout_s=s.decode_timeout_s or None)
+    chunks = source.decode_stream(items, lambda reader, part: decode_batches(
+        reader, part, spec, s.max_pixels, chunk, workers, markers, suspects=crashed, pin_memory=pin,
+        timeout_s=s.decode_timeout_s or None))
     batches = closing(regroup(chunks, s.batch_size, pin_memory=pin) if chunk < s.batch_size else chunks)
     vectors = role_vectors(layout, "search", embedder.dim)
     copy_vectors = role_vectors(layout, "copy", copy.dim) if copy is not None else None
@@ -431,6 +452,7 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
         writer = writer_cls(
             lambda results, vecs: write_batch(store, vectors, results, vecs[0], copy_vectors, vecs[1]),
             lambda vecs: (embedder.to_numpy(vecs[0]), vecs[1]), done)
+        streak = 0
         with writer:
             t = time.perf_counter()
             for results, pixels in decoded:
@@ -446,6 +468,10 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
                 t2 = time.perf_counter()
                 embed += t2 - t1
                 writer.put(results, (vecs, copy_vecs))
+                streak, reason = _unreachable(results, streak)
+                if streak >= UNREACHABLE_STREAK:
+                    raise CorpusError(f"{source.describe()} stopped answering: the last {streak} reads failed "
+                                      f"({reason}); what was indexed is kept, run again to resume")
                 t = time.perf_counter()
         total = writer.total
     markers.clean()
@@ -459,7 +485,7 @@ def _embed_loop(opts: IndexOptions, root: str, items: list[WorkItem], embedder: 
     return total
 
 
-def _add_copy_role(opts: IndexOptions, root: str, copy: Any, store: Store, layout: IndexLayout) -> int:
+def _add_copy_role(opts: IndexOptions, source: Source, copy: Any, store: Store, layout: IndexLayout) -> int:
     """Give every indexed image without one a copy vector (and its PDQ hashes), decoding only for the copy role.
 
     Incremental and crash-safe like the main loop: each batch's vectors are fsynced before the
@@ -475,7 +501,8 @@ def _add_copy_role(opts: IndexOptions, root: str, copy: Any, store: Store, layou
     markers = InflightMarkers(layout.decoding_dir)
     spec = DecodeSpec(search=None, copy=copy.prepare)
     copy_vectors = role_vectors(layout, "copy", copy.dim)
-    chunks = closing(decode_batches(root, items, spec, s.max_pixels, s.batch_size, workers, markers))
+    chunks = closing(source.decode_stream(items, lambda reader, part: decode_batches(
+        reader, part, spec, s.max_pixels, s.batch_size, workers, markers, timeout_s=s.decode_timeout_s or None)))
     done = skipped = 0
     with markers, chunks as decoded, tqdm(total=len(items), unit="img", desc="copy role", disable=not opts.progress,
                                           dynamic_ncols=True) as bar:

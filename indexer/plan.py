@@ -1,6 +1,7 @@
 """Stage 1b: compare a scan with the database and decide what this run has to do.
 
-Unchanged means same size and mtime (as rsync decides); a changed file is re-read, and only
+Unchanged means same size and mtime (as rsync decides), and for objects of a remote source the
+same ETag; shard members carry their shard's tag (see retrieval.sources.shards). A changed file is re-read, and only
 re-embedded when its bytes differ. Known failures are not retried until the file changes,
 except unreadable ones (permissions get fixed without touching mtime) or with --retry-failed.
 A file whose last decoding crashed is retried only in isolation (see retrieval.imaging.loader).
@@ -43,11 +44,12 @@ class Plan:
 def make_plan(store: Store, entries: Iterable[ScanEntry], retry_failed: bool = False) -> Plan:
     with store.session() as s:
         images = {
-            path: (image_id, size, mtime)
-            for image_id, path, size, mtime in s.execute(select(Image.id, Image.path, Image.size, Image.mtime_ns))
+            path: (image_id, size, mtime, etag)
+            for image_id, path, size, mtime, etag in s.execute(
+                select(Image.id, Image.path, Image.size, Image.mtime_ns, Image.etag))
         }
-        failures = {path: (size, mtime, kind) for path, size, mtime, kind in s.execute(
-            select(Failure.path, Failure.size, Failure.mtime_ns, Failure.kind))}
+        failures = {path: (size, mtime, kind, etag) for path, size, mtime, kind, etag in s.execute(
+            select(Failure.path, Failure.size, Failure.mtime_ns, Failure.kind, Failure.etag))}
     plan = Plan()
     seen: set[str] = set()
     changed: list[WorkItem] = []
@@ -56,22 +58,23 @@ def make_plan(store: Store, entries: Iterable[ScanEntry], retry_failed: bool = F
         seen.add(text_path(entry.path))
         known = images.get(entry.path)
         if known is not None:
-            image_id, size, mtime = known
-            if size == entry.size and mtime == entry.mtime_ns:
+            image_id, size, mtime, etag = known
+            if size == entry.size and mtime == entry.mtime_ns and etag == entry.etag:
                 plan.unchanged += 1
             else:
-                changed.append(WorkItem(entry.path, entry.size, entry.mtime_ns, image_id))
+                changed.append(WorkItem(entry.path, entry.size, entry.mtime_ns, image_id, etag=entry.etag,
+                                        meta=entry.meta))
             continue
         failed = failures.get(text_path(entry.path))
         if (failed is not None and not retry_failed and failed[2] not in ALWAYS_RETRY
-                and failed[0] == entry.size and failed[1] == entry.mtime_ns):
+                and failed[0] == entry.size and failed[1] == entry.mtime_ns and failed[3] == entry.etag):
             plan.known_failures += 1
             continue
         if failed is not None and failed[2] in (CRASH_KIND, TIMEOUT_KIND):
             plan.crashed.add(entry.path)
-        plan.todo.append(WorkItem(entry.path, entry.size, entry.mtime_ns))
+        plan.todo.append(WorkItem(entry.path, entry.size, entry.mtime_ns, etag=entry.etag, meta=entry.meta))
     plan.todo.extend(_with_known_hashes(store, changed))
-    plan.removed_ids = sorted(image_id for path, (image_id, _size, _mtime) in images.items() if path not in seen)
+    plan.removed_ids = sorted(known[0] for path, known in images.items() if path not in seen)
     plan.removed_failure_paths = sorted(path for path in failures if path not in seen)
     return plan
 
@@ -82,5 +85,6 @@ def _with_known_hashes(store: Store, items: list[WorkItem]) -> list[WorkItem]:
     with store.session() as s:
         for part in chunked(items):
             known = dict(s.execute(select(Image.id, Image.sha256).where(Image.id.in_([i.image_id for i in part]))).all())
-            out.extend(WorkItem(i.path, i.size, i.mtime_ns, i.image_id, known.get(i.image_id)) for i in part)
+            out.extend(WorkItem(i.path, i.size, i.mtime_ns, i.image_id, known.get(i.image_id), i.etag, i.meta)
+                       for i in part)
     return out

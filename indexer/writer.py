@@ -30,7 +30,7 @@ def _record_failure(session, result: DecodeResult) -> None:  # noqa: ANN001
     item = result.item
     path = text_path(item.path)  # a name that is not UTF-8 is recorded with its bad bytes as \xNN
     session.execute(delete(Failure).where(Failure.path == path))
-    session.add(Failure(path=path, size=max(item.size, 0), mtime_ns=item.mtime_ns,
+    session.add(Failure(path=path, size=max(item.size, 0), mtime_ns=item.mtime_ns, etag=item.etag,
                         kind=result.failure_kind or "corrupt", reason=result.failure_reason or "unknown"))
 
 
@@ -51,7 +51,7 @@ def write_batch(store: Store, vectors: VectorStore, results: list[DecodeResult],
             item = r.item
             fields = dict(size=item.size, mtime_ns=item.mtime_ns, sha256=r.sha256, width=r.width, height=r.height,
                           format=r.format[:16], phash=to_signed64(r.phash), indexed=False, updated_at=now,
-                          pdq=r.pdq, pdq_quality=r.pdq_quality, copy_state=copy_state)
+                          pdq=r.pdq, pdq_quality=r.pdq_quality, copy_state=copy_state, etag=item.etag, extra=r.meta)
             if item.image_id is None:
                 row = Image(path=item.path, added_at=now, **fields)
                 s.add(row)
@@ -72,7 +72,7 @@ def write_batch(store: Store, vectors: VectorStore, results: list[DecodeResult],
             if r.unchanged_content and item.image_id is not None:
                 row = s.get(Image, item.image_id)
                 if row is not None:
-                    row.size, row.mtime_ns, row.updated_at = item.size, item.mtime_ns, now
+                    row.size, row.mtime_ns, row.updated_at, row.etag = item.size, item.mtime_ns, now, item.etag
                     counts.touched += 1
             elif r.failure_reason is not None:
                 _record_failure(s, r)

@@ -80,3 +80,18 @@ class ImageDecodeError(RetrievalError):
 
 class QueryError(RetrievalError):
     """A search query is invalid (unknown id, path outside the corpus, bad k)."""
+
+
+class ReadFailure(RetrievalError):
+    """Bytes of one image could not be read from its source (remote object gone, denied, timed out, too large).
+
+    `failure_kind` is the failures-table category (vanished, unreadable, io_error, too_large); the
+    run records it with `reason` and goes on. As an error kind it is `unavailable`.
+    """
+
+    def __init__(self, failure_kind: str, reason: str):
+        super().__init__(reason, "unavailable")
+        self.failure_kind, self.reason = failure_kind, reason
+
+    def __reduce__(self):  # noqa: ANN204 - crosses process boundaries (decode workers)
+        return (ReadFailure, (self.failure_kind, self.reason))

@@ -206,7 +206,7 @@ class Index:
         Example: ``index.update("photos/").total_images``
         """
         self.close()  # the run changes what a reader holds (meta, FAISS file)
-        return load_updater()(Path(corpus), self.settings, rebuild=rebuild, retry_failed=retry_failed,
+        return load_updater()(os.fspath(corpus), self.settings, rebuild=rebuild, retry_failed=retry_failed,
                               index_factory=index_factory, progress=show_progress(progress))
 
     # --- searching ----------------------------------------------------------------------------
@@ -303,7 +303,7 @@ class Index:
         s = self.settings
         outcome = run_dedup(self.writer, DedupOptions(
             threshold=threshold, k=k, phash_distance=phash_distance, pdq_distance=pdq_distance, role=role, keep=keep,
-            max_group_diameter=max_group_diameter, against=Path(against) if against is not None else None, embeddings=embeddings,
+            max_group_diameter=max_group_diameter, against=os.fspath(against) if against is not None else None, embeddings=embeddings,
             progress=show_progress(progress), force=force, max_pixels=s.max_pixels, batch_size=s.batch_size,
             workers=s.workers or 0, ray=resolve_address(ray)))
         return DedupResult.from_document(load_run(self.writer, outcome.run_id), reused=outcome.reused)
@@ -369,7 +369,7 @@ class Index:
 
         s = self.settings
         o = run_curation(self.writer, CurateOptions(
-            queries=Path(queries), mode=mode, k=k, per_cluster=per_cluster, min_queries=min_queries,
+            queries=os.fspath(queries), mode=mode, k=k, per_cluster=per_cluster, min_queries=min_queries,
             max_images=max_images, cluster_run=cluster_run, seed=seed, progress=show_progress(progress),
             max_pixels=s.max_pixels, batch_size=s.batch_size, workers=s.workers or 0, force=force))
         items = [CuratedImage(image_id=d["image_id"], path=d["path"], how=d["how"], query=d["query"], score=d["score"],

@@ -59,6 +59,7 @@ class IndexReader:
                 f"no index in {layout.root.resolve()}; run `retrieval index CORPUS` here first or pass --index-dir"
             )
         self.layout = layout
+        self._source: Any = None  # the corpus's source (retrieval.sources), opened on first use
         self._mmap = mmap
         self._settings = settings  # device and precision of the query embedder; None: the environment's
         self._index: Any = None
@@ -191,6 +192,28 @@ class IndexReader:
             self.rows.close()
         self.store.close()
 
+    @property
+    def source(self) -> Any:
+        """The retrieval.sources.Source the index was built from (a folder for older indexes)."""
+        if self._source is None:
+            from retrieval.sources import source_from_meta
+
+            self._source = source_from_meta(self.meta)
+        return self._source
+
+    @property
+    def corpus_name(self) -> str:
+        """The corpus as a person wrote it: a folder's path or the source's URI."""
+        return str(self.meta.get("corpus_root") or self.corpus_root)
+
+    def locate(self, path: str) -> Any:
+        """Something with read_bytes() for a stored path: the file of a folder, a Located image otherwise."""
+        if self.source.local_root is not None:
+            return self.corpus_root / path
+        from retrieval.sources.base import Located
+
+        return Located(self.source, path)
+
     # --- resolving references -----------------------------------------------------------------
     def image(self, image_id: int) -> Image:
         with self.rows.session() as s:
@@ -259,6 +282,8 @@ def search_file(reader: IndexReader, image: str, k: int, exclude_self: bool, max
 
     Returns how the query was answered ("stored vector of id N" / "embedded file") and the hits.
     """
+    if "://" in image or "#" in image:
+        return _search_uri(reader, image, k, exclude_self, max_pixels)
     path = Path(image)
     if not path.exists() and image.isdigit():
         image_id = int(image)
@@ -275,10 +300,33 @@ def search_file(reader: IndexReader, image: str, k: int, exclude_self: bool, max
         data = path.read_bytes()
     except OSError as exc:
         raise QueryError(f"cannot read {image}: {exc.strerror or exc}") from None
+    return "embedded file", _search_bytes(reader, data, image, k, max_pixels)
+
+
+def _search_bytes(reader: IndexReader, data: bytes, name: str, k: int, max_pixels: int) -> list[Hit]:
     from retrieval.errors import ImageDecodeError
 
     try:
         vector = reader.embed_bytes(data, max_pixels)
     except ImageDecodeError as exc:
-        raise QueryError(f"{image}: {exc}") from None
-    return "embedded file", reader.search_vector(vector, k)
+        raise QueryError(f"{name}: {exc}") from None
+    return reader.search_vector(vector, k)
+
+
+def _search_uri(reader: IndexReader, uri: str, k: int, exclude_self: bool, max_pixels: int) -> tuple[str, list[Hit]]:
+    """A URI (or `shard.tar#member`): the stored vector when indexed, else its bytes fetched and embedded."""
+    from retrieval.errors import ReadFailure
+
+    row = reader.image_by_path(uri)
+    if row is not None:
+        return f"stored vector of {uri} (id {row.id})", reader.search_id(row.id, k, exclude_self)
+    if "://" not in uri:
+        raise QueryError(f"{uri} is not an indexed image (shard members are named <shard>#<member>)")
+    from retrieval.sources.base import ReadLimits
+    from retrieval.sources.remote import read_url
+
+    try:
+        data = read_url(uri, ReadLimits.from_env())
+    except ReadFailure as exc:
+        raise QueryError(f"cannot read {uri}: {exc.reason}") from None
+    return "embedded URL", _search_bytes(reader, data, uri, k, max_pixels)

@@ -70,6 +70,8 @@ class Image(Base):
     copy_state: Mapped[int] = mapped_column(SmallInteger, default=0, server_default="0", index=True)
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    etag: Mapped[str | None] = mapped_column(String(128), nullable=True)  # object stores; None for local files
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # list columns / shard sidecars
 
 
 COPY_NONE, COPY_WRITTEN, COPY_INDEXED = 0, 1, 2
@@ -87,6 +89,7 @@ class Failure(Base):
     kind: Mapped[str] = mapped_column(String(32))  # machine-readable category, e.g. "truncated"
     reason: Mapped[str] = mapped_column(Text)
     failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    etag: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class IndexRun(Base):
@@ -130,6 +133,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def normalise_url(url: str) -> str:
+    """`postgresql://` / `postgres://` mean psycopg 3 (the driver the `postgres` extra installs)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
 
 
 def _sqlite_readonly_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -224,6 +235,7 @@ def make_readonly_engine(url: str, snapshot: bool = False) -> Engine:
 
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL and a busy timeout."""
+    url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -247,6 +259,12 @@ def upgrade_to_head(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            # Processes opening the same database at once (an index run, API workers) migrate one at
+            # a time; the lock ends with the transaction.
+            from sqlalchemy import text
+
+            connection.execute(text("SELECT pg_advisory_xact_lock(7240510003)"))
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
 

@@ -81,3 +81,6 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from retrieval.settings import get_settings
 
     get_settings.cache_clear()
+
+
+pytest_plugins = ["tests.servers"]  # S3 (moto), HTTP and PostgreSQL servers on loopback

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import mimetypes
-from typing import Annotated
+from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, Response
@@ -39,12 +40,18 @@ def image_meta(handle: ReaderDep, image_id: ImageId) -> ImageOut:
 
 @router.get("/images/{image_id}/file", responses={**ERRORS, 200: {"content": {"image/*": {}}}},
             response_class=FileResponse, summary="The original image bytes")
-def image_file(handle: ReaderDep, image_id: ImageId) -> FileResponse:
+def image_file(handle: ReaderDep, image_id: ImageId) -> Response:
     row = service.get_image(handle, image_id)
-    real = service.corpus_file(handle, row)
     media = CONTENT_TYPES.get(row.format.upper()) or mimetypes.guess_type(row.path)[0] or "application/octet-stream"
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"}
+    if not service.is_local(handle):  # an object store, a list of URLs, a shard: bytes from the source
+        data = service.source_bytes(handle, row)
+        name = row.path.rsplit("/", 1)[-1].split("#")[-1]
+        return Response(data, media_type=media, headers={
+            **headers, "Content-Disposition": f"inline; filename*=utf-8''{quote(name)}"})
+    real = service.corpus_file(handle, row)
     return FileResponse(real, media_type=media, filename=real.name, content_disposition_type="inline",
-                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"})
+                        headers=headers)
 
 
 @router.get("/images/{image_id}/thumbnail", responses={**ERRORS, 415: {"model": ErrorOut}, 422: {"model": ErrorOut},
@@ -54,7 +61,7 @@ def image_thumbnail(handle: ReaderDep, settings: SettingsDep, image_id: ImageId,
                     size: Annotated[int | None, Query(ge=16, le=1024, description="Longest edge in pixels.")] = None,
                     ) -> Response:
     row = service.get_image(handle, image_id)
-    real = service.corpus_file(handle, row)
+    real: Any = service.corpus_file(handle, row) if service.is_local(handle) else _FromSource(handle, row)
     # Cached sizes are a few buckets (the next one up), so clients cannot fill the disk with
     # one cached file per requested size.
     wanted = size or settings.thumbnail_default_size
@@ -65,6 +72,16 @@ def image_thumbnail(handle: ReaderDep, settings: SettingsDep, image_id: ImageId,
         raise RetrievalError(service.FILE_GONE, "not_found") from None
     return Response(data, media_type="image/jpeg",
                     headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=86400"})
+
+
+class _FromSource:
+    """read_bytes() of a remote image, for the thumbnail cache (read only on a cache miss)."""
+
+    def __init__(self, handle: Any, row: Any):
+        self.handle, self.row = handle, row
+
+    def read_bytes(self) -> bytes:
+        return service.source_bytes(self.handle, self.row)
 
 
 @router.get("/images/{image_id}/duplicates", response_model=DuplicatesOut, responses=ERRORS,

@@ -84,7 +84,7 @@ def main(
 
 @app.command()
 def index(
-    corpus: Path = typer.Argument(..., help="Folder of images (searched recursively).", show_default=False),
+    corpus: str = typer.Argument(..., help="Folder of images (searched recursively), fsspec URL prefix (s3://, gs://, az://, http(s)://, file://), .txt/.csv/.parquet list of paths or URLs, or WebDataset .tar shards (glob or {000..009} pattern).", show_default=False),
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local save_pretrained folder, or cached hub id [default: facebook/dinov2-small, or the model the index was built with]."),
@@ -104,7 +104,7 @@ def index(
     progress: Optional[bool] = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Index a folder of images: embed new and changed files, drop deleted ones, update the FAISS index.
+    """Index a folder of images (or a bucket, a list, shards): embed new and changed files, drop deleted ones, update the FAISS index.
 
     Re-running is cheap (only changes are processed) and an interrupted run resumes where it stopped.
     Unreadable, corrupt, truncated and oversized files are recorded with a reason and skipped.
@@ -112,6 +112,8 @@ def index(
     Example:
 
         retrieval index ./photos --model ./models/dinov2-small
+
+        retrieval index s3://bucket/photos   |   retrieval index 'shards/{000000..000009}.tar'   |   retrieval index urls.parquet
     """
     index = open_index(index_dir=index_dir, db_url=db, model=model, copy_model=copy_model, device=device, precision=precision,
                        batch_size=batch_size, workers=workers, max_pixels=max_pixels, memory_budget=memory_budget,
@@ -129,7 +131,7 @@ def index(
 
 @app.command()
 def search(
-    image: str = typer.Argument(..., help="An image file (inside or outside the corpus) or an image id.", show_default=False),
+    image: str = typer.Argument(..., help="An image file (inside or outside the corpus), an image id, or a URI (s3://..., https://..., shard.tar#member).", show_default=False),
     k: int = typer.Option(10, "-k", help="Number of neighbours.", min=1, max=1000),
     index_dir: Optional[Path] = IndexDirOpt,
     db: Optional[str] = DbOpt,
@@ -148,12 +150,12 @@ def search(
 
     with open_index(index_dir=index_dir, db_url=db) as index:
         result = index.search(image, k, include_self=include_self)
-        corpus_root = index.corpus_root
+        corpus_name = index.reader.corpus_name
     if as_json:
         typer.echo(json.dumps({"query": image, "answered_from": result.answered_from,
                                "results": [asdict(h) for h in result.hits]}, indent=2))
         return
-    typer.echo(f"{plural(len(result.hits), 'nearest image')} to {image} ({result.answered_from}), corpus {corpus_root}:")
+    typer.echo(f"{plural(len(result.hits), 'nearest image')} to {image} ({result.answered_from}), corpus {corpus_name}:")
     for rank, hit in enumerate(result.hits, 1):
         typer.echo(f"{rank:>4}  {hit.score:.4f}  id={hit.id:<8} {hit.path}  ({hit.width}x{hit.height} {hit.format})")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 from pathlib import Path
+from dataclasses import asdict
 from typing import Any, Optional
 
 import typer
@@ -47,10 +48,10 @@ def dedup(
     role: str = typer.Option("auto", "--role", help="Embedding the k-NN graph runs on: auto (the copy role when the index has one), copy or search."),
     keep: Keep = typer.Option(DEFAULT_POLICY, "--keep", help="Which copy survives: the most pixels, the largest file, the oldest file, the shortest path, or the first indexed."),
     max_group_diameter: Optional[float] = typer.Option(None, "--max-group-diameter", help="Split groups so every member is within this cosine distance (1 - cos) of its representative [default: off, plain connected components as in the paper]."),
-    against: Optional[Path] = typer.Option(None, "--against", help="Reference folder (e.g. benchmark images): embedded, not indexed; every group touching it is removed whole."),
+    against: Optional[str] = typer.Option(None, "--against", help="Reference set (e.g. benchmark images): a folder, URL prefix, list or shards; embedded, not indexed; every group touching it is removed whole."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Run the embedding (copy detection) stage."),
     report_dir: Path = typer.Option(Path("dedup-report"), "--report-dir", "-o", help="Where the reports are written."),
-    apply: bool = typer.Option(False, "--apply", help="Move the files marked remove to --move-to and drop them from the index (default: dry run)."),
+    apply: bool = typer.Option(False, "--apply", help="Move the files marked remove to --move-to and drop them from the index (default: dry run). For a remote or list source: write manifest.csv and a filtered kept.parquet instead."),
     move_to: Optional[Path] = typer.Option(None, "--move-to", help="Folder outside the corpus that removed files move to, keeping their relative paths."),
     force: bool = typer.Option(False, "--force", help="Recompute even when an identical run on the unchanged index exists."),
     run: Optional[int] = typer.Option(None, "--run", help="With --apply: apply this stored run (the id its report shows, with the keep/remove decisions reviewed in `retrieval serve`) instead of the run the other options select."),
@@ -70,8 +71,6 @@ def dedup(
 
         retrieval dedup --report-dir ./dedup && retrieval dedup --apply --run 1 --move-to ../removed
     """
-    if apply and move_to is None:
-        raise RetrievalError("--apply needs --move-to DIR: removed files are moved there, never deleted")
     if move_to is not None and not apply:
         raise RetrievalError("--move-to only acts together with --apply (the default is a dry run)")
     if run is not None and not apply:
@@ -91,7 +90,12 @@ def dedup(
                + [f"  not moved: {x['path']} ({x['reason']})" for x in listed.skipped[:20]])
         return
     with open_index(index_dir=index_dir, db_url=db) as index:
-        if move_to is not None:
+        # A folder is changed in place (files move out); a remote, list or shard source never is:
+        # --apply writes a manifest and a filtered list instead.
+        in_place = index.reader.source.writable
+        if apply and move_to is None and in_place:
+            raise RetrievalError("--apply needs --move-to DIR: removed files are moved there, never deleted")
+        if move_to is not None and in_place:
             from retrieval.curation.apply import check_move_to
 
             check_move_to(index.corpus_root, move_to)
@@ -100,13 +104,18 @@ def dedup(
             keep=keep.value, max_group_diameter=max_group_diameter,
             against=against, embeddings=embeddings, progress=progress, force=force, ray=ray)
         files = index.write_report(result, report_dir, progress)
-        applied = None
+        applied = manifest = None
         if apply and run is None and not result.reused:
             raise RetrievalError(
                 f"the index or the options changed since the last dedup report, so this computed a new run "
                 f"{result.run_id} (report in {report_dir}); nothing was moved. Review it, then apply exactly "
                 f"that run with --apply --run {result.run_id}")
-        if apply:
+        if apply and not in_place:
+            from retrieval.curation.apply import write_manifest
+
+            manifest = write_manifest(index.reader, result.run_id, report_dir)
+            corpus_kind, corpus_name = index.reader.source.kind, index.reader.corpus_name
+        elif apply:
             assert move_to is not None
             applied = index.apply_dedup(result, move_to)
             from retrieval.curation.report import write_text_lines
@@ -123,14 +132,20 @@ def dedup(
         lines.append(f"warning: {warning['message']}")
     if result.reference_failures:
         lines.append(f"{_plural(len(result.reference_failures), 'reference file')} could not be used (listed in duplicates.json)")
-    if applied is not None:
+    if manifest is not None:
+        lines.append(f"the source ({corpus_kind}: {corpus_name}) is not changed in place: nothing "
+                     f"moved; wrote {manifest.manifest} and the filtered list {manifest.kept_list} "
+                     f"({manifest.kept} images kept, {manifest.removed} removed)"
+                     + (f", shards {manifest.shard_list}" if manifest.shard_list else ""))
+    elif applied is not None:
         lines.append(f"moved {_plural(len(applied.moved), 'file')} to {applied.move_to}; skipped {len(applied.skipped)}")
     else:
         lines.append("dry run: nothing moved (use --apply --move-to DIR)")
     data = {"run_id": result.run_id, "reused": result.reused, "summary": s, "report_dir": str(report_dir.resolve()),
             "files": {k: str(v) for k, v in files.items()},
             "applied": None if applied is None else {"moved": applied.moved, "skipped": applied.skipped,
-                                                     "move_to": applied.move_to}}
+                                                     "move_to": applied.move_to},
+            "manifest": None if manifest is None else asdict(manifest)}
     _print(data, as_json, lines)
 
 
@@ -177,7 +192,7 @@ COMMANDS.append(cluster)
 
 
 def curate(
-    queries: Path = typer.Option(..., "--queries", help="Folder of query images (embedded, not indexed)."),
+    queries: str = typer.Option(..., "--queries", help="Query images (embedded, not indexed): a folder, URL prefix, list or shards."),
     mode: Mode = typer.Option("sample", "--mode", help="sample: k nearest per query; cluster: sample clusters holding > --min-queries queries."),
     k: int = typer.Option(4, "-k", help="Nearest corpus images per query in sample mode (the paper's 4)."),
     per_cluster: int = typer.Option(10_000, "--per-cluster", help="Images sampled from each selected cluster (cluster mode)."),

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from retrieval.errors import RetrievalError
 from retrieval.layout import IndexLock, is_within, remove_stale_temporaries
 from retrieval.search import IndexReader
-from retrieval.store import DedupRun, Image, chunked, utcnow
+from retrieval.store import DedupRun, DuplicateMember, Image, chunked, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -233,3 +233,80 @@ def _move_members(writer: Any, members: list[Member], root: Path, move_to: Path,
             continue
         result.moved_ids.append(image_id)
         result.moved.append(rel)
+
+
+@dataclass
+class ManifestResult:
+    """`dedup --apply` on a source that cannot be changed in place: what was written instead of moving."""
+
+    manifest: str
+    kept_list: str
+    kept: int
+    removed: int
+    shard_list: str | None = None
+
+
+def write_manifest(reader: IndexReader, run_id: int, out_dir: Path) -> ManifestResult:
+    """A keep/remove manifest and a filtered list of the kept images (Parquet, img2dataset's `url`
+    column plus every metadata column; shards also get the list of shards still holding kept images).
+
+    Remote and list sources are never modified: train on the filtered list instead. The index is
+    left as it is (the removed images are still in the source, so the next index run would see them).
+    """
+    import csv
+
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RetrievalError("writing the filtered list needs pyarrow: pip install 'retrieval[sources]'") from None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with reader.store.session() as s:
+        members = s.execute(select(DuplicateMember.image_id, DuplicateMember.path, DuplicateMember.action,
+                                   DuplicateMember.group_id, DuplicateMember.reason, DuplicateMember.similarity)
+                            .where(DuplicateMember.run_id == run_id, DuplicateMember.is_reference.is_(False))
+                            .order_by(DuplicateMember.id)).all()
+        if not members and s.get(DedupRun, run_id) is None:
+            raise RetrievalError(f"no dedup run with id {run_id} in this index")
+        removed = {m.image_id for m in members if m.action == "remove"}
+        rows = s.execute(select(Image.id, Image.path, Image.extra).order_by(Image.id)).all()
+    manifest = out_dir / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "action", "group_id", "reason", "similarity", "image_id"])
+        for m in members:
+            w.writerow([m.path, m.action, m.group_id, m.reason, f"{m.similarity:.6f}", m.image_id])
+    kept = [r for r in rows if r.id not in removed]
+    columns: dict[str, list[Any]] = {"url": [r.path for r in kept], "image_id": [r.id for r in kept]}
+    keys = sorted({k for r in kept for k in (r.extra or {}) if k != "tar_offset"})
+    for k in keys:
+        columns[k] = [_cell((r.extra or {}).get(k)) for r in kept]
+    kept_list = out_dir / "kept.parquet"
+    pq.write_table(pa.table(columns), kept_list)
+    shard_list = None
+    if reader.source.kind == "shards":
+        shards = sorted({r.path.partition("#")[0] for r in kept})
+        shard_list = str(out_dir / "kept-shards.txt")
+        Path(shard_list).write_text("".join(f"{x}\n" for x in shards))
+        with open(out_dir / "kept-members.txt", "w", encoding="utf-8") as f:
+            f.writelines(f"{r.path}\n" for r in kept)
+    from retrieval.store import Store
+
+    writer = Store(reader.store.url)  # the reader never writes (read-only media); this is the one write
+    try:
+        with writer.session() as s, s.begin():
+            run = s.get(DedupRun, run_id)
+            if run is not None:
+                run.applied_at = utcnow()
+    finally:
+        writer.close()
+    return ManifestResult(manifest=str(manifest.resolve()), kept_list=str(kept_list.resolve()), kept=len(kept),
+                          removed=len(removed), shard_list=shard_list)
+
+
+def _cell(value: Any) -> Any:
+    """Parquet needs one type per column: nested metadata (shard .json sidecars) becomes JSON text."""
+    import json
+
+    return value if value is None or isinstance(value, str) else json.dumps(value, sort_keys=True)

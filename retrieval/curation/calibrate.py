@@ -190,7 +190,7 @@ def run_calibration(reader: IndexReader, sample: int = 100, target_precision: fl
     k = min(NEIGHBOURS, len(rows))
     for image_id, rel, ph in tqdm(picked, desc="calibrating", disable=not progress):
         try:
-            original = decode_image((reader.corpus_root / rel).read_bytes(), cfg, 10**9).image
+            original = decode_image(reader.locate(rel).read_bytes(), cfg, 10**9).image
         except Exception as exc:  # noqa: BLE001 - a file changed since indexing: skip it, say so
             result.failed.append(f"{rel}: {exc}")
             continue

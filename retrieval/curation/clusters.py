@@ -224,7 +224,7 @@ def write_cluster_report(reader: IndexReader, outcome: ClusterOutcome, out_dir: 
                                                                               for i, p, d in near]})
         items.append({"id": c, "title": f"cluster {c}: {plural(outcome.sizes[c], 'image')}",
                       "detail": "nearest the centroid first; score = cosine distance",
-                      "cells": [{"src": thumbs.src(f"i{i}", reader.corpus_root / p), "path": p, "score": d}
+                      "cells": [{"src": thumbs.src(f"i{i}", reader.locate(p)), "path": p, "score": d}
                                 for i, p, d in near]})
     thumbs.write_all(progress)
     doc = {"schema": "retrieval.clusters", "schema_version": 1, "run_id": outcome.run_id, "k": outcome.k,

@@ -26,6 +26,7 @@ from retrieval.curation.graph import is_exact_index, search_exact_topk
 from retrieval.errors import RetrievalError
 from retrieval.report_text import plural
 from retrieval.search import IndexReader
+from retrieval.sources.open import open_aux_source, source_id
 from retrieval.store import (
     ClusterAssignment,
     CurationItem,
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CurateOptions:
-    queries: Path
+    queries: Path | str  # a folder or any retrieval.sources source (URL prefix, list, shards)
     mode: str = "sample"
     k: int = 4
     per_cluster: int = 10_000
@@ -61,7 +62,7 @@ class CurateOptions:
 
     def params(self) -> dict[str, Any]:
         """What the stored run records (every option, whether or not its mode uses it)."""
-        return {"mode": self.mode, "queries": str(Path(self.queries).resolve()), "k": self.k,
+        return {"mode": self.mode, "queries": source_id(self.queries), "k": self.k,
                 "per_cluster": self.per_cluster, "min_queries": self.min_queries, "max_images": self.max_images,
                 "seed": self.seed}
 
@@ -119,8 +120,7 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
     n = reader.store.count_images()
     if n == 0:
         raise RetrievalError("the index holds no embeddings; run `retrieval index CORPUS` first")
-    if not Path(opts.queries).is_dir():
-        raise RetrievalError(f"query folder {opts.queries} does not exist or is not a folder")
+    open_aux_source(opts.queries, "query")  # one clear line when the query set does not exist
     cluster_run = None
     if opts.mode == "cluster":
         from retrieval.curation.clusters import latest_run, load_centroids
@@ -130,7 +130,7 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
             raise RetrievalError("--mode cluster needs a clustering run; run `retrieval cluster` first")
         centroids = load_centroids(reader, cluster_run)
     fp = runs.fingerprint(reader.store, reader.meta.get("model_fingerprint"), opts.result_params(cluster_run),
-                          folder_content(Path(opts.queries)))
+                          folder_content(opts.queries))
     if not opts.force:
         reused = _reuse(reader, fp)
         if reused is not None:
@@ -235,7 +235,7 @@ def write_curation_report(reader: IndexReader, outcome: CurateOutcome, out_dir: 
         rows.setdefault(key, []).append(d)
     thumbs = Thumbnailer(out_dir, max_pixels)
     items = [{"id": i, "title": key, "detail": plural(len(ds), "image"),
-              "cells": [{"src": thumbs.src(f"i{d['image_id']}", reader.corpus_root / d["path"]), "path": d["path"],
+              "cells": [{"src": thumbs.src(f"i{d['image_id']}", reader.locate(d["path"])), "path": d["path"],
                          "score": d["score"], "reason": f"retrieved {d['times_retrieved']}x" if d["how"] == "sample"
                          else None} for d in ds[:12]]}
              for i, (key, ds) in enumerate(list(rows.items())[:max_rows])]

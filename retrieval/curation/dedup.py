@@ -30,6 +30,7 @@ from retrieval.curation.groups import Group, Nodes, build_groups
 from retrieval.curation.policy import DEFAULT_POLICY, check_policy
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
+from retrieval.sources.open import source_id
 from retrieval.vectors import clip_cosine
 from retrieval.store import (
     DedupRun,
@@ -105,7 +106,7 @@ class DedupOptions:
     role: str = "auto"  # auto (copy when the index has it), copy or search
     keep: str = DEFAULT_POLICY
     max_group_diameter: float | None = None  # cosine distance (1 - cos) to the representative
-    against: Path | None = None
+    against: Path | str | None = None  # a folder or any retrieval.sources source
     embeddings: bool = True
     pixels: bool = True
     batch: int = 2048
@@ -143,7 +144,7 @@ class DedupOptions:
     def params(self) -> dict[str, Any]:
         return {"threshold": self.effective_threshold, "k": self.k, "phash_distance": self.phash_distance,
                 "pdq_distance": self.pdq_distance, "role": self.role, "keep": self.keep, "max_group_diameter": self.max_group_diameter,
-                "against": str(Path(self.against).resolve()) if self.against else None,
+                "against": source_id(self.against) if self.against else None,
                 "embeddings": self.embeddings, "pixels": self.pixels}
 
 
@@ -218,7 +219,7 @@ def _with_references(nodes: Nodes, ref: Any) -> Nodes:
     m = len(ref.paths)
     return Nodes(
         image_id=np.r_[nodes.image_id, np.full(m, -1, np.int64)],
-        path=nodes.path + [str(ref.root / p) for p in ref.paths],
+        path=nodes.path + [ref.full_path(p) for p in ref.paths],
         sha256=np.r_[nodes.sha256, np.array(ref.sha256, dtype=object)],
         phash=np.r_[nodes.phash, np.array([to_signed64(h) for h in ref.phash], np.int64)],
         width=np.r_[nodes.width, np.zeros(m, np.int64)], height=np.r_[nodes.height, np.zeros(m, np.int64)],
@@ -226,10 +227,10 @@ def _with_references(nodes: Nodes, ref: Any) -> Nodes:
         is_ref=np.r_[nodes.is_ref, np.ones(m, bool)])
 
 
-def _folder_state(folder: Path) -> list[Any]:
-    from retrieval.imaging.scan import scan_corpus
+def _folder_state(folder: Path | str) -> list[Any]:
+    from retrieval.sources.open import open_aux_source
 
-    return [(e.path, e.size, e.mtime_ns) for e in scan_corpus(folder)]
+    return [(e.path, e.size, e.mtime_ns, e.etag) for e in open_aux_source(folder, "reference").scan()]
 
 
 def run_dedup(reader: IndexReader, opts: DedupOptions) -> DedupOutcome:
@@ -243,9 +244,7 @@ def run_dedup(reader: IndexReader, opts: DedupOptions) -> DedupOutcome:
     params = opts.params()
     params["model"] = reader.meta.get("copy_model_ref" if role == "copy" else "model_ref")
     params["threshold_provisional"] = provisional and opts.threshold == default
-    ref_state = _folder_state(Path(opts.against)) if opts.against else None
-    if opts.against and not Path(opts.against).is_dir():
-        raise RetrievalError(f"reference folder {opts.against} does not exist or is not a folder")
+    ref_state = _folder_state(opts.against) if opts.against else None
     fp = runs.fingerprint(reader.store, reader.meta.get("model_fingerprint"), params,
                           [ref_state, reader.meta.get("copy_model_fingerprint")])
     if not opts.force:
@@ -300,10 +299,10 @@ def _compute(reader: IndexReader, opts: DedupOptions,
         from retrieval.curation.folders import embed_folder
 
         if role_name == "copy":
-            ref = embed_folder(Path(opts.against), None, opts.max_pixels, opts.batch_size, opts.workers,
+            ref = embed_folder(opts.against, None, opts.max_pixels, opts.batch_size, opts.workers,
                                opts.progress, what="reference", copy=reader.copy_embedder())
         else:
-            ref = embed_folder(Path(opts.against), reader.embedder(), opts.max_pixels, opts.batch_size, opts.workers,
+            ref = embed_folder(opts.against, reader.embedder(), opts.max_pixels, opts.batch_size, opts.workers,
                                opts.progress, what="reference")
         failures = ref.failures
         nodes = _with_references(nodes, ref)
@@ -320,7 +319,7 @@ def _compute(reader: IndexReader, opts: DedupOptions,
     all_pos = np.arange(len(nodes))
     parts.append(("exact", hashing.sha256_edges(all_pos, nodes.sha256.astype(str))))
     if opts.pixels:
-        px = to_pos(hashing.pixel_edges(reader.corpus_root, ids, nodes.path[:n], nodes.sha256[:n], nodes.phash[:n],
+        px = to_pos(hashing.pixel_edges(reader.locate, ids, nodes.path[:n], nodes.sha256[:n], nodes.phash[:n],
                                         nodes.width[:n], nodes.height[:n], opts.max_pixels))
         exact_links = {(int(a), int(b)) for a, b in zip(np.minimum(px.src, px.dst), np.maximum(px.src, px.dst))}
         parts.append(("exact", px))
@@ -659,7 +658,8 @@ def load_run(reader: IndexReader, run_id: int | None = None) -> dict[str, Any]:
         "schema": "retrieval.duplicates", "schema_version": SCHEMA_VERSION,
         "run": {"id": run.id, "mode": run.mode, "params": run.params, "started_at": str(run.started_at),
                 "finished_at": str(run.finished_at), "applied_at": str(run.applied_at) if run.applied_at else None},
-        "corpus_root": str(reader.corpus_root),
+        "corpus_root": reader.corpus_name,
+        "source": reader.source.to_meta(),
         "summary": _reviewed_summary(run.counts or {}, by_group),
         "warnings": (run.counts or {}).get("warnings", []),
         "reference_failures": run.reference_failures or [],

@@ -1,4 +1,5 @@
-"""Embed a folder that is not part of the corpus (reference set, query set), recording broken files.
+"""Embed a folder (or any retrieval.sources source) that is not part of the corpus (reference set,
+query set), recording broken files.
 
 Reuses the indexer's scanner and decoder; files are decoded in DataLoader workers and embedded
 in batches, exactly as the indexer does, so the vectors are comparable with the stored ones. A
@@ -16,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import RetrievalError
 from retrieval.imaging.decode import DecodeSpec, WorkItem
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.loader import decode_batches
 from retrieval.imaging.scan import scan_corpus
 from retrieval.settings import get_settings
+from retrieval.sources.open import open_aux_source
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +31,22 @@ logger = logging.getLogger(__name__)
 class FolderEmbedding:
     """Vectors of the usable files of a folder (scan order, unless a decoder crashed), and the failures with reasons."""
 
-    root: Path
-    paths: list[str] = field(default_factory=list)  # relative to root
+    root: Path | str  # a folder's resolved path, or the source's URI
+    paths: list[str] = field(default_factory=list)  # relative to a folder root; URIs for other sources
     vectors: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
     sha256: list[str] = field(default_factory=list)
     phash: list[int] = field(default_factory=list)  # unsigned 64-bit
     pdq: list[bytes | None] = field(default_factory=list)  # 8 dihedral PDQ hashes (retrieval.imaging.hashes)
     failures: list[dict[str, str]] = field(default_factory=list)
 
+    def full_path(self, path: str) -> str:
+        """Where a file of the set is: under the folder, or its URI as it stands."""
+        return str(self.root / path) if isinstance(self.root, Path) else path
 
-def embed_folder(folder: Path, embedder: Any, max_pixels: int, batch_size: int = 32, workers: int = 0,
+
+def embed_folder(folder: Path | str, embedder: Any, max_pixels: int, batch_size: int = 32, workers: int = 0,
                  progress: bool = False, what: str = "folder", copy: Any = None) -> FolderEmbedding:
-    """Embed every image under `folder`; unreadable or broken files are recorded, never fatal.
+    """Embed every image under `folder` (any source); unreadable or broken files are recorded, never fatal.
 
     With `copy` (a retrieval.embedding.copy.CopyEmbedder) the vectors are the copy role's and
     `embedder` is not used.
@@ -51,17 +56,16 @@ def embed_folder(folder: Path, embedder: Any, max_pixels: int, batch_size: int =
 
     from tqdm import tqdm
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise RetrievalError(f"{what} folder {folder} does not exist or is not a folder")
-    entries = list(scan_corpus(folder))
-    out = FolderEmbedding(root=folder.resolve())
-    items = [WorkItem(path=e.path, size=e.size, mtime_ns=e.mtime_ns) for e in entries]
+    source = open_aux_source(folder, what)
+    entries = list(source.scan())
+    out = FolderEmbedding(root=source.local_root.resolve() if source.local_root is not None else source.uri)
+    items = [WorkItem(path=e.path, size=e.size, mtime_ns=e.mtime_ns, etag=e.etag, meta=e.meta) for e in entries]
     parts: list[np.ndarray] = []
     spec = embedder.preprocess if copy is None else DecodeSpec(search=None, copy=copy.prepare)
     with tempfile.TemporaryDirectory(prefix="retrieval-decoding-") as tmp, InflightMarkers(tmp) as markers, \
-            closing(decode_batches(str(folder.resolve()), items, spec, max_pixels, batch_size,
-                                   workers, markers, timeout_s=get_settings().decode_timeout_s or None)) as batches, \
+            closing(source.decode_stream(items, lambda reader, part: decode_batches(
+                reader, part, spec, max_pixels, batch_size, workers, markers,
+                timeout_s=get_settings().decode_timeout_s or None))) as batches, \
             tqdm(total=len(items), unit="img", desc=f"embedding {what}", disable=not progress) as bar:
         for results, pixels in batches:
             good = [r for r in results if r.embeddable]
@@ -84,13 +88,17 @@ def embed_folder(folder: Path, embedder: Any, max_pixels: int, batch_size: int =
     return out
 
 
-def folder_content(folder: Path) -> list[tuple[str, str]]:
+def folder_content(folder: Path | str) -> list[tuple[str, str]]:
     """(relative path, sha256 of the bytes) of every file `embed_folder` would see, in scan order.
 
     The identity of a query or reference set for reusing a stored run: touching or moving the
     folder keeps it, editing, adding, removing or renaming a file changes it. Unreadable files
-    hash as "unreadable" (they are failures either way).
+    hash as "unreadable" (they are failures either way). Other sources are not read: their listing
+    (path, size, ETag or mtime) stands for their content.
     """
+    source = open_aux_source(folder, "query")
+    if source.local_root is None:
+        return [(e.path, f"{e.size}:{e.etag or e.mtime_ns}") for e in source.scan()]
     folder = Path(folder)
     out: list[tuple[str, str]] = []
     for e in scan_corpus(folder):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -66,13 +67,17 @@ def hamming(a: int, b: int) -> int:
     return bin((a ^ b) & ((1 << 64) - 1)).count("1")
 
 
-def pixel_digest(path: Path, max_pixels: int) -> str | None:
+def pixel_digest(path: Any, max_pixels: int) -> str | None:
     """sha256 of the decoded RGB pixels and size, or None when the file cannot be decoded now."""
     from PIL import Image, ImageOps
 
     from retrieval.imaging.preprocess import to_rgb
 
     try:
+        if not isinstance(path, (str, Path)):  # an image of a remote source (retrieval.sources.base.Located)
+            import io
+
+            path = io.BytesIO(path.read_bytes())
         with Image.open(path) as im:
             if im.width * im.height > max_pixels:
                 return None
@@ -84,7 +89,7 @@ def pixel_digest(path: Path, max_pixels: int) -> str | None:
         return None
 
 
-def pixel_edges(root: Path, ids: np.ndarray, paths: list[str], sha256: np.ndarray, phash_signed: np.ndarray,
+def pixel_edges(root: Path | Callable[[str], Any], ids: np.ndarray, paths: list[str], sha256: np.ndarray, phash_signed: np.ndarray,
                 width: np.ndarray, height: np.ndarray, max_pixels: int) -> Edges:
     """Edges between images with different bytes but identical decoded pixels."""
     key = np.stack([phash_signed, width.astype(np.int64), height.astype(np.int64)], axis=1)
@@ -94,12 +99,13 @@ def pixel_edges(root: Path, ids: np.ndarray, paths: list[str], sha256: np.ndarra
     if len(candidates) == 0:
         return Edges.empty()
     # Byte-identical files have identical pixels: decode one file per distinct sha256.
+    locate = root if callable(root) else (lambda p: root / p)
     digests: dict[int, str] = {}
     by_sha: dict[str, str | None] = {}
     for pos in candidates:
         sha = str(sha256[pos])
         if sha not in by_sha:
-            by_sha[sha] = pixel_digest(root / paths[pos], max_pixels)
+            by_sha[sha] = pixel_digest(locate(paths[pos]), max_pixels)
         if by_sha[sha] is not None:
             digests[int(pos)] = by_sha[sha]
     if not digests:

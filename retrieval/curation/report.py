@@ -37,6 +37,8 @@ class Thumbnailer:
         if len(self.jobs) < self.limit or key in self.jobs:
             self.jobs[key] = source
             return f"thumbs/{key}.jpg"
+        if not isinstance(source, Path):  # an image of a remote source: linked by its URI
+            return str(source)
         return Path(os.path.relpath(source, self.out_dir)).as_posix()
 
     def write_all(self, progress: bool = False) -> int:
@@ -111,7 +113,9 @@ def write_dedup_reports(doc: dict[str, Any], out_dir: Path, max_pixels: int, pro
                         max_thumbnails: int = MAX_THUMBNAILS) -> dict[str, Path]:
     """Write every dedup report file into `out_dir`; returns their paths by name."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    root = Path(doc["corpus_root"])
+    from retrieval.sources import source_from_meta
+
+    source = source_from_meta({"corpus_root": doc["corpus_root"], "source": doc.get("source")})
     files = {name: out_dir / name for name in ("duplicates.json", "duplicates.csv", "remove.txt", "keep.txt",
                                                 "report.html")}
     atomic_write_bytes(files["duplicates.json"], json.dumps(doc, indent=1).encode())
@@ -131,9 +135,9 @@ def write_dedup_reports(doc: dict[str, Any], out_dir: Path, max_pixels: int, pro
     for g in doc["groups"]:
         cells = []
         for i, m in enumerate(g["members"]):
-            source = Path(m["path"]) if m["reference"] else root / m["path"]
+            located = _locate_reference(m["path"]) if m["reference"] else _locate(source, m["path"])
             key = f"i{m['image_id']}" if m["image_id"] is not None else f"r{g['group']}_{i}"
-            cells.append({"src": thumbs.src(key, source), "path": m["path"], "action": m["action"],
+            cells.append({"src": thumbs.src(key, located), "path": m["path"], "action": m["action"],
                           "score": m["similarity"], "reason": m["reason"]})
         items.append({"id": g["group"], "title": f"group {g['group']}: {g['size']} images",
                       "detail": f"weakest edge {g['weakest_edge']:.4f} · min pairwise {g['min_pairwise_similarity']:.4f}"
@@ -151,6 +155,24 @@ def write_dedup_reports(doc: dict[str, Any], out_dir: Path, max_pixels: int, pro
     atomic_write_bytes(files["report.html"],
                        render_html(f"Duplicates (run {doc['run']['id']})", "groups", summary, items, notes).encode())
     return files
+
+
+def _locate(source: Any, path: str) -> Any:
+    if source.local_root is not None:
+        return source.local_root / path
+    from retrieval.sources.base import Located
+
+    return Located(source, path)
+
+
+def _locate_reference(path: str) -> Any:
+    """A reference file: a local path, or the URI of a reference source's image."""
+    if "://" not in path:
+        return Path(path)
+    from retrieval.sources.base import Located, ReadLimits
+    from retrieval.sources.remote import UrlReader
+
+    return Located(UrlReader(ReadLimits.from_env()), path)
 
 
 def write_grid_report(path: Path, title: str, summary: dict[str, Any], items: list[dict[str, Any]],

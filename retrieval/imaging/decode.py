@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from retrieval.errors import ImageDecodeError
+from retrieval.errors import ImageDecodeError, ReadFailure
 from retrieval.imaging.hashes import pdq_dihedral
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.preprocess import PreprocessConfig, decode_image, preprocess
@@ -92,6 +92,8 @@ class WorkItem:
     mtime_ns: int
     image_id: int | None = None  # set when the file is already indexed (changed file)
     known_sha256: str | None = None
+    etag: str | None = None  # object stores: the content tag compared by incremental runs
+    meta: dict[str, Any] | None = None  # list columns / shard sidecars, stored with the image
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class DecodeResult:
     unchanged_content: bool = False  # same bytes as already indexed: metadata refresh only
     failure_kind: str | None = None
     failure_reason: str | None = None
+    meta: dict[str, Any] | None = None  # what the source keeps with the image (item.meta or shard sidecars)
 
     @property
     def embeddable(self) -> bool:
@@ -174,7 +177,9 @@ def read_regular_file(path: str, limit: int | None = None) -> bytes:
         os.close(fd)
 
 
-def _read(root: str, item: WorkItem, limit: int | None = None) -> bytes:
+def _read(root: Any, item: WorkItem, limit: int | None = None) -> bytes:
+    if not isinstance(root, str):  # a retrieval.sources reader: bounded, retried, ReadFailure on error
+        return root.read(item.path, item.size)
     return read_regular_file(os.path.join(root, item.path), limit)
 
 
@@ -186,15 +191,31 @@ def perceptual_hash(image) -> int:  # noqa: ANN001 - a PIL image
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def decode_one(root: str, item: WorkItem, config: PreprocessConfig | DecodeSpec, max_pixels: int) -> DecodeResult:
-    """Read, hash, decode and preprocess one file; every failure becomes a DecodeResult with a reason."""
+def decode_one(root: Any, item: WorkItem, config: PreprocessConfig | DecodeSpec, max_pixels: int) -> DecodeResult:
+    """Read, hash, decode and preprocess one file; every failure becomes a DecodeResult with a reason.
+
+    `root` is the corpus folder, or a retrieval.sources reader for any other source.
+    """
+    result = _decode_one(root, item, config, max_pixels)
+    if result.failure_reason is None:
+        extra = root.meta(item.path) if not isinstance(root, str) else None
+        result.meta = {**(item.meta or {}), **extra} if extra else item.meta
+    return result
+
+
+def _decode_one(root: Any, item: WorkItem, config: PreprocessConfig | DecodeSpec, max_pixels: int) -> DecodeResult:
     spec = as_spec(config)
     if item.size < 0:
+        known = item.meta or {}
+        if "read_error" in known:  # the source could not even list it (e.g. a broken shard)
+            return _failure(item, known.get("kind") or "io_error", known["read_error"])
         return _failure(item, "unreadable", "cannot stat the file (permission denied or it vanished)")
     if text_path(item.path) != item.path:
         return _failure(item, "bad_name", "the file name is not valid UTF-8; rename the file to index it")
     try:
         data = _read(root, item, max_file_bytes(max_pixels))
+    except ReadFailure as exc:
+        return _failure(item, exc.failure_kind, exc.reason)
     except NotRegularFile as exc:
         return _failure(item, "not_a_file", str(exc))
     except FileTooLarge as exc:

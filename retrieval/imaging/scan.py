@@ -14,7 +14,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from retrieval.errors import CorpusError
 from retrieval.imaging.signatures import looks_like_image
@@ -34,11 +34,17 @@ NON_IMAGE_EXTENSIONS = frozenset(
 
 @dataclass(frozen=True)
 class ScanEntry:
-    """One candidate file: its corpus-relative POSIX path and what stat() says."""
+    """One candidate file: its corpus-relative POSIX path (a URI for remote sources) and what stat() says.
+
+    `etag` is the object store's content tag (None for local files); `meta` the columns of a list or
+    the sidecars of a shard member, kept with the image.
+    """
 
     path: str
     size: int
     mtime_ns: int
+    etag: str | None = None
+    meta: dict[str, Any] | None = None
 
 
 def text_path(path: str) -> str:

@@ -29,6 +29,7 @@ HEADERS = {
     "incremental_reindex": "| run | wall s | detail |",
     "ui_render": "| page | kind | FCP ms | server ms | JSON round trip ms |",
     "embed_copy": "| copy model | forward only, img/s | `index --copy-model`, img/s |",
+    "sources": "| source | img/s | vs local folder |",
 }
 NO_GOAL = {"embed_copy"}  # a measurement the issue sets no goal for
 

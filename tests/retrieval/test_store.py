@@ -12,9 +12,8 @@ from sqlalchemy import create_engine, inspect, text
 from retrieval.store import Base, Store, to_signed64, to_unsigned64, upgrade_to_head
 
 
-def test_migration_from_empty_to_head_creates_every_table(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    engine = create_engine(url)
+def test_migration_from_empty_to_head_creates_every_table(db_url: str) -> None:
+    engine = create_engine(db_url)
     assert inspect(engine).get_table_names() == []
     upgrade_to_head(engine)
     tables = set(inspect(engine).get_table_names())
@@ -31,13 +30,14 @@ def test_migration_from_empty_to_head_creates_every_table(tmp_path: Path) -> Non
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head
 
 
-def test_migrations_match_the_orm_models(tmp_path: Path) -> None:
-    """A model change without a migration (or the reverse) fails here."""
-    engine = create_engine(f"sqlite:///{tmp_path / 'cmp.db'}")
+def test_migrations_match_the_orm_models(db_url: str) -> None:
+    """A model change without a migration (or the reverse) fails here, on SQLite and PostgreSQL."""
+    engine = create_engine(db_url)
     upgrade_to_head(engine)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+    engine.dispose()
 
 
 def test_upgrade_is_idempotent_and_store_uses_wal(tmp_path: Path) -> None:
@@ -50,8 +50,8 @@ def test_upgrade_is_idempotent_and_store_uses_wal(tmp_path: Path) -> None:
     store.close()
 
 
-def test_meta_roundtrip(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'meta.db'}")
+def test_meta_roundtrip(db_url: str) -> None:
+    store = Store(db_url)
     with store.session() as s, s.begin():
         store.set_meta(s, dim=384, preprocess={"crop": 224})
     assert store.get_meta("dim") == 384
