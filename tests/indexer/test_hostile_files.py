@@ -72,10 +72,10 @@ def test_a_name_that_is_not_utf8_is_a_failure_and_the_rest_is_indexed(corpus: Pa
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_a_fifo_swapped_in_after_the_scan_is_a_failure_not_a_hang(corpus: Path, tiny_model_dir: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch, workers: str) -> None:
-    import retrieval.indexer.pipeline as pipeline
+    import retrieval.sources.folder as folder  # a local corpus is scanned through its FolderSource
 
     victim = corpus / "b" / "img0000.png"
-    real_scan = pipeline.scan_corpus
+    real_scan = folder.scan_corpus
 
     def scan_then_swap(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         entries = list(real_scan(*args, **kwargs))
@@ -83,7 +83,7 @@ def test_a_fifo_swapped_in_after_the_scan_is_a_failure_not_a_hang(corpus: Path, 
         os.mkfifo(victim)  # nobody ever writes to it: a blocking open() would wait forever
         return entries
 
-    monkeypatch.setattr(pipeline, "scan_corpus", scan_then_swap)
+    monkeypatch.setattr(folder, "scan_corpus", scan_then_swap)
     code, out, summary = _index(corpus, tmp_path / "idx", tiny_model_dir, "-j", workers)
     assert code == 0, out
     assert summary["new"] == 23 and summary["failed"] == 1
