@@ -71,7 +71,7 @@ def _keeper_problem(root: Path, keepers: list[tuple[int | None, str, bool]], ima
             return f"the kept copy {rel} {why}; run `retrieval index` and dedup again"
         if not is_within(keeper, root):
             return f"the kept copy {rel} is a link to a file outside the corpus"
-        if os.path.realpath(keeper) == real_src:
+        if os.path.realpath(keeper) == real_src and not os.path.islink(src):  # moving a link moves no data
             return f"the kept copy {rel} is a link to this very file"
     return None
 

@@ -210,7 +210,8 @@ def load_nodes(reader: IndexReader) -> Nodes:
     return Nodes(image_id=np.array(cols[0], np.int64), path=list(cols[1]), sha256=np.array(cols[2], dtype=object),
                  phash=np.array(cols[3], np.int64), width=np.array(cols[4], np.int64),
                  height=np.array(cols[5], np.int64), size=np.array(cols[6], np.int64),
-                 mtime_ns=np.array(cols[7], np.int64), is_ref=np.zeros(n, bool))
+                 mtime_ns=np.array(cols[7], np.int64), is_ref=np.zeros(n, bool),
+                 root=reader.source.local_root)
 
 
 def _with_references(nodes: Nodes, ref: Any) -> Nodes:
@@ -224,7 +225,7 @@ def _with_references(nodes: Nodes, ref: Any) -> Nodes:
         phash=np.r_[nodes.phash, np.array([to_signed64(h) for h in ref.phash], np.int64)],
         width=np.r_[nodes.width, np.zeros(m, np.int64)], height=np.r_[nodes.height, np.zeros(m, np.int64)],
         size=np.r_[nodes.size, np.zeros(m, np.int64)], mtime_ns=np.r_[nodes.mtime_ns, np.zeros(m, np.int64)],
-        is_ref=np.r_[nodes.is_ref, np.ones(m, bool)])
+        is_ref=np.r_[nodes.is_ref, np.ones(m, bool)], root=nodes.root)
 
 
 def _folder_state(folder: Path | str) -> list[Any]:

@@ -5,7 +5,9 @@ Nodes are positions: 0..n-1 are corpus images, n..n+m-1 reference files.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -30,13 +32,17 @@ class Nodes:
     size: np.ndarray
     mtime_ns: np.ndarray
     is_ref: np.ndarray
+    root: Path | None = None  # the corpus folder, where members can be symbolic links (None: not local)
 
     def __len__(self) -> int:
         return len(self.path)
 
     def candidate(self, p: int) -> Candidate:
+        # A link is looked at only for group members: a link never wins over a real file (moving the
+        # real file out would leave the kept link dangling).
+        is_link = self.root is not None and not self.is_ref[p] and os.path.islink(self.root / self.path[p])
         return Candidate(int(self.image_id[p]), self.path[p], int(self.size[p]), int(self.width[p]),
-                         int(self.height[p]), int(self.mtime_ns[p]))
+                         int(self.height[p]), int(self.mtime_ns[p]), is_link)
 
 
 @dataclass

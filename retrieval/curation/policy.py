@@ -3,7 +3,8 @@
 Default `highest-resolution`: the copy with the most pixels carries the most information (a
 thumbnail or a downscaled re-post never wins over its original); ties go to the larger file (less
 compression), then the shorter path, then the lower id, so the choice is deterministic.
-Members of a reference set always win over corpus images (see dedup.py).
+Members of a reference set always win over corpus images (see dedup.py), and under every policy a
+real file wins over a symbolic link (moving the real file out would leave the kept link dangling).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Candidate:
     width: int
     height: int
     mtime_ns: int
+    is_link: bool = False  # a symbolic link inside the corpus (to a file the group may also hold)
 
 
 def _key(policy: str) -> Callable[[Candidate], tuple]:
@@ -37,9 +39,10 @@ def _key(policy: str) -> Callable[[Candidate], tuple]:
         "first": lambda c: (c.id,),  # first indexed
     }
     try:
-        return keys[policy]
+        key = keys[policy]
     except KeyError:
         raise RetrievalError(f"unknown keep policy {policy!r}; choose one of {', '.join(POLICIES)}") from None
+    return lambda c: (c.is_link, *key(c))  # under every policy a real file wins over a link
 
 
 def choose(members: list[Candidate], policy: str = DEFAULT_POLICY) -> Candidate:

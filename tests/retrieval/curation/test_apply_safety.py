@@ -1,7 +1,8 @@
 """`dedup --apply` never moves the last copy of an image out of the corpus (issue 12 item 2).
 
 Before: a symlink to the original was kept (shorter path) and the real file moved, leaving a
-dangling link; applying a stored run after its keeper had moved moved the remaining copy too;
+dangling link (now a real file always wins the keep rule, and a link kept by a review decision
+still blocks moving its target); applying a stored run after its keeper had moved moved the remaining copy too;
 and `--apply` alone computed a new, unreviewed run and applied it in the same command.
 """
 
@@ -25,20 +26,50 @@ def _group_of(report_dir: Path, path: str) -> dict:
     return next(g for g in doc["groups"] if any(m["path"] == path for m in g["members"]))
 
 
-def test_a_link_kept_in_place_of_its_own_target_does_not_get_the_target_moved(planted, cli, tmp_path: Path,
-                                                                                tiny_model_dir: Path) -> None:
+def test_a_real_file_is_kept_over_a_link_to_it_whatever_the_policy(planted, cli, tmp_path: Path,
+                                                                    tiny_model_dir: Path) -> None:
     corpus, index_dir, _ = planted
-    os.symlink("a/img0009.png", corpus / "L.jpg")  # shorter path: the keep policy below keeps the link
+    os.symlink("a/img0009.png", corpus / "L.jpg")  # shorter path: shortest-path alone would keep the link
     cli("index", corpus, "--model", tiny_model_dir, "--index-dir", index_dir, "--no-progress", "-j", "0")
     report = tmp_path / "r"
     run = _dry_run(cli, index_dir, report, "--keep", "shortest-path")["run_id"]
     group = _group_of(report, "L.jpg")
-    assert {m["path"]: m["action"] for m in group["members"]} == {"L.jpg": "keep", "a/img0009.png": "remove"}
+    assert {m["path"]: m["action"] for m in group["members"]} == {"L.jpg": "remove", "a/img0009.png": "keep"}
     _, text = cli("dedup", "--index-dir", index_dir, "--apply", "--run", run, "--move-to", tmp_path / "moved",
                   "-o", report, "--no-progress", "--json")
     applied = json.loads(text)["applied"]
-    assert "a/img0009.png" not in applied["moved"]
-    reason = next(s["reason"] for s in applied["skipped"] if s["path"] == "a/img0009.png")
+    assert "L.jpg" in applied["moved"] and "a/img0009.png" not in applied["moved"], applied["skipped"]
+    assert (corpus / "a" / "img0009.png").is_file() and not os.path.lexists(corpus / "L.jpg")
+
+
+def test_a_link_kept_by_a_decision_does_not_get_its_own_target_moved(planted, tmp_path: Path,
+                                                                     tiny_model_dir: Path, cli) -> None:
+    """A person may still keep the link (a review decision): then moving its target is refused."""
+    from retrieval.curation.apply import apply_run
+    from retrieval.curation.queries import set_decisions
+    from retrieval.layout import IndexLayout
+    from retrieval.search import IndexReader
+    from retrieval.settings import Settings
+    from retrieval.store import DuplicateMember, Store
+
+    corpus, index_dir, _ = planted
+    os.symlink("a/img0009.png", corpus / "L.jpg")
+    cli("index", corpus, "--model", tiny_model_dir, "--index-dir", index_dir, "--no-progress", "-j", "0")
+    run = _dry_run(cli, index_dir, tmp_path / "r")["run_id"]
+    store = Store(IndexLayout(index_dir).default_db_url())
+    try:
+        with store.session() as s:
+            ids = dict(s.query(DuplicateMember.path, DuplicateMember.id).filter(DuplicateMember.run_id == run).all())
+        set_decisions(store, run, {ids["L.jpg"]: "keep", ids["a/img0009.png"]: "remove"})
+    finally:
+        store.close()
+    reader = IndexReader(IndexLayout(index_dir))
+    try:
+        applied = apply_run(reader, run, tmp_path / "moved", Settings(index_dir=index_dir))
+    finally:
+        reader.close()
+    assert "a/img0009.png" not in applied.moved
+    reason = next(s["reason"] for s in applied.skipped if s["path"] == "a/img0009.png")
     assert "link to this very file" in reason
     assert (corpus / "a" / "img0009.png").is_file() and (corpus / "L.jpg").resolve().is_file()
 
