@@ -24,7 +24,7 @@ from sqlalchemy import select
 from retrieval.errors import RetrievalError
 from retrieval.layout import IndexLock, is_within, remove_stale_temporaries
 from retrieval.search import IndexReader
-from retrieval.store import DedupRun, DuplicateMember, Image, chunked, utcnow
+from retrieval.store import DedupRun, Image, chunked, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -184,10 +184,7 @@ def _apply(reader: IndexReader, members: list[Member], move_to: Path, settings: 
                     sync_index(writer, role_vectors(reader.layout, "copy", reader.meta["copy_dim"]), reader.layout,
                                opts, role="copy")
             if run_id is not None:
-                with writer.session() as s, s.begin():
-                    run = s.get(DedupRun, run_id)
-                    if run is not None:
-                        run.applied_at = utcnow()
+                _mark_applied(writer, run_id)
         finally:
             writer.close()
     reader._index = reader._copy_index = None  # the FAISS files changed
@@ -262,21 +259,22 @@ def write_manifest(reader: IndexReader, run_id: int, out_dir: Path) -> ManifestR
         raise RetrievalError("writing the filtered list needs pyarrow: pip install 'retrieval[sources]'") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from retrieval.curation.queries import dedup_run, effective_members
+
+    dedup_run(reader.store, run_id)  # a completed run, or one clear error
+    # The actions as reviewed in `retrieval serve` (decisions over the keep rule), as apply_run uses them.
+    members = [(group, image_id, path, action, reason, sim)
+               for group, image_id, path, ref, action, _, sim, reason, _ in effective_members(reader.store, run_id)
+               if not ref]
+    removed = {image_id for _, image_id, _, action, _, _ in members if action == "remove"}
     with reader.store.session() as s:
-        members = s.execute(select(DuplicateMember.image_id, DuplicateMember.path, DuplicateMember.action,
-                                   DuplicateMember.group_id, DuplicateMember.reason, DuplicateMember.similarity)
-                            .where(DuplicateMember.run_id == run_id, DuplicateMember.is_reference.is_(False))
-                            .order_by(DuplicateMember.id)).all()
-        if not members and s.get(DedupRun, run_id) is None:
-            raise RetrievalError(f"no dedup run with id {run_id} in this index")
-        removed = {m.image_id for m in members if m.action == "remove"}
         rows = s.execute(select(Image.id, Image.path, Image.extra).order_by(Image.id)).all()
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["path", "action", "group_id", "reason", "similarity", "image_id"])
-        for m in members:
-            w.writerow([m.path, m.action, m.group_id, m.reason, f"{m.similarity:.6f}", m.image_id])
+        w.writerow(["path", "action", "group", "reason", "similarity", "image_id"])
+        for group, image_id, path, action, reason, sim in members:
+            w.writerow([path, action, group, reason, f"{sim:.6f}", image_id])
     kept = [r for r in rows if r.id not in removed]
     columns: dict[str, list[Any]] = {"url": [r.path for r in kept], "image_id": [r.id for r in kept]}
     keys = sorted({k for r in kept for k in (r.extra or {}) if k != "tar_offset"})
@@ -295,10 +293,7 @@ def write_manifest(reader: IndexReader, run_id: int, out_dir: Path) -> ManifestR
 
     writer = Store(reader.store.url)  # the reader never writes (read-only media); this is the one write
     try:
-        with writer.session() as s, s.begin():
-            run = s.get(DedupRun, run_id)
-            if run is not None:
-                run.applied_at = utcnow()
+        _mark_applied(writer, run_id)
     finally:
         writer.close()
     return ManifestResult(manifest=str(manifest.resolve()), kept_list=str(kept_list.resolve()), kept=len(kept),
@@ -310,3 +305,10 @@ def _cell(value: Any) -> Any:
     import json
 
     return value if value is None or isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _mark_applied(writer: Any, run_id: int) -> None:
+    with writer.session() as s, s.begin():
+        run = s.get(DedupRun, run_id)
+        if run is not None:
+            run.applied_at = utcnow()

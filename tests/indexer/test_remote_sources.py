@@ -242,15 +242,30 @@ def test_index_webdataset_shards_local_and_on_s3(s3, tmp_path: Path, tiny_model_
             "--phash-distance", "-1", "--pdq-distance", "-1")  # exact copies only: random weights
     code, out = cli(*args)  # the report first: --apply acts on a reviewed run only
     assert code == 0, out
+    from retrieval.curation.queries import set_decisions
+    from retrieval.store import DuplicateMember, Store
+
+    store = Store(f"sqlite:///{Path('remote-index/retrieval.db').resolve()}")  # a reviewer keeps one removal
+    try:
+        with store.session() as s:
+            kept_by_review = s.query(DuplicateMember).filter(DuplicateMember.run_id == 1,
+                                                             DuplicateMember.action == "remove").first()
+            assert kept_by_review is not None
+        set_decisions(store, 1, {kept_by_review.id: "keep"})
+    finally:
+        store.close()
     code, out = cli(*args, "--apply", "--run", "1")
     assert code == 0, out
     assert "not changed in place" in out and "nothing moved" in out
     import pyarrow.parquet as pq
 
     kept = pq.read_table("dd/kept.parquet").to_pydict()
-    assert len(kept["url"]) == 16 - 4 and "json" in kept
+    assert len(kept["url"]) == 16 - 3 and "json" in kept  # 4 copies, one kept by the review decision
+    assert kept_by_review.path in kept["url"]
     assert fs.exists(f"{bucket}/shards/000003.tar")
-    assert (Path("dd") / "kept-shards.txt").read_text().count(".tar") == 3
+    shards_left = (Path("dd") / "kept-shards.txt").read_text().split()
+    assert shards_left == sorted({u.partition("#")[0] for u in kept["url"]})
+    assert len(shards_left) == 3 + ("000003.tar#" in kept_by_review.path)  # the copies' shard goes unless kept
 
 
 def test_index_a_parquet_list_of_http_urls_then_dedup_against_and_curate_with_remote_sets(
