@@ -35,7 +35,7 @@ class _ServerCollector:
             batches.add_metric([], state.batcher.stats.batches)
             items.add_metric([], state.batcher.stats.items)
             if state.handle is not None:
-                images.add_metric([], state.handle.reader.store.count_images())
+                images.add_metric([], len(state.handle.index))
         yield from (batches, items, images)
 
 

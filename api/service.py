@@ -54,8 +54,7 @@ def parse_ref(ref: str) -> int | str:
 def get_image(handle: ReaderHandle, image_id: int) -> Image:
     if not 0 <= image_id < 2**63:
         raise RetrievalError(NO_SUCH_ID, "not_found")
-    with handle.reader.rows.session() as s:  # the generation the FAISS index and vectors belong to
-        row = s.get(Image, image_id)
+    row = handle.index.image(image_id)  # the generation the FAISS index and vectors belong to
     if row is None:
         raise RetrievalError(NO_SUCH_ID, "not_found")
     return row
@@ -65,7 +64,7 @@ def resolve_ref(handle: ReaderHandle, ref: str) -> Image:
     parsed = parse_ref(ref)
     if isinstance(parsed, int):
         return get_image(handle, parsed)
-    row = handle.reader.image_by_path(parsed)  # a database lookup: the file system is never touched
+    row = handle.index.image(parsed)  # a database lookup: the file system is never touched
     if row is None:
         raise RetrievalError("no indexed image at this path", "not_found")
     return row
@@ -73,9 +72,9 @@ def resolve_ref(handle: ReaderHandle, ref: str) -> Image:
 
 def corpus_file(handle: ReaderHandle, row: Image) -> Path:
     """The real path of an indexed image, only if it is a regular file inside the corpus root."""
-    if handle.reader.source.local_root is None:
+    if handle.index.source.local_root is None:
         raise RetrievalError("the image file is not available", "not_found")
-    root = os.path.realpath(handle.reader.corpus_root)
+    root = os.path.realpath(handle.index.corpus_root)
     real = os.path.realpath(os.path.join(root, row.path))
     if not is_within(real, root) or not os.path.isfile(real):
         raise RetrievalError(FILE_GONE, "not_found")
@@ -83,14 +82,14 @@ def corpus_file(handle: ReaderHandle, row: Image) -> Path:
 
 
 def is_local(handle: ReaderHandle) -> bool:
-    return handle.reader.source.local_root is not None
+    return handle.index.source.local_root is not None
 
 
 def source_bytes(handle: ReaderHandle, row: Image) -> bytes:
     """An image of a remote source, read from it; only paths that belong to the indexed source."""
     from retrieval.errors import ReadFailure
 
-    source = handle.reader.source
+    source = handle.index.source
     if not source.owns(row.path):
         raise RetrievalError("the image file is not available", "not_found")
     try:
@@ -118,20 +117,25 @@ def fetch_depth(k: int, collapse: bool) -> int:
     return min(MAX_K, max(k * 5, k + 50)) if collapse else k
 
 
-def search_vector(handle: ReaderHandle, vector: np.ndarray, k: int, nprobe: int | None,
-                  exclude_id: int | None) -> list[Hit]:
-    """Nearest neighbours; `nprobe` applies to this call only, so concurrent searches need no lock."""
-    reader = handle.reader
-    if reader.spec is None or reader.index.ntotal == 0:
+def search_vector(handle: ReaderHandle, vector: np.ndarray, k: int, nprobe: int | None) -> list[Hit]:
+    """Nearest neighbours of a query vector; `nprobe` applies to this call only, so concurrent searches need no lock."""
+    if handle.index.ann_count == 0:
         return []
-    return reader.search_vector(vector, k, exclude_id=exclude_id, nprobe=nprobe)
+    return handle.index.search(vector, k, nprobe=nprobe).hits
+
+
+def search_image(handle: ReaderHandle, row: Image, k: int, nprobe: int | None, exclude_self: bool) -> list[Hit]:
+    """Nearest neighbours of an indexed image, from its stored vector (nothing is embedded)."""
+    if handle.index.ann_count == 0:
+        return []
+    return handle.index.search(row.id, k, include_self=not exclude_self, nprobe=nprobe).hits
 
 
 def collapse(handle: ReaderHandle, hits: list[Hit], k: int, threshold: float) -> list[HitOut]:
     """Fold each hit that is a near-duplicate (exact cosine >= threshold) of a better kept hit into it."""
     if not hits:
         return []
-    vectors = handle.reader.vectors.read([h.id for h in hits])
+    vectors = handle.index.embeddings([h.id for h in hits])
     kept: list[int] = []
     folded: dict[int, list[DuplicateOut]] = {}
     for i, hit in enumerate(hits):
@@ -191,7 +195,7 @@ async def embed_upload(state: AppState, handle: ReaderHandle, data: bytes) -> np
     if embedder is None or state.model_error:
         raise RetrievalError(state.model_error or "the embedding model is not loaded", "unavailable")
     pixels = await state.decoder.decode(data, embedder.preprocess, state.settings.max_pixels)
-    if embedder.fingerprint != handle.reader.meta.get("model_fingerprint"):
+    if embedder.fingerprint != handle.index.model_fingerprint:
         # The reader this request holds was built with another model than the one now loaded
         # (a re-index with a new model happened meanwhile): its vectors are not comparable.
         raise RetrievalError("the index changed its model; try again", "unavailable")

@@ -1,14 +1,15 @@
-"""What the server holds: the current IndexReader, the embedder, the batcher, and re-index pickup.
+"""What the server holds: the current index handle, the embedder, the batcher, and re-index pickup.
 
-A new completed index run (`retrieval index` finishing while the server runs) is detected by a
-cheap query of the latest completed run id, at most every `reload_check_s` seconds. The new
-reader is opened in a worker thread and swapped in atomically; a request keeps the reader it
-started with (see `acquire`), and a retired reader is closed when its last request finishes.
+The server reads the index through the same surface as the CLI and Python users: a read-only,
+pinned `retrieval.Index` (one generation of FAISS index, vectors and rows, even during an
+`index --rebuild`). A new completed index run (`retrieval index` finishing while the server runs)
+is detected by a cheap query of the latest completed run id, at most every `reload_check_s`
+seconds. The new handle is opened in a worker thread and swapped in atomically; a request keeps
+the handle it started with (see `acquire`), and a retired one is closed when its last request finishes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -19,20 +20,18 @@ from retrieval.api.batcher import Batcher
 from retrieval.api.decoding import UploadDecoder
 from retrieval.api.settings import ApiSettings
 
-from retrieval import runs
 from retrieval.errors import ModelLoadError, RetrievalError
+from retrieval.index import Index
 from retrieval.layout import IndexLayout
-from retrieval.search import IndexChangedError, IndexReader
-from retrieval.store import IndexRun, Meta
 
 logger = logging.getLogger(__name__)
 
 
 class ReaderHandle:
-    """An IndexReader with a count of requests using it, closed once retired and idle."""
+    """A read-only, pinned retrieval.Index with a count of requests using it, closed once retired and idle."""
 
-    def __init__(self, reader: IndexReader, version: tuple[int | None, str | None], loaded_at: float):
-        self.reader = reader
+    def __init__(self, index: Index, version: tuple[int | None, str | None], loaded_at: float):
+        self.index = index
         self.version = version
         self.run_id = version[0]
         self.loaded_at = loaded_at
@@ -53,28 +52,19 @@ class ReaderHandle:
             self.users -= 1
             close = self.retired and self.users == 0
         if close:
-            self.reader.close()
+            self.index.close()
 
     def retire(self) -> None:
         with self.lock:
             self.retired = True
             close = self.users == 0
         if close:
-            self.reader.close()
+            self.index.close()
 
-
-def index_version(reader: IndexReader, pinned: bool = False) -> tuple[int | None, str | None]:
-    """(latest completed index run, when the FAISS file was last written).
-
-    The second part changes when `retrieval dedup --apply` drops images from the index without an
-    index run; either change makes the server reopen the index. `pinned`: the version of the
-    generation the reader holds, rather than of the database now.
-    """
-    with (reader.rows if pinned else reader.store).session() as s:
-        run = runs.latest(s, IndexRun)
-        meta = s.get(Meta, "index")
-    spec = json.loads(meta.value) if meta is not None else None
-    return (run.id if run is not None else None), (spec or {}).get("params", {}).get("built_at")
+    @property
+    def store(self) -> Any:
+        """The database as it is now (runs, curation): what retrieval.curation.queries reads."""
+        return self.index.database
 
 
 class AppState:
@@ -108,29 +98,24 @@ class AppState:
 
     # --- loading ------------------------------------------------------------------------------
     def _open(self) -> ReaderHandle:
-        for attempt in range(5):
-            try:
-                reader = IndexReader(self.layout, self.settings.db_url, mmap=True, pin=True)
-                break
-            except IndexChangedError:  # an index run replaced a file just then: open the new one
-                if attempt == 4:
-                    raise
-                time.sleep(0.2)
+        s = self.settings
+        index = Index.open(self.layout.root, db=s.db_url, pinned=True, device=s.device, precision=s.precision,
+                           max_pixels=s.max_pixels)
         try:
-            version = index_version(reader, pinned=True)
+            version = index.version()  # of the generation the handle holds
         except BaseException:
-            reader.close()
+            index.close()
             raise
-        return ReaderHandle(reader, version, time.time())
+        return ReaderHandle(index, version, time.time())
 
     def load(self) -> None:
         """Open the index and the model (startup; raises when there is no usable index)."""
         self.handle = self._open()
-        self._ensure_embedder(self.handle.reader)
+        self._ensure_embedder(self.handle.index)
         self._last_check = time.monotonic()
 
-    def _ensure_embedder(self, reader: IndexReader) -> None:
-        want = (reader.meta.get("model_ref"), reader.meta.get("model_fingerprint"))
+    def _ensure_embedder(self, index: Index) -> None:
+        want = (index.model, index.model_fingerprint)
         if self.embedder is not None and (self.embedder.model_ref, self.embedder.fingerprint) == want:
             return
         from retrieval.model import load_embedder
@@ -141,9 +126,9 @@ class AppState:
             self.model_error = "the embedding model could not be loaded; uploads are unavailable"
             logger.error("cannot load model %s: %s", want[0], exc)
             return
-        if embedder.dim != reader.dim or (want[1] and embedder.fingerprint != want[1]):
+        if embedder.dim != index.dim or (want[1] and embedder.fingerprint != want[1]):
             self.model_error = "the embedding model does not match the index; uploads are unavailable"
-            logger.error("model %s does not match the index (dim %s vs %s)", want[0], embedder.dim, reader.dim)
+            logger.error("model %s does not match the index (dim %s vs %s)", want[0], embedder.dim, index.dim)
             return
         self.embedder, self.embed_fn, self.model_error = embedder, embedder.embed, None
 
@@ -168,7 +153,7 @@ class AppState:
             self._last_check = now
             current = self.handle
             try:
-                latest = index_version(current.reader)
+                latest = current.index.version(current=True)
             except Exception:  # noqa: BLE001 - a busy or vanished DB must not fail the request
                 logger.warning("could not check for a new index run", exc_info=True)
                 return False
@@ -179,7 +164,7 @@ class AppState:
             except RetrievalError as exc:
                 logger.warning("new index run %s found but it cannot be opened: %s", latest, exc)
                 return False
-            self._ensure_embedder(fresh.reader)
+            self._ensure_embedder(fresh.index)
             self.handle = fresh  # atomic swap: new requests see the new reader
             current.retire()  # closed when its in-flight requests finish
             self.reloads += 1

@@ -93,19 +93,24 @@ class Index:
         self.layout = IndexLayout(Path(settings.index_dir))
         self._reader: Any = None
         self._writer: Any = None
+        self._pinned = False
 
     # --- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike[str] = DEFAULT_INDEX_DIR, *, db: str | None = None,
-             **settings: Any) -> "Index":
+             pinned: bool = False, **settings: Any) -> "Index":
         """Open an existing index; raises IndexNotFoundError when none is there.
 
         `settings` are Settings fields (device="cpu", batch_size=64, max_pixels=...); the model is
-        the one the index was built with.
+        the one the index was built with. `pinned` (a long-running reader such as the HTTP server):
+        the FAISS index, vectors and image rows stay the generation that was current when the
+        handle opened, even while `update(..., rebuild=True)` replaces them; `version()` tells when
+        a newer one exists, and a new handle serves it.
 
         Example: ``retrieval.Index.open("retrieval-index").search(42, k=5)``
         """
         index = cls(make_settings(index_dir=Path(path), db_url=db, **settings))
+        index._pinned = pinned
         index.reader  # noqa: B018 - fail now, not on first use
         return index
 
@@ -154,8 +159,26 @@ class Index:
         if self._reader is None:
             from retrieval.search import IndexReader
 
-            self._reader = IndexReader(self.layout, self.settings.db_url, settings=self.settings)
+            if self._pinned:
+                self._reader = self._open_pinned()
+            else:
+                self._reader = IndexReader(self.layout, self.settings.db_url, settings=self.settings)
         return self._reader
+
+    def _open_pinned(self) -> Any:
+        """A reader fixed to one generation (memory-mapped); retried while an update swaps files."""
+        import time
+
+        from retrieval.search import IndexChangedError, IndexReader
+
+        for attempt in range(5):
+            try:
+                return IndexReader(self.layout, self.settings.db_url, mmap=True, pin=True, settings=self.settings)
+            except IndexChangedError:  # an update replaced a file just then: open the new one
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         for view in (self._reader, self._writer):
@@ -188,6 +211,66 @@ class Index:
     def dim(self) -> int:
         return self.reader.dim  # type: ignore[no-any-return]
 
+    @property
+    def model_fingerprint(self) -> str | None:
+        """The fingerprint of the weights that embedded the index (a query model must match it)."""
+        return self.reader.meta.get("model_fingerprint")  # type: ignore[no-any-return]
+
+    @property
+    def source(self) -> Any:
+        """The retrieval.sources.Source the index was built from (its `local_root` is None when remote)."""
+        return self.reader.source
+
+    @property
+    def database(self) -> Any:
+        """The index's database (retrieval.store.Store), read-only, as it is now: the runs and
+        curation tables that retrieval.curation.queries reads."""
+        return self.reader.store
+
+    @property
+    def ann_spec(self) -> Any:
+        """The FAISS index's description (retrieval.ann.IndexSpec: kind, factory, params), None when empty."""
+        return self.reader.spec
+
+    @property
+    def ann_count(self) -> int:
+        """How many vectors the FAISS index holds (0 when there is none)."""
+        return int(self.reader.index.ntotal) if self.reader.spec is not None else 0
+
+    def image(self, ref: int | str) -> Any:
+        """The stored row (retrieval.store.Image) of an image id or a corpus-relative path, None when
+        the index holds no such image; a pinned handle answers from its generation."""
+        from retrieval.store import Image
+
+        if isinstance(ref, int):
+            with self.reader.rows.session() as s:
+                return s.get(Image, ref)
+        return self.reader.image_by_path(ref)
+
+    def embeddings(self, ids: Any) -> Any:
+        """The stored search embeddings (float32, unit length) of image ids, one row each, in order.
+
+        Example: ``index.embeddings([3, 7]) @ index.embed("query.jpg")``
+        """
+        return self.reader.vectors.read(list(ids))
+
+    def version(self, current: bool = False) -> tuple[int | None, str | None]:
+        """(latest completed index run, when the FAISS file was last written) of what this handle
+        reads, or with `current` of the database now: a long-running reader compares the two and
+        opens a new handle when they differ (the second part changes when an applied dedup drops
+        images without an index run)."""
+        import json
+
+        from retrieval import runs
+        from retrieval.store import IndexRun, Meta
+
+        reader = self.reader
+        with (reader.store if current or not self._pinned else reader.rows).session() as s:
+            run = runs.latest(s, IndexRun)
+            meta = s.get(Meta, "index")
+        spec = json.loads(meta.value) if meta is not None else None
+        return (run.id if run is not None else None), (spec or {}).get("params", {}).get("built_at")
+
     def __len__(self) -> int:
         """How many images the index holds."""
         return self.reader.store.count_images()  # type: ignore[no-any-return]
@@ -210,13 +293,15 @@ class Index:
                               index_factory=index_factory, progress=show_progress(progress))
 
     # --- searching ----------------------------------------------------------------------------
-    def search(self, query: Any, k: int = 10, *, include_self: bool = False) -> "SearchResult":
+    def search(self, query: Any, k: int = 10, *, include_self: bool = False, nprobe: int | None = None
+               ) -> "SearchResult":
         """The `k` nearest indexed images of `query`, best first, with exact cosine scores.
 
         `query` is an image id (int), a file path (str or Path; an indexed, unchanged file is
         answered from its stored vector), a vector (numpy, normalised here), image bytes or a PIL
         image. A str of digits that is not a file is an image id, as on the command line.
-        `include_self` keeps an indexed query image in its own results.
+        `include_self` keeps an indexed query image in its own results. `nprobe`: IVF lists to visit
+        for this call (default: the value tuned at build time; exact indexes ignore it).
 
         Example: ``index.search("photos/cat.jpg", k=5).to_pandas()``
         """
@@ -228,7 +313,7 @@ class Index:
             raise QueryError("a query is an image id, a path, a vector, image bytes or a PIL image, not a bool")
         if isinstance(query, int):
             return SearchResult(str(query), f"stored vector of id {query}",
-                                reader.search_id(query, k, exclude_self=not include_self))
+                                reader.search_id(query, k, exclude_self=not include_self, nprobe=nprobe))
         if isinstance(query, (str, os.PathLike)):
             if not isinstance(query, str) and not Path(query).is_file():
                 raise QueryError(f"{query} is not a file")
@@ -240,7 +325,7 @@ class Index:
             vector = self._embed_bytes(data)
             return SearchResult(f"<{type(query).__name__}>", "embedded image", reader.search_vector(vector, k))
         if hasattr(query, "__array__"):
-            return SearchResult("<vector>", "vector", reader.search_vector(self._unit_vector(query), k))
+            return SearchResult("<vector>", "vector", reader.search_vector(self._unit_vector(query), k, nprobe=nprobe))
         raise QueryError(f"cannot search with a {type(query).__name__}: pass an image id, a path, a vector, "
                          "image bytes or a PIL image")
 

@@ -51,7 +51,7 @@ def duplicate_groups(
         "Stricter view of the stored run: keep only members at least this similar to their group's "
         "representative, and groups where at least min_size members remain. Must be >= the run's threshold."))] = None,
 ) -> DuplicateGroupsOut:
-    found = queries.stored_groups(handle.reader.store, mode, min_size, threshold, page, per_page)
+    found = queries.stored_groups(handle.store, mode, min_size, threshold, page, per_page)
     run, total, groups, members, live = found.run, found.total, found.groups, found.members, found.live
     return DuplicateGroupsOut(
         run_id=run.id, mode=run.mode, params=_public_params(run.params), counts=run.counts, finished_at=run.finished_at,
@@ -72,7 +72,7 @@ def duplicate_groups(
 @router.get("/clusters", response_model=ClustersOut, responses=ERRORS,
             summary="Clusters of the latest `retrieval cluster` run, largest first")
 def clusters(handle: ReaderDep, page: Page = 1, per_page: PerPage = 100) -> ClustersOut:
-    run = queries.cluster_run(handle.reader.store)
+    run = queries.cluster_run(handle.store)
     sizes = list(enumerate(run.sizes or []))
     sizes.sort(key=lambda cs: (-cs[1], cs[0]))
     chunk = sizes[(page - 1) * per_page: page * per_page]
@@ -85,10 +85,10 @@ def clusters(handle: ReaderDep, page: Page = 1, per_page: PerPage = 100) -> Clus
             summary="Members of one cluster, nearest the centroid first")
 def cluster_members(handle: ReaderDep, cluster: Annotated[int, Path(ge=0, le=10_000_000)],
                     page: Page = 1, per_page: PerPage = 100) -> ClusterOut:
-    run = queries.cluster_run(handle.reader.store)
+    run = queries.cluster_run(handle.store)
     if cluster >= run.k:
         raise RetrievalError("no such cluster in the latest clustering run", "not_found")
-    rows = queries.cluster_members(handle.reader.store, run, cluster, page, per_page)
+    rows = queries.cluster_members(handle.store, run, cluster, page, per_page)
     size = (run.sizes or [0] * run.k)[cluster]
     return ClusterOut(run_id=run.id, cluster=cluster, size=size, page=page, per_page=per_page,
                       members=[ClusterMemberOut(id=m.image_id, path=m.path, distance=round(m.distance, 6), rank=m.rank,

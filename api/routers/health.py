@@ -11,8 +11,7 @@ from retrieval.api.batcher import describe
 from retrieval.api.deps import Authorized, ReaderDep, StateDep
 from retrieval.api.schemas import ErrorOut, HealthOut, ReadyOut, StatsOut
 
-from retrieval import runs
-from retrieval.store import IndexRun
+from retrieval.curation import queries
 
 router = APIRouter(tags=["operations"])
 
@@ -45,20 +44,20 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/stats", response_model=StatsOut, dependencies=Authorized,
             responses={401: {"model": ErrorOut}, 503: {"model": ErrorOut}}, summary="What the server is serving")
 def stats(handle: ReaderDep, state: StateDep) -> StatsOut:
-    reader = handle.reader
-    spec = reader.spec
-    with reader.store.session() as s:  # the run this reader serves (a newer one may have finished since)
-        run = runs.completed(s, IndexRun, handle.run_id) if handle.run_id is not None else None
+    index = handle.index
+    spec = index.ann_spec
+    # the run this handle serves (a newer one may have finished since)
+    finished = queries.index_run_finished(handle.store, handle.run_id) if handle.run_id is not None else None
     return StatsOut(
-        images=reader.store.count_images(),
-        indexed_vectors=int(reader.index.ntotal) if spec is not None else 0,
-        dim=reader.dim,
-        model=public_model_name(str(reader.meta.get("model_ref", ""))),
+        images=len(index),
+        indexed_vectors=index.ann_count,
+        dim=index.dim,
+        model=public_model_name(str(index.model or "")),
         index_type=spec.kind if spec else None,
         index_factory=spec.factory if spec else None,
         nprobe=spec.params.get("nprobe") if spec else None,
         index_run_id=handle.run_id,
-        index_run_finished_at=run.finished_at if run is not None else None,
+        index_run_finished_at=finished,
         loaded_at=datetime.fromtimestamp(handle.loaded_at, tz=timezone.utc),
         reloads=state.reloads,
         batching=describe(state.batcher),

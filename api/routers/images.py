@@ -67,7 +67,7 @@ def image_thumbnail(handle: ReaderDep, settings: SettingsDep, image_id: ImageId,
     wanted = size or settings.thumbnail_default_size
     edge = next((b for b in THUMBNAIL_BUCKETS if b >= wanted), THUMBNAIL_BUCKETS[-1])
     try:  # an ImageDecodeError is answered like the same error in an upload (api.errors)
-        data = cached_thumbnail(handle.reader.layout.root, row.id, edge, row.sha256, real, settings.max_pixels)
+        data = cached_thumbnail(handle.index.path, row.id, edge, row.sha256, real, settings.max_pixels)
     except OSError:
         raise RetrievalError(service.FILE_GONE, "not_found") from None
     return Response(data, media_type="image/jpeg",
@@ -91,8 +91,7 @@ def image_duplicates(handle: ReaderDep, settings: SettingsDep, image_id: ImageId
                      ) -> DuplicatesOut:
     row = service.get_image(handle, image_id)
     cut = threshold or settings.duplicate_threshold
-    vector = handle.reader.vectors.read([row.id])[0]
-    hits = service.search_vector(handle, vector, limit, None, row.id)
+    hits = service.search_image(handle, row, limit, None, True)
     return DuplicatesOut(image=service.image_out(row), threshold=cut,
                          duplicates=[service.hit_out(h) for h in hits if h.score >= cut])
 
@@ -104,7 +103,7 @@ async def duplicates_check(request: Request, handle: ReaderDep, state: StateDep,
     data = await service.read_upload(request, settings.max_upload_bytes)
     vector = await service.embed_upload(state, handle, data)
     cut = threshold or settings.duplicate_threshold
-    hits = await run_in_threadpool(service.search_vector, handle, vector, 1, None, None)
+    hits = await run_in_threadpool(service.search_vector, handle, vector, 1, None)
     if not hits:
         return DuplicateCheckOut(duplicate=False, threshold=cut, score=None, best_match=None)
     best = hits[0]

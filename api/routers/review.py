@@ -60,7 +60,7 @@ def group_out(g: queries.ReviewGroup) -> ReviewGroupOut:
 @router.get("/review/runs", response_model=list[DedupRunOut], responses=ERRORS,
             summary="Completed dedup runs, newest first")
 def review_runs(handle: ReaderDep) -> list[DedupRunOut]:
-    return [run_out(r) for r in queries.dedup_runs(handle.reader.store)]
+    return [run_out(r) for r in queries.dedup_runs(handle.store)]
 
 
 @router.get("/review/runs/{run_id}/groups", response_model=ReviewPageOut, responses={**ERRORS, 422: {"model": ErrorOut}},
@@ -72,7 +72,7 @@ def review_groups(
     reason: Annotated[Literal["exact", "phash", "embedding", "reference"] | None, Query(description="Only groups with a member joined by this stage.")] = None,
     folder: Annotated[str | None, Query(max_length=1024, description="Only groups with a member under this corpus folder.")] = None,
 ) -> ReviewPageOut:
-    p = queries.review_page(handle.reader.store, run_id, sort, reason, folder, page, per_page)
+    p = queries.review_page(handle.store, run_id, sort, reason, folder, page, per_page)
     return ReviewPageOut(run=run_out(p.run), page=p.page, per_page=p.per_page, total_groups=p.total_groups,
                          groups=[group_out(g) for g in p.groups])
 
@@ -99,6 +99,6 @@ async def post_group_decision(state: StateDep, run_id: RunId, number: Annotated[
 @router.get("/review/runs/{run_id}/decisions.csv", responses={**ERRORS, 200: {"content": {"text/csv": {}}}},
             response_class=Response, summary="The reviewed run as CSV (final and computed action per member)")
 def decisions_csv(handle: ReaderDep, run_id: RunId) -> Response:
-    text = queries.decisions_csv(handle.reader.store, run_id)
+    text = queries.decisions_csv(handle.store, run_id)
     return Response(text, media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="dedup-run-{run_id}-reviewed.csv"'})

@@ -67,7 +67,7 @@ async def search_indexed(
         vector = await service.embed_upload(state, handle, data)
 
         def run_url() -> SearchOut:
-            hits = service.search_vector(handle, vector, service.fetch_depth(k, collapse_duplicates), nprobe, None)
+            hits = service.search_vector(handle, vector, service.fetch_depth(k, collapse_duplicates), nprobe)
             return SearchOut(query="url", answered_from="embedded URL", k=k,
                              results=service.finish(handle, hits, k, min_score, threshold))
 
@@ -75,9 +75,7 @@ async def search_indexed(
 
     def run() -> SearchOut:  # FAISS and SQLite run in a worker thread, never on the event loop
         row = service.resolve_ref(handle, image)
-        vector = handle.reader.vectors.read([row.id])[0]
-        hits = service.search_vector(handle, vector, service.fetch_depth(k, collapse_duplicates), nprobe,
-                                     row.id if exclude_self else None)
+        hits = service.search_image(handle, row, service.fetch_depth(k, collapse_duplicates), nprobe, exclude_self)
         return SearchOut(query=f"id:{row.id}" if image.isdigit() else row.path, answered_from="stored vector", k=k,
                          results=service.finish(handle, hits, k, min_score, threshold))
 
@@ -102,7 +100,7 @@ async def search_upload(
     threshold = (collapse_threshold or settings.duplicate_threshold) if collapse_duplicates else None
 
     def run() -> SearchOut:
-        hits = service.search_vector(handle, vector, service.fetch_depth(k, collapse_duplicates), nprobe, None)
+        hits = service.search_vector(handle, vector, service.fetch_depth(k, collapse_duplicates), nprobe)
         return SearchOut(query="upload", answered_from="embedded upload", k=k,
                          results=service.finish(handle, hits, k, min_score, threshold))
 

@@ -108,15 +108,14 @@ MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0)]
 
 
 def _hits_view(handle: ReaderHandle, hits: list[HitOut]) -> list[dict[str, Any]]:
-    facts = queries.image_facts(handle.reader.store, [h.id for h in hits])
+    facts = queries.image_facts(handle.store, [h.id for h in hits])
     return [{"hit": h, "size": getattr(facts.get(h.id), "size", None)} for h in hits]
 
 
 def _search_stored(handle: ReaderHandle, image: str, k: int, min_score: float | None, threshold: float | None
                    ) -> tuple[Any, list[dict[str, Any]]]:
     row = service.resolve_ref(handle, image)
-    vector = handle.reader.vectors.read([row.id])[0]
-    hits = service.search_vector(handle, vector, service.fetch_depth(k, threshold is not None), None, row.id)
+    hits = service.search_image(handle, row, service.fetch_depth(k, threshold is not None), None, True)
     return row, _hits_view(handle, service.finish(handle, hits, k, min_score, threshold))
 
 
@@ -127,7 +126,7 @@ def search_page(request: Request, handle: ReaderDep, settings: SettingsDep,
     threshold = settings.duplicate_threshold if collapse else None
     context: dict[str, Any] = {"image": image or "", "k": k, "min_score": min_score, "collapse": collapse,
                                "query": None, "results": None, "error": None, "sample": None,
-                               "images": handle.reader.store.count_images(), "state_query": _query}
+                               "images": len(handle.index), "state_query": _query}
     code = 200
     if image:
         try:
@@ -135,7 +134,7 @@ def search_page(request: Request, handle: ReaderDep, settings: SettingsDep,
         except RetrievalError as exc:
             context["error"], code = public_detail(exc), error_status(exc)
     else:
-        context["sample"] = queries.sample_images(handle.reader.store, 24)
+        context["sample"] = queries.sample_images(handle.store, 24)
     return render(request, "search.html", status_code=code, **context)
 
 
@@ -148,7 +147,7 @@ async def search_upload_fragment(request: Request, handle: ReaderDep, state: Sta
     threshold = settings.duplicate_threshold if collapse else None
 
     def run() -> list[dict[str, Any]]:
-        hits = service.search_vector(handle, vector, service.fetch_depth(k, collapse), None, None)
+        hits = service.search_vector(handle, vector, service.fetch_depth(k, collapse), None)
         return _hits_view(handle, service.finish(handle, hits, k, min_score, threshold))
 
     results = await run_in_threadpool(run)
@@ -165,7 +164,7 @@ def review_page(request: Request, handle: ReaderDep,
                 folder: Annotated[str, Query(max_length=1024)] = "",
                 page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
                 per_page: Annotated[int, Query(ge=1, le=200)] = 20) -> HTMLResponse:
-    store = handle.reader.store
+    store = handle.store
     runs = queries.dedup_runs(store)
     if not runs and run is None:
         return render(request, "empty.html", title="Duplicates", what="dedup run", command="retrieval dedup")
@@ -181,7 +180,7 @@ def review_page(request: Request, handle: ReaderDep,
 @pages.get("/ui/clusters", response_class=HTMLResponse)
 def clusters_page(request: Request, handle: ReaderDep, run: Annotated[int | None, Query(ge=1, le=2**62)] = None,
                   page: Annotated[int, Query(ge=1, le=1_000_000)] = 1) -> HTMLResponse:
-    store = handle.reader.store
+    store = handle.store
     try:
         crun = queries.cluster_run(store, run)
     except queries.NotFound:
@@ -198,7 +197,7 @@ def clusters_page(request: Request, handle: ReaderDep, run: Annotated[int | None
 def cluster_page(request: Request, handle: ReaderDep, cluster: Annotated[int, Path(ge=0, le=10_000_000)],
                  run: Annotated[int | None, Query(ge=1, le=2**62)] = None,
                  page: Annotated[int, Query(ge=1, le=1_000_000)] = 1) -> HTMLResponse:
-    store = handle.reader.store
+    store = handle.store
     crun = queries.cluster_run(store, run)
     per_page = 60
     members = queries.cluster_members(store, crun, cluster, page, per_page)
@@ -210,7 +209,7 @@ def cluster_page(request: Request, handle: ReaderDep, cluster: Annotated[int, Pa
 # --- curation runs -----------------------------------------------------------------------------
 @pages.get("/ui/curation", response_class=HTMLResponse)
 def curation_list(request: Request, handle: ReaderDep) -> HTMLResponse:
-    runs = queries.curation_runs(handle.reader.store)
+    runs = queries.curation_runs(handle.store)
     if not runs:
         return render(request, "empty.html", title="Curation", what="curation run",
                       command="retrieval curate --queries FOLDER")
@@ -221,6 +220,6 @@ def curation_list(request: Request, handle: ReaderDep) -> HTMLResponse:
 def curation_run(request: Request, handle: ReaderDep, run_id: Annotated[int, Path(ge=1, le=2**62)],
                  page: Annotated[int, Query(ge=1, le=1_000_000)] = 1) -> HTMLResponse:
     per_page = 60
-    crun, total, items = queries.curation_items(handle.reader.store, run_id, page, per_page)
+    crun, total, items = queries.curation_items(handle.store, run_id, page, per_page)
     return render(request, "curation_run.html", crun=crun, total=total, items=items, page=page,
                   pages=max(1, -(-total // per_page)), state_query=_query)

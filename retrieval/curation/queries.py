@@ -28,6 +28,7 @@ from retrieval.store import (
     DuplicateGroup,
     DuplicateMember,
     Image,
+    IndexRun,
     ReviewDecision,
     Store,
     chunked,
@@ -357,6 +358,13 @@ def cluster_members(store: Store, run: ClusterRun, cluster: int, page: int = 1, 
 
 
 # --- curation runs -----------------------------------------------------------------------------
+def index_run_finished(store: Store, run_id: int) -> datetime | None:
+    """When completed index run `run_id` finished (None when it is not a completed run)."""
+    with store.session() as s:
+        run = runs.completed(s, IndexRun, run_id)
+        return run.finished_at if run is not None else None
+
+
 def curation_runs(store: Store, limit: int = 100) -> list[CurationRun]:
     with store.session() as s:
         return list(s.scalars(select(CurationRun).where(CurationRun.status == runs.COMPLETED)
