@@ -7,6 +7,10 @@
 * embeddings_<role>.npy: the fp16 vectors as stored, row i = Parquet row i; ids.npy: their image
   ids. `numpy.load(..., mmap_mode="r")` opens them without knowing the dimension.
 
+Roles: `search` (the retrieval model) always; `copy` (the copy-detection model) when the index has
+one (`index --copy-model`), as the column embedding_copy and embeddings_copy.npy. An image whose
+copy embedding is missing (not embedded yet) is null in embedding_copy and a zero row in the .npy.
+
 Streamed a batch of images at a time, so memory stays bounded for any corpus size. Every file is
 written under a temporary name and renamed into place when complete, and the index's writer lock
 is held meanwhile, so a concurrent `retrieval index` cannot mix two states of the index into one
@@ -35,6 +39,7 @@ from retrieval.store import (
     DedupRun,
     DuplicateGroup,
     DuplicateMember,
+    COPY_NONE,
     Image,
     to_unsigned64,
     utcnow,
@@ -58,8 +63,26 @@ def embedding_column(role: str) -> str:
 
 
 def roles(reader: IndexReader) -> dict[str, VectorStore]:
-    """Every embedding role of the index and its vector store."""
-    return {"search": reader.vectors}
+    """Every embedding role of the index and its vector store: search, and copy when embedded."""
+    stores = {"search": reader.vectors}
+    if reader.copy_dim:
+        stores["copy"] = reader.copy_vectors
+    return stores
+
+
+def role_models(reader: IndexReader) -> dict[str, Any]:
+    return {"search": reader.meta.get("model_ref"), "copy": reader.meta.get("copy_model_ref")}
+
+
+def read_role(role: str, store: VectorStore, ids: np.ndarray, copy_states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 vectors, missing mask) of `ids` in one role; a missing copy embedding is a zero row."""
+    if role != "copy":
+        return store.read(ids), np.zeros(len(ids), bool)
+    missing = copy_states == COPY_NONE
+    vectors = np.zeros((len(ids), store.dim), np.float32)
+    if not missing.all():
+        vectors[~missing] = store.read(ids[~missing])
+    return vectors, missing
 
 
 def arrow_schema(dims: dict[str, int], metadata: dict[str, Any]) -> Any:
@@ -75,7 +98,9 @@ def arrow_schema(dims: dict[str, int], metadata: dict[str, Any]) -> Any:
         pa.field("height", pa.int32()),
         pa.field("format", pa.string()),
         pa.field("phash", pa.string()),  # 64-bit pHash, 16 hex digits (imagehash's str())
-        *[pa.field(embedding_column(role), pa.list_(pa.float32(), dim)) for role, dim in dims.items()],
+        # search is never null; copy is null for an image without a copy embedding
+        *[pa.field(embedding_column(role), pa.list_(pa.float32(), dim), nullable=role != "search")
+          for role, dim in dims.items()],
         pa.field("dedup_group", pa.int32()),  # group number in the latest dedup run; null: no duplicate
         pa.field("dedup_action", pa.string()),  # keep or remove
         pa.field("dedup_reason", pa.string()),
@@ -98,7 +123,7 @@ def _batches(reader: IndexReader, batch_size: int) -> Iterator[list[Any]]:
     while True:
         with reader.store.session() as s:
             rows = s.execute(select(Image.id, Image.path, Image.sha256, Image.size, Image.mtime_ns, Image.width,
-                                    Image.height, Image.format, Image.phash)
+                                    Image.height, Image.format, Image.phash, Image.copy_state)
                              .where(Image.id > last).order_by(Image.id).limit(batch_size)).all()
         if not rows:
             return
@@ -140,7 +165,7 @@ def _run_columns(reader: IndexReader, ids: np.ndarray, dedup_run: int | None,
     return {name: (values, missing[name]) for name, values in cols.items()}
 
 
-def _record_batch(schema: Any, rows: list[Any], vectors: dict[str, np.ndarray],
+def _record_batch(schema: Any, rows: list[Any], vectors: dict[str, tuple[np.ndarray, np.ndarray]],
                   runs: dict[str, tuple[np.ndarray, np.ndarray]]) -> Any:
     import pyarrow as pa
 
@@ -151,9 +176,14 @@ def _record_batch(schema: Any, rows: list[Any], vectors: dict[str, np.ndarray],
         pa.array(cols[6], pa.int32()), pa.array(cols[7], pa.string()),
         pa.array([f"{to_unsigned64(h):016x}" for h in cols[8]], pa.string()),
     ]
-    for role, vecs in vectors.items():
+    for role, (vecs, missing) in vectors.items():
         flat = pa.array(np.ascontiguousarray(vecs, dtype=np.float32).reshape(-1), pa.float32())
-        arrays.append(pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1]))
+        if not missing.any():
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1]))
+            continue
+        validity = pa.array(~missing, pa.bool_()).buffers()[1]  # a boolean array's values are a bitmap
+        arrays.append(pa.Array.from_buffers(pa.list_(pa.float32(), vecs.shape[1]), len(missing), [validity],
+                                            null_count=int(missing.sum()), children=[flat]))
     for name in ("dedup_group", "dedup_action", "dedup_reason", "dedup_similarity", "cluster", "cluster_distance"):
         values, missing = runs[name]
         arrays.append(pa.array(values, schema.field(name).type, mask=missing))
@@ -196,8 +226,8 @@ def export_index(reader: IndexReader, folder: Path, parquet: bool = True, npy: b
         meta = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "corpus_root": str(reader.corpus_root),
                 "model": reader.meta.get("model_ref"), "exported_at": utcnow().isoformat(),
                 "dedup_run": dedup_run, "cluster_run": cluster_run, "images": n,
-                "roles": {role: {"dim": v.dim, "column": embedding_column(role), "npy": npy_name(role)}
-                          for role, v in stores.items()}}
+                "roles": {role: {"dim": v.dim, "column": embedding_column(role), "npy": npy_name(role),
+                                 "model": role_models(reader)[role]} for role, v in stores.items()}}
         targets: dict[str, Path] = {}
         try:
             writer = matrices = ids_out = None
@@ -221,12 +251,13 @@ def export_index(reader: IndexReader, folder: Path, parquet: bool = True, npy: b
                     ids = np.array([r[0] for r in rows], np.int64)
                     if done + len(ids) > n:
                         raise RetrievalError("the index changed during the export; run it again")
-                    vectors = {role: v.read(ids) for role, v in stores.items()}
+                    copy_states = np.array([r[9] for r in rows], np.int64)
+                    vectors = {role: read_role(role, v, ids, copy_states) for role, v in stores.items()}
                     if writer is not None:
                         writer.write_batch(_record_batch(writer.schema, rows, vectors,
                                                          _run_columns(reader, ids, dedup_run, cluster_run)))
                     if matrices is not None and ids_out is not None:
-                        for role, vecs in vectors.items():
+                        for role, (vecs, _) in vectors.items():
                             matrices[role][done : done + len(ids)] = vecs.astype(DTYPE)
                         ids_out[done : done + len(ids)] = ids
                     done += len(ids)
