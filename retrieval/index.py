@@ -411,6 +411,18 @@ class Index:
         run_id = run if isinstance(run, int) else run.run_id
         return apply_run(self.reader, run_id, Path(move_to), self.settings)
 
+    def write_dedup_manifest(self, run: "int | DedupResult", folder: str | os.PathLike[str]) -> Any:
+        """Apply a dedup run to a source that is never changed in place (a bucket, a list, shards):
+        write manifest.csv (every member's action, review decisions included) and kept.parquet, the
+        filtered list to train on (shards also get kept-shards.txt). Nothing moves; the run is marked applied.
+
+        Example: ``index.write_dedup_manifest(index.dedup_run(), "dedup-report").kept_list``
+        """
+        from retrieval.curation.apply import write_manifest
+
+        run_id = run if isinstance(run, int) else run.run_id
+        return write_manifest(self.reader, run_id, Path(folder))
+
     def apply_remove_list(self, remove_list: str | os.PathLike[str], move_to: str | os.PathLike[str]) -> Any:
         """Move the files a hand-edited list names (corpus-relative paths, e.g. an edited remove.txt)
         to `move_to` and drop them from the index, with the same safety rules as apply_dedup.

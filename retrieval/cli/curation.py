@@ -92,7 +92,7 @@ def dedup(
     with open_index(index_dir=index_dir, db_url=db) as index:
         # A folder is changed in place (files move out); a remote, list or shard source never is:
         # --apply writes a manifest and a filtered list instead.
-        in_place = index.reader.source.writable
+        in_place = index.source.writable
         if apply and move_to is None and in_place:
             raise RetrievalError("--apply needs --move-to DIR: removed files are moved there, never deleted")
         if move_to is not None and in_place:
@@ -111,10 +111,8 @@ def dedup(
                 f"{result.run_id} (report in {report_dir}); nothing was moved. Review it, then apply exactly "
                 f"that run with --apply --run {result.run_id}")
         if apply and not in_place:
-            from retrieval.curation.apply import write_manifest
-
-            manifest = write_manifest(index.reader, result.run_id, report_dir)
-            corpus_kind, corpus_name = index.reader.source.kind, index.reader.corpus_name
+            manifest = index.write_dedup_manifest(result, report_dir)
+            corpus_kind, corpus_name = index.source.kind, index.reader.corpus_name
         elif apply:
             assert move_to is not None
             applied = index.apply_dedup(result, move_to)
