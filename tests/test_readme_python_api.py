@@ -1,4 +1,4 @@
-"""The README's Python API example runs as written, on a tiny model instead of the default one."""
+"""The README's Python API example (and the readers example of docs/export.md) run as written, on a tiny model."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from tests.conftest import make_corpus
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_block(heading: str) -> str:
-    """The first ```python block after `heading` in README.md."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def readme_block(heading: str, page: str = "README.md") -> str:
+    """The first ```python block after `heading` in README.md (or another page, e.g. docs/export.md)."""
+    text = "\n" + (ROOT / page).read_text(encoding="utf-8")
     start = text.index(f"\n{heading}\n")
     match = re.search(r"```python\n(.*?)```", text[start:], re.S)
     assert match, f"no python block after {heading}"
@@ -48,5 +48,5 @@ def test_the_export_readers_example_runs(tmp_path: Path, tiny_model_dir: Path) -
     index.export(tmp_path / "my-dataset", progress=False)
     index.close()
     namespace: dict = {}
-    exec(compile(readme_block("## Export"), "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(readme_block("# Export", "docs/export.md"), "docs/export.md", "exec"), namespace)  # noqa: S102 - our own docs
     assert len(namespace["frame"]) == 6 and namespace["vectors"].shape == (6, 32)
