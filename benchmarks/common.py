@@ -27,7 +27,7 @@ def environment() -> dict[str, Any]:
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
         # Code that differs from the commit (results are not ignored: a fresh result file is expected)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results", ":(exclude)README.md"],
+                                ":(exclude)benchmarks/results", ":(exclude)README.md", ":(exclude)docs"],
                                capture_output=True, text=True, cwd=Path(__file__).parent.parent, check=True).stdout
         if dirty.strip():
             commit += "-dirty"
