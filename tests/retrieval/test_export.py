@@ -136,27 +136,26 @@ def test_export_cli(index: retrieval.Index, tmp_path: Path) -> None:
     assert "exported 16 images:" in text.output
 
 
-def test_export_loads_in_datasets_and_lancedb_when_installed(index: retrieval.Index, tmp_path: Path) -> None:
-    """Optional readers: skipped unless polars, `datasets` or `lancedb` is installed (not test deps)."""
-    out = index.export(tmp_path / "ds", npy=False, progress=False)
-    ids, vectors = stored(index)
+def check_optional_readers(parquet: Path, column: str, ids: np.ndarray, vectors: np.ndarray, tmp_path: Path) -> None:
+    """polars, Hugging Face `datasets` and LanceDB read `column` of the export as it is, each when
+    installed (they are not test dependencies); skips when none is."""
     checked = 0
     try:
         import polars
     except ImportError:
         pass
     else:
-        frame = polars.read_parquet(out.parquet)
+        frame = polars.read_parquet(parquet)
         assert frame["id"].to_list() == ids.tolist()
-        assert np.array_equal(frame["embedding_search"].to_numpy(), vectors)
+        assert np.array_equal(frame[column].to_numpy(), vectors)
         checked += 1
     try:
         import datasets
     except ImportError:
         pass
     else:
-        ds = datasets.Dataset.from_parquet(str(out.parquet), cache_dir=str(tmp_path / "hf"))
-        assert ds.num_rows == 16 and np.allclose(np.array(ds[0]["embedding_search"]), vectors[0])
+        ds = datasets.Dataset.from_parquet(str(parquet), cache_dir=str(tmp_path / "hf"))
+        assert ds.num_rows == len(ids) and np.allclose(np.array(ds[5][column]), vectors[5])
         checked += 1
     try:
         import lancedb
@@ -164,9 +163,16 @@ def test_export_loads_in_datasets_and_lancedb_when_installed(index: retrieval.In
         pass
     else:
         db = lancedb.connect(tmp_path / "lance")
-        table = db.create_table("images", data=pq.read_table(out.parquet))
-        hit = table.search(vectors[2], vector_column_name="embedding_search").limit(1).to_list()[0]
+        table = db.create_table("images", data=pq.read_table(parquet))
+        hit = table.search(vectors[2], vector_column_name=column).limit(1).to_list()[0]
         assert hit["id"] == ids[2]
         checked += 1
     if not checked:
         pytest.skip("none of polars, datasets, lancedb is installed")
+
+
+def test_export_loads_in_datasets_and_lancedb_when_installed(index: retrieval.Index, tmp_path: Path) -> None:
+    """Optional readers: skipped unless polars, `datasets` or `lancedb` is installed (not test deps)."""
+    out = index.export(tmp_path / "ds", npy=False, progress=False)
+    ids, vectors = stored(index)
+    check_optional_readers(out.parquet, "embedding_search", ids, vectors, tmp_path)

@@ -14,6 +14,7 @@ import retrieval
 from retrieval.store import COPY_NONE
 from tests.retrieval.curation.conftest import plant_corpus
 from tests.retrieval.embedding.test_copy import tiny_copy_model
+from tests.retrieval.test_export import check_optional_readers
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -95,32 +96,4 @@ def test_copy_role_loads_in_polars_datasets_and_lancedb_when_installed(copy_inde
     """Optional readers: skipped unless polars, `datasets` or `lancedb` is installed (not test deps)."""
     out = copy_index.export(tmp_path / "ds", npy=False, progress=False)
     ids, _, copy = stored(copy_index)
-    checked = 0
-    try:
-        import polars
-    except ImportError:
-        pass
-    else:
-        frame = polars.read_parquet(out.parquet)
-        assert np.array_equal(frame["embedding_copy"].to_numpy(), copy)
-        checked += 1
-    try:
-        import datasets
-    except ImportError:
-        pass
-    else:
-        ds = datasets.Dataset.from_parquet(str(out.parquet), cache_dir=str(tmp_path / "hf"))
-        assert np.allclose(np.array(ds[5]["embedding_copy"]), copy[5])
-        checked += 1
-    try:
-        import lancedb
-    except ImportError:
-        pass
-    else:
-        db = lancedb.connect(tmp_path / "lance")
-        table = db.create_table("images", data=pq.read_table(out.parquet))
-        hit = table.search(copy[7], vector_column_name="embedding_copy").limit(1).to_list()[0]
-        assert hit["id"] == ids[7]
-        checked += 1
-    if not checked:
-        pytest.skip("none of polars, datasets, lancedb is installed")
+    check_optional_readers(out.parquet, "embedding_copy", ids, copy, tmp_path)
