@@ -8,7 +8,7 @@ corpus), each run three ways in one process:
 * Ray, 2 worker nodes of 1 CPU each.
 
 Stages: dedup's k-NN graph (retrieval.curation.graph.knn_edges, k = 64), cluster assignment
-(retrieval.curation.clusters.assign_all against sqrt(N) centroids) and the IVF-PQ index build
+(retrieval.curation.clusters.assign_all against max(sqrt(N), 1024) centroids) and the IVF-PQ index build
 (retrieval.sync.sync_index with a forced rebuild; the add phase is what runs in shards).
 
 Wall time on a shared 2-core machine says little about speed-up, so every run also records the
@@ -169,7 +169,7 @@ def run(n: int, dim: int, tmp: Path) -> dict[str, Any]:
     out["index"] = build_local["index"]
     edges, t = measure(lambda: graph_stage(reader, ids, batch, None))
     out["stages"]["graph"] = {"local": {**t, "edges": edges}}
-    k = default_k(n)
+    k = max(default_k(n), 1024)  # enough work per image for the assignment to be measurable at small N
     rng = np.random.default_rng(0)
     centroids = spherical_kmeans(reader.vectors.read(np.sort(rng.choice(ids, min(n, k * 64), replace=False))), k, 10)
     labels, t = measure(lambda: assign_stage(reader, ids, centroids, None))

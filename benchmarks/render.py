@@ -705,7 +705,8 @@ def _ray_curation(d: dict[str, Any], results_dir: Path) -> list[str]:
             ("graph", "k-NN graph (k = 64)", 1 / longer,
              f"cost per query scaled by the probed lists' length: {_n(longer)}x longer at 1.2B"),
             ("assign", "cluster assignment", k_here / 100_000, f"scaled from {k_here} to 100,000 centroids"),
-            ("index_build", "index build (train + add + tune)", 1.0, "at this N's quantizer")):
+            ("index_build", "index build (train + add + tune)", 1.0,
+             "at this N's quantizer; training 65,536 lists at 1.2B is a fixed cost not extrapolated")):
         r = st[stage]["local"]
         if not r["cpu_s"]:
             continue
