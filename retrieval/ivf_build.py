@@ -58,12 +58,8 @@ def deserialize(data: bytes) -> Any:
 def train_task(sample_ids: np.ndarray, spec: ann.IndexSpec, vectors: VectorStore) -> bytes:
     """A Ray task: the empty index of `spec` trained on the stored vectors of `sample_ids`."""
     index = ann.new_index(spec)  # made here: FAISS does not serialise the training parameters it sets
-    index.train(vectors.read(sample_ids))
-    if ann.gpu_count():
-        import faiss
-
-        faiss.extract_index_ivf(index).clustering_index = None  # a GPU index does not serialise
-    return serialize(index)
+    index.train(vectors.read(sample_ids))  # on the node's GPUs when it has some (see ann.new_index)
+    return serialize(index)  # the GPU clustering index, if any, is not part of what FAISS writes
 
 
 def add_task(ids: np.ndarray, trained: bytes, vectors: VectorStore) -> bytes:
