@@ -14,6 +14,7 @@ BENCHMARKS = [
     "benchmarks.dedup_quality",
     "benchmarks.api_batching",
     "benchmarks.incremental_reindex",
+    "benchmarks.ray_curation",  # says so and measures nothing without Ray
 ]
 
 

@@ -292,6 +292,46 @@ class Index:
         return load_updater()(os.fspath(corpus), self.settings, rebuild=rebuild, retry_failed=retry_failed,
                               index_factory=index_factory, progress=show_progress(progress))
 
+    def build_index(self, *, rebuild: bool = True, index_factory: str | None = None, ray: str | None = None,
+                    progress: bool | None = None) -> dict[str, Any]:
+        """(Re)build the FAISS index of every role from the stored vectors, without embedding anything.
+
+        `ray` ("auto", "local" or an address; by default RETRIEVAL_RAY_ADDRESS, else no Ray) trains an
+        IVF index in one Ray task, adds the vectors in shards as Ray tasks and merges them here; the
+        nodes read the vector files from the index folder on shared storage. Returns each role's
+        sync result (retrieval.sync.SyncResult) by role.
+
+        Example: ``index.build_index(ray="auto")["search"].spec.factory``
+        """
+        from retrieval.distributed import resolve_address
+        from retrieval.layout import IndexLock, remove_stale_temporaries
+        from retrieval.store import Store
+        from retrieval.sync import SyncOptions, sync_index
+        from retrieval.vectors import role_vectors
+
+        s, address = self.settings, resolve_address(ray)
+        self.reader  # noqa: B018 - IndexNotFoundError now rather than a new empty database
+        self.close()  # the build replaces the FAISS files a reader holds
+        results: dict[str, Any] = {}
+        with IndexLock(self.layout):
+            remove_stale_temporaries(self.layout.root)
+            store = Store(s.db_url or self.layout.default_db_url())
+            try:
+                for role, key in (("search", "dim"), ("copy", "copy_dim")):
+                    dim = store.get_meta(key)
+                    if dim is None:
+                        continue
+                    opts = SyncOptions(memory_budget=s.memory_budget, exact_threshold=s.exact_threshold,
+                                       recall_target=s.recall_target, force_rebuild=rebuild,
+                                       factory=index_factory if role == "search" else None, ray_address=address,
+                                       progress=show_progress(progress))
+                    results[role] = sync_index(store, role_vectors(self.layout, role, dim), self.layout, opts, role)
+            finally:
+                store.close()
+        if not results:
+            raise RetrievalError("the index holds no embeddings; run `retrieval index CORPUS` first")
+        return results
+
     # --- searching ----------------------------------------------------------------------------
     def search(self, query: Any, k: int = 10, *, include_self: bool = False, nprobe: int | None = None
                ) -> "SearchResult":
@@ -452,23 +492,27 @@ class Index:
 
     def curate(self, queries: str | os.PathLike[str], *, mode: str = "sample", k: int = 4, per_cluster: int = 10_000,
                min_queries: int = 3, max_images: int = 1_000_000, cluster_run: int | None = None, seed: int = 0,
-               force: bool = False, progress: bool | None = None) -> "CurationResult":
+               force: bool = False, progress: bool | None = None, ray: str | None = None) -> "CurationResult":
         """Curate the corpus from a folder of query images (embedded, not indexed).
 
         mode "sample": the `k` nearest images of every query; mode "cluster": up to `per_cluster`
         images from every cluster (of `cluster_run`, default the latest) holding more than
-        `min_queries` queries.
+        `min_queries` queries. `ray` ("auto", "local" or an address; by default
+        RETRIEVAL_RAY_ADDRESS, else no Ray) runs the query searches or assignments as Ray tasks,
+        with the same result as a local run.
 
         Example: ``index.curate("imagenet-val/", k=4).paths``
         """
         from retrieval.curation.curate import CurateOptions, run_curation
+        from retrieval.distributed import resolve_address
         from retrieval.results import CuratedImage, CurationResult
 
         s = self.settings
         o = run_curation(self.writer, CurateOptions(
             queries=os.fspath(queries), mode=mode, k=k, per_cluster=per_cluster, min_queries=min_queries,
             max_images=max_images, cluster_run=cluster_run, seed=seed, progress=show_progress(progress),
-            max_pixels=s.max_pixels, batch_size=s.batch_size, workers=s.workers or 0, force=force))
+            max_pixels=s.max_pixels, batch_size=s.batch_size, workers=s.workers or 0, force=force,
+            ray=resolve_address(ray)))
         items = [CuratedImage(image_id=d["image_id"], path=d["path"], how=d["how"], query=d["query"], score=d["score"],
                               times_retrieved=d["times_retrieved"], cluster=d.get("cluster")) for d in o.items]
         return CurationResult(run_id=o.run_id, reused=o.reused, counts=dict(o.counts), items=items,

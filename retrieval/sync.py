@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,8 @@ class SyncOptions:
     recall_target: float
     factory: str | None = None
     force_rebuild: bool = False
+    ray_address: str | None = None  # an IVF index is then trained, filled and merged on this Ray cluster
+    progress: bool = False
 
 
 @dataclass
@@ -105,31 +108,53 @@ def _pick_queries(ids: np.ndarray, n_queries: int) -> np.ndarray:
     return np.sort(rng.choice(ids, size=min(n_queries, len(ids)), replace=False))
 
 
+def _train_sample(spec: ann.IndexSpec, ids: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+    pool = np.setdiff1d(ids, held_out) if len(ids) - len(held_out) >= ann.train_sample_size(spec) else ids
+    rng = np.random.default_rng(SEED)
+    return np.sort(rng.choice(pool, size=min(ann.train_sample_size(spec), len(pool)), replace=False))
+
+
 def _build(spec: ann.IndexSpec, ids: np.ndarray, held_out: np.ndarray, vectors: VectorStore,
-           timings: dict[str, float]) -> Any:
+           timings: dict[str, float], opts: SyncOptions | None = None, faiss_path: Path | None = None) -> Any:
+    """The index of `spec` holding `ids`; an IVF index on opts.ray_address is trained in one Ray task and
+    filled in shards (retrieval.ivf_build), merged on disk beside `faiss_path` past the memory budget."""
+    from retrieval import ivf_build
+
     index = ann.new_index(spec)
+    address = opts.ray_address if opts is not None else None
+    on_ray = address is not None and ivf_build.is_ivf(index)
     if not index.is_trained:
         t = time.perf_counter()
-        pool = np.setdiff1d(ids, held_out) if len(ids) - len(held_out) >= ann.train_sample_size(spec) else ids
-        rng = np.random.default_rng(SEED)
-        sample = np.sort(rng.choice(pool, size=min(ann.train_sample_size(spec), len(pool)), replace=False))
-        logger.info("training %s on %d vectors", spec.factory, len(sample))
-        index.train(vectors.read(sample))
+        sample = _train_sample(spec, ids, held_out)
+        if on_ray:
+            index = ivf_build.train_on_ray(address, spec, sample, vectors)
+        else:
+            logger.info("training %s on %d vectors", spec.factory, len(sample))
+            index.train(vectors.read(sample))
         timings["train_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    for chunk_ids, chunk in vectors.iter_batches(ids):
-        ann.add(index, chunk_ids, chunk)
+    if on_ray:
+        assert opts is not None
+        ivfdata = None
+        if faiss_path is not None and ivf_build.merged_bytes(index, len(ids)) > opts.memory_budget:
+            ivfdata = ivf_build.ivfdata_path(faiss_path)
+            logger.info("the inverted lists exceed --memory-budget: merging them on disk into %s", ivfdata)
+        index = ivf_build.add_on_ray(address, index, ids, vectors, ivfdata, progress=opts.progress)
+        spec.params["on_disk"] = str(ivfdata.resolve()) if ivfdata is not None else None
+    else:
+        for chunk_ids, chunk in vectors.iter_batches(ids):
+            ann.add(index, chunk_ids, chunk)
     timings["add_s"] = round(time.perf_counter() - t, 3)
     return index
 
 
 def _build_meeting_target(desired: ann.IndexSpec, ids: np.ndarray, vectors: VectorStore, opts: SyncOptions,
-                          timings: dict[str, float]) -> tuple[Any, ann.IndexSpec]:
+                          timings: dict[str, float], faiss_path: Path | None = None) -> tuple[Any, ann.IndexSpec]:
     """Build `desired`; if it misses the recall target even at the largest nprobe, build the next
     more precise index that fits the memory budget (the automatic choice is recorded with it)."""
     held_out = _pick_queries(ids, ann.TUNE_QUERIES) if desired.kind != "flat" else np.empty(0, np.int64)
-    index = _build(desired, ids, held_out, vectors, timings)
-    kept = {k: desired.params[k] for k in ("fallback_for", "missed") if k in desired.params}
+    index = _build(desired, ids, held_out, vectors, timings, opts, faiss_path)
+    kept = {k: desired.params[k] for k in ("fallback_for", "missed", "on_disk") if k in desired.params}
     desired.params = {**_tune(index, desired, ids, vectors, opts.recall_target, timings), **kept}
     desired.n = len(ids)
     if desired.params.get("recall_at_10", 1.0) >= opts.recall_target:
@@ -138,8 +163,11 @@ def _build_meeting_target(desired: ann.IndexSpec, ids: np.ndarray, vectors: Vect
     for fallback in ann.precise_fallbacks(desired, opts.memory_budget):
         logger.warning("%s reaches recall@10 %.3f only, below the target %.2f; trying %s", desired.factory,
                        desired.params.get("recall_at_10", 0.0), opts.recall_target, fallback.factory)
-        index = _build(fallback, ids, held_out, vectors, timings)
+        index = _build(fallback, ids, held_out, vectors, timings, opts, faiss_path)
+        on_disk = fallback.params.get("on_disk")
         fallback.params = _tune(index, fallback, ids, vectors, opts.recall_target, timings)
+        if on_disk is not None:
+            fallback.params["on_disk"] = on_disk
         fallback.params["fallback_for"] = {**desired.to_dict(), "params": {}}
         fallback.params["missed"] = missed
         if fallback.params.get("recall_at_10", 1.0) >= opts.recall_target:
@@ -197,7 +225,9 @@ def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: Sy
         to_add = np.union1d(stale, np.setdiff1d(ids, present))
         if len(to_remove) == 0 and len(to_add) == 0:
             return SyncResult(spec=old_spec, seconds=time.perf_counter() - started)
-        if old_spec.kind == "flat":
+        if old_spec.params.get("on_disk"):
+            reason = "an index with on-disk inverted lists is rebuilt, not patched in place"
+        elif old_spec.kind == "flat":
             reason = "exact index refreshed"  # rebuilding a flat index is as cheap as patching it
             if old_spec.params.get("fallback_for"):
                 desired = old_spec  # an exact fallback stays exact: re-training what it replaced would miss again
@@ -224,11 +254,14 @@ def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: Sy
             result.spec = spec
     if reason is not None:
         logger.info("building the index: %s", reason)
-        index, built = _build_meeting_target(desired, ids, vectors, opts, timings)
+        index, built = _build_meeting_target(desired, ids, vectors, opts, timings, faiss_path)
         result.spec, result.rebuilt, result.added = built, True, len(ids)
 
     ann.save_index(index, faiss_path)
     assert result.spec is not None
+    from retrieval.ivf_build import remove_stale_ivfdata
+
+    remove_stale_ivfdata(faiss_path, result.spec.params.get("on_disk"))  # earlier on-disk builds' lists
     result.changed = True
     result.spec.params["built_at"] = utcnow().isoformat()
     with store.session() as s, s.begin():

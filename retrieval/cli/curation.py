@@ -202,6 +202,7 @@ def curate(
     db: Optional[str] = DbOpt,
     report_dir: Path = typer.Option(Path("curation-report"), "--report-dir", "-o", help="Where curated.txt and the manifest go."),
     force: bool = typer.Option(False, "--force", help="Recompute even when an identical run (same options, same query files, same clustering run) on the unchanged index exists."),
+    ray: Optional[str] = RayOpt,
     progress: Optional[bool] = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -211,12 +212,12 @@ def curate(
 
     Example:
 
-        retrieval curate --queries ./imagenet-val --mode sample -k 4
+        retrieval curate --queries ./imagenet-val --mode sample -k 4      (add --ray auto to search on a Ray cluster)
     """
     with open_index(index_dir=index_dir, db_url=db) as index:
         outcome = index.curate(queries, mode=mode.value, k=k, per_cluster=per_cluster, min_queries=min_queries,
                                max_images=max_images, cluster_run=cluster_run, seed=seed, force=force,
-                               progress=progress)
+                               progress=progress, ray=ray)
         files = index.write_report(outcome, report_dir, progress)
     c = outcome.counts
     lines = [f"curation run {outcome.run_id} ({mode.value}{', reused: nothing changed' if outcome.reused else ''}): "

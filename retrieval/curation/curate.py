@@ -22,7 +22,7 @@ import numpy as np
 from sqlalchemy import select
 
 from retrieval import runs
-from retrieval.curation.graph import is_exact_index, search_exact_topk
+from retrieval.curation.graph import is_exact_index, mapped_index, search_exact_topk
 from retrieval.errors import RetrievalError
 from retrieval.report_text import plural
 from retrieval.search import IndexReader
@@ -36,6 +36,9 @@ from retrieval.store import (
 )
 
 logger = logging.getLogger(__name__)
+
+QUERY_BATCH = 2048  # queries searched (or assigned) at once, locally and inside a Ray task
+RAY_SHARD_BATCHES = 8  # QUERY_BATCHes per Ray task
 
 
 @dataclass
@@ -53,6 +56,7 @@ class CurateOptions:
     batch_size: int = 32
     workers: int = 0
     force: bool = False
+    ray: str | None = None  # a Ray cluster address (retrieval.distributed): the query searches run there
 
     def validate(self) -> None:
         if self.mode not in ("sample", "cluster"):
@@ -142,15 +146,12 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
     counts: dict[str, Any] = {"queries": len(q.paths), "queries_failed": len(q.failures), "images": n}
     if opts.mode == "sample":
         k = min(opts.k, n)
-        sims, nbrs = search_exact_topk(reader.index, q.vectors, None, k, reader.vectors.read,
-                                       is_exact_index(reader.index))
+        sims, nbrs = nearest(reader, q.vectors, k, opts.ray, opts.progress)
         items, c = sample_based(q.paths, sims, nbrs)
         items = items[: opts.max_images]
         counts.update(c, k=k)
     else:
-        from retrieval.curation.clusters import assign
-
-        labels, _ = assign(q.vectors, centroids)
+        labels = query_clusters(q.vectors, centroids, opts.ray, opts.progress)
         per = np.bincount(labels, minlength=len(centroids))
         chosen = [int(c) for c in np.argsort(-per, kind="stable") if per[c] > opts.min_queries]
         rng = np.random.default_rng(opts.seed)
@@ -180,6 +181,58 @@ def run_curation(reader: IndexReader, opts: CurateOptions) -> CurateOutcome:
                    for d in items])
         run_id = run.id
     return CurateOutcome(run_id, counts, items, q.failures)
+
+
+@dataclass(frozen=True)
+class TopkJob:
+    """What a Ray task needs to search a shard of queries: the index folder is on shared storage."""
+
+    faiss_path: str
+    nprobe: int
+    vectors: Any  # a VectorStore: pickles as (path, dim) and maps the file on the worker
+    k: int
+    exact: bool
+
+
+def topk_batches(queries: np.ndarray, index: Any, read: Any, k: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    """search_exact_topk over QUERY_BATCH rows at a time (the same searches locally and in a task)."""
+    parts = [search_exact_topk(index, queries[a : a + QUERY_BATCH], None, k, read, exact)
+             for a in range(0, len(queries), QUERY_BATCH)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def topk_task(queries: np.ndarray, job: TopkJob) -> tuple[np.ndarray, np.ndarray]:
+    """A Ray task: the exact top k of a shard of query vectors, from the memory-mapped index."""
+    return topk_batches(queries, mapped_index(job.faiss_path, job.nprobe), job.vectors.read, job.k, job.exact)
+
+
+def nearest(reader: IndexReader, queries: np.ndarray, k: int, ray: str | None = None,
+            progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(exact cosine, id) of the k nearest corpus images of every query, locally or as Ray tasks."""
+    exact = is_exact_index(reader.index)
+    if ray is None:
+        return topk_batches(queries, reader.index, reader.vectors.read, k, exact)
+    from retrieval.distributed import map_shards, shards
+
+    job = TopkJob(str(reader.layout.faiss_path.resolve()), reader.nprobe, reader.vectors, k, exact)
+    pieces = [queries[a:b] for a, b in shards(len(queries), RAY_SHARD_BATCHES * QUERY_BATCH)]
+    parts = map_shards(ray, topk_task, pieces, job, progress=progress, desc="searching")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def query_clusters(queries: np.ndarray, centroids: np.ndarray, ray: str | None = None,
+                   progress: bool = False) -> np.ndarray:
+    """The nearest centroid of every query, locally or as Ray tasks (QUERY_BATCH rows per search)."""
+    from retrieval.curation.clusters import assign
+
+    pieces = [queries[a : a + QUERY_BATCH] for a in range(0, len(queries), QUERY_BATCH)]
+    if ray is None:
+        parts = [assign(p, centroids) for p in pieces]
+    else:
+        from retrieval.distributed import map_shards
+
+        parts = map_shards(ray, assign, pieces, centroids, progress=progress, desc="assigning queries")
+    return np.concatenate([p[0] for p in parts])
 
 
 def _reuse(reader: IndexReader, fp: str) -> CurateOutcome | None:

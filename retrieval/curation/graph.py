@@ -255,12 +255,18 @@ _LOADED: dict[tuple[str, int, int, int], Any] = {}  # one FAISS index per worker
 
 
 def _index_for(job: ShardJob) -> Any:
-    stat = Path(job.faiss_path).stat()
-    key = (job.faiss_path, stat.st_mtime_ns, stat.st_size, job.nprobe)
+    return mapped_index(job.faiss_path, job.nprobe)
+
+
+def mapped_index(faiss_path: str, nprobe: int) -> Any:
+    """The FAISS file memory-mapped with `nprobe` set, loaded once per worker process and reused by
+    its tasks until the file changes."""
+    stat = Path(faiss_path).stat()
+    key = (faiss_path, stat.st_mtime_ns, stat.st_size, nprobe)
     if key not in _LOADED:
         _LOADED.clear()
-        index = ann.load_index(Path(job.faiss_path), mmap=True)
-        ann.set_nprobe(index, job.nprobe)
+        index = ann.load_index(Path(faiss_path), mmap=True)
+        ann.set_nprobe(index, nprobe)
         _LOADED[key] = index
     return _LOADED[key]
 

@@ -30,6 +30,7 @@ HEADERS = {
     "ui_render": "| page | kind | FCP ms | server ms | JSON round trip ms |",
     "embed_copy": "| copy model | forward only, img/s | `index --copy-model`, img/s |",
     "sources": "| source | img/s | vs local folder |",
+    "ray_curation": "| stage | run | wall s | CPU s | CPU ratio vs local |",
 }
 NO_GOAL = {"embed_copy"}  # a measurement the issue sets no goal for
 
@@ -259,3 +260,39 @@ def test_check_detects_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     _write(results, "api_batching", changed)
     assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 1
     assert "forward pass alone ran at" in capsys.readouterr().out
+
+
+def _ray_run(wall: float, cpu: float) -> dict[str, float]:
+    return {"wall_s": wall, "cpu_s": cpu}
+
+
+RAY_CURATION = {
+    "env": ENV, "n": 20_000, "dim": 128, "k": 64, "threshold": 0.9, "shard": 2500, "index": "IVF512,PQ32",
+    "load_average": [2.0, 3.0], "idle_cpu_per_s": {"ray_1_node": 0.1, "ray_2_nodes": 0.2},
+    "identical": {"ray_1_node": {"graph_edges": True, "assignments": True},
+                  "ray_2_nodes": {"graph_edges": True, "assignments": False}},
+    "stages": {
+        "graph": {"local": _ray_run(10.0, 10.0), "ray_1_node": _ray_run(12.0, 10.5), "ray_2_nodes": _ray_run(6.0, 10.5)},
+        "assign": {"local": {**_ray_run(1, 1), "clusters": 141}, "ray_1_node": _ray_run(3, 2),
+                   "ray_2_nodes": _ray_run(2, 2.5)},
+        "index_build": {"local": _ray_run(5, 4), "ray_1_node": _ray_run(5, 4.2), "ray_2_nodes": _ray_run(3, 4.2)},
+    },
+}
+
+
+def test_ray_curation_overhead_scaling_and_extrapolation(tmp_path: Path) -> None:
+    _write(tmp_path, "ray_curation", RAY_CURATION)
+    text = render_section("ray_curation", tmp_path)
+    assert HEADERS["ray_curation"] in text
+    assert "graph 5.0% (met)" in text and "assign 100.0% (missed)" in text  # CPU 10.5/10 and 2/1
+    assert "graph 2.00x (met)" in text and "assign 1.60x (missed by 11.1%)" in text  # 2 x 10.5/10.5, 2 x 2/2.5
+    assert "| k-NN graph | Ray, 1 worker node x 1 CPU | 12.0 | 10.5 | 1.05x | 0.93x |" in text  # 10.5 - 0.1 x 12
+    assert "| NO |" in text  # a Ray result that differs from local is shown, not hidden
+    assert "no GPU result" in text and "index --ray" not in text  # neither input present: said, not invented
+    _write(tmp_path, "embed_throughput_gpu", {"env": {"cuda": "Test GPU"}, "runs": [
+        {"shape": "vits14", "precision": "bf16", "end_to_end": {"web/16": {"images_per_s": 1000.0}}}]})
+    _write(tmp_path, "ray_index", {"env": ENV, "ray": {"images_per_s": 500.0}})
+    text = render_section("ray_curation", tmp_path)
+    # 1.2e9 images / (1000 img/s x 8 GPUs x 20 nodes) = 7,500 s
+    assert "| 1,000 img/s per GPU (Test GPU) | 8,000 | 2.08 |" in text
+    assert "`index --ray` (ray_index.json)" in text

@@ -48,7 +48,8 @@ def test_dedup_on_ray_equals_the_local_run(planted_index: tuple[Path, Path], ray
 
 
 def test_dedup_against_a_reference_folder_on_ray(planted_index: tuple[Path, Path], ray_address: str,
-                                                 tmp_path: Path, cli) -> None:  # noqa: ANN001
+                                                 tmp_path: Path, cli,  # noqa: ANN001
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     corpus, index_dir = planted_index
     refs = tmp_path / "refs"
     refs.mkdir()
@@ -58,6 +59,15 @@ def test_dedup_against_a_reference_folder_on_ray(planted_index: tuple[Path, Path
     local = json.loads((tmp_path / "local" / "duplicates.json").read_text())["groups"]
     _, out = cli(*args, "--ray", ray_address, "-o", tmp_path / "remote")
     remote = json.loads((tmp_path / "remote" / "duplicates.json").read_text())["groups"]
+    assert local and remote == local
+    # The same in 6 tasks over both nodes, each carrying the reference set's serialised index.
+    monkeypatch.setattr(graph, "RAY_SHARD_BATCHES", 1)
+    reader = IndexReader(IndexLayout(index_dir), None, writable=True)
+    try:
+        local = _groups(reader, DedupOptions(against=refs, batch=3, force=True))
+        remote = _groups(reader, DedupOptions(against=refs, batch=3, force=True, ray=ray_address))
+    finally:
+        reader.close()
     assert local and remote == local
 
 
