@@ -13,14 +13,7 @@ import pytest
 from tests.conftest import make_corpus
 from tests.images import encode, photo
 from tests.indexer.test_pipeline import cli, index
-from tests.indexer.test_remote_sources import db_rows
-
-
-@pytest.fixture(autouse=True)
-def _fast_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RETRIEVAL_READ_RETRIES", "1")
-    monkeypatch.setenv("RETRIEVAL_READ_BACKOFF", "0.01")
-    monkeypatch.setenv("RETRIEVAL_READ_TIMEOUT", "10")
+from tests.indexer.test_remote_sources import _fast_reads, db_rows, index_counting_reads, upload  # noqa: F401
 
 
 @pytest.mark.parametrize("backend,protocol", [("gcs", "gs"), ("azure", "az")])
@@ -28,12 +21,7 @@ def test_index_a_bucket_then_search_serve_and_reindex(backend: str, protocol: st
                                                       tmp_path: Path, tiny_model_dir: Path) -> None:
     fs, bucket = request.getfixturevalue(backend)
     make_corpus(tmp_path / "local", 6)
-    objects = {}
-    for p in sorted((tmp_path / "local").rglob("*")):
-        if p.is_file():
-            key = f"{bucket}/photos/{p.relative_to(tmp_path / 'local').as_posix()}"
-            fs.pipe(key, p.read_bytes())
-            objects[f"{protocol}://{key}"] = p.read_bytes()
+    objects = upload(fs, bucket, tmp_path / "local", protocol=protocol)
     fs.pipe(f"{bucket}/photos/notes.txt", b"not an image")
     fs.pipe(f"{bucket}/photos/broken.jpg", b"\xff\xd8\xff garbage")
     url = f"{protocol}://{bucket}/photos"
@@ -50,15 +38,7 @@ def test_index_a_bucket_then_search_serve_and_reindex(backend: str, protocol: st
     assert all(h["path"].startswith(url + "/") for h in json.loads(out)["results"])
 
     # unchanged: a listing and a database comparison, no reads, no model
-    from retrieval.sources import remote
-
-    calls: list[tuple] = []
-    original = remote.read_url
-    remote.read_url = lambda *a, **k: calls.append(a) or original(*a, **k)
-    try:
-        again = index(url, tiny_model_dir)
-    finally:
-        remote.read_url = original
+    again, calls = index_counting_reads(url, tiny_model_dir)
     assert (again["new"], again["unchanged"], again["known_failures"]) == (0, 6, 1)
     assert calls == [] and again["device"] == "-"
 

@@ -38,14 +38,27 @@ def _fast_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RETRIEVAL_READ_TIMEOUT", "10")
 
 
-def upload(fs, bucket: str, folder: Path, prefix: str = "photos") -> dict[str, bytes]:  # noqa: ANN001
+def upload(fs, bucket: str, folder: Path, prefix: str = "photos", protocol: str = "s3") -> dict[str, bytes]:  # noqa: ANN001
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             key = f"{bucket}/{prefix}/{p.relative_to(folder).as_posix()}"
             fs.pipe(key, p.read_bytes())
-            out[f"s3://{key}"] = p.read_bytes()
+            out[f"{protocol}://{key}"] = p.read_bytes()
     return out
+
+
+def index_counting_reads(url: str, model: Path) -> tuple[dict, list]:
+    """index(url) and the remote reads it made."""
+    from retrieval.sources import remote
+
+    calls: list[tuple] = []
+    original = remote.read_url
+    remote.read_url = lambda *a, **k: calls.append(a) or original(*a, **k)
+    try:
+        return index(url, model), calls
+    finally:
+        remote.read_url = original
 
 
 def test_index_an_s3_bucket_then_search_serve_and_reindex_without_reads(s3, tmp_path: Path,  # noqa: ANN001
@@ -74,15 +87,7 @@ def test_index_an_s3_bucket_then_search_serve_and_reindex_without_reads(s3, tmp_
     assert all(h["path"].startswith(url + "/") for h in result["results"])
 
     # unchanged bucket: a listing, no reads, no model
-    from retrieval.sources import remote
-
-    calls = []
-    original = remote.read_url
-    remote.read_url = lambda *a, **k: calls.append(a) or original(*a, **k)
-    try:
-        again = index(url, tiny_model_dir)
-    finally:
-        remote.read_url = original
+    again, calls = index_counting_reads(url, tiny_model_dir)
     assert (again["new"], again["changed"], again["unchanged"], again["known_failures"]) == (0, 0, 10, 1)
     assert calls == [] and again["device"] == "-"
 
