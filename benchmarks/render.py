@@ -728,6 +728,26 @@ def _ray_curation(d: dict[str, Any], results_dir: Path) -> list[str]:
 
 
 Renderer = Callable[..., list[str]]
+def _sources_bucket(d: dict[str, Any]) -> list[str]:
+    u = d["unchanged_bucket"]
+    again, first = u["unchanged_rerun"], u["first_run"]
+    at = again.get("timings", {})
+    desc = (f"`benchmarks/sources.py --bucket-only`: {_n(u['objects'])} tiny PNG objects on moto's S3 server "
+            f"(its own process on 127.0.0.1), indexed once ({_n(first['wall_s'])} s), then re-indexed unchanged. "
+            "Client CPU is the `retrieval index` process; server CPU is moto's.")
+    if u["objects"] < 100_000:
+        desc += f" Measured at {_n(u['objects'])} objects, not 100,000."
+    rows = [["re-index, unchanged", _n(again["wall_s"]), _n(at.get("scan_s")), _n(at.get("plan_s")),
+             _n(again.get("client_cpu_s")), _n(again.get("server_cpu_s")), _n(again.get("client_peak_rss_mb")),
+             _n(again.get("client_rss_before_mb"))]]
+    goal = (f"**Goal** (an unchanged bucket costs a listing and a comparison: no reads, no model): "
+            f"{_n(u['objects'])} objects re-indexed in {_n(again['wall_s'])} s, model loaded: "
+            f"{'yes' if again.get('device') not in (None, '-') else 'no'}.")
+    return [desc, _table(["run", "wall s", "listing s", "comparison s", "client CPU s", "server CPU s",
+                          "client peak RSS MB", "RSS before MB"], rows), goal]
+
+
+Renderer = Callable[[dict[str, Any]], list[str]]
 ORDER: list[tuple[str, str, Renderer]] = [
     ("embed_throughput", "Embedding throughput", _embed),
     ("embed_throughput_gpu", "Embedding throughput on a GPU", _embed_gpu),
@@ -740,6 +760,7 @@ ORDER: list[tuple[str, str, Renderer]] = [
     ("ui_render", "Web UI first render", _ui_render),
     ("sources", "Indexing from shards and object storage", _sources),
     ("ray_curation", "Curation and index build on Ray", _ray_curation),
+    ("sources_bucket", "Re-indexing an unchanged bucket", _sources_bucket),
 ]
 NAMES = [name for name, _, _ in ORDER]
 

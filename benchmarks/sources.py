@@ -1,13 +1,13 @@
 """Indexing throughput by source: a local folder vs WebDataset shards vs an S3-compatible server,
 the same files in the same run; then the re-index cost of an unchanged bucket.
 
-The S3 server is moto's standalone server on 127.0.0.1 (a real HTTP server in this process's
-threads, not a mock of the client), so "S3" here measures the client path (listing, ranged GETs,
+The S3 server is moto's standalone server on 127.0.0.1 (a real HTTP server in its own process,
+not a mock of the client), so "S3" here measures the client path (listing, ranged GETs,
 retries machinery, ETag comparison) plus a local Python server, not a network or a real object
 store. The model is a tiny DINOv2 config so the numbers compare reading + decoding, which is
 what differs between sources; embedding costs the same for every source.
 
-Usage: nice python -m benchmarks.sources [--quick] [--images N] [--objects M] [--workers W]
+Usage: nice python -m benchmarks.sources [--quick] [--images N] [--objects M] [--workers W] [--bucket-only]
 """
 
 from __future__ import annotations
@@ -66,33 +66,110 @@ def _run(corpus: str, index_dir: Path, model: Path, workers: int, batch: int) ->
             "timings": s.timings, "device": s.device}
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_reset() -> None:
+    """Restart the kernel's peak-RSS counter of this process (VmHWM), so a phase's own peak can be read."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _rss_mb(field: str = "VmHWM") -> float | None:
+    """VmHWM (peak since the last reset) or VmRSS (now) of this process, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def _moto_server(port: int) -> Any:
+    """moto's standalone S3 server as its own process: its CPU is not the client's, and it has its own GIL."""
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("moto's server did not start")
+
+
+def unchanged_bucket(m: int, model: Path, tmp: Path, workers: int, server_pid: int) -> dict[str, Any]:
+    """Upload m tiny objects, index them once, then measure re-indexing the unchanged bucket."""
+    import io
+
+    import numpy as np
+    import s3fs
+    from PIL import Image
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    rng = np.random.default_rng(0)
+    tiny = []
+    for i in range(m):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+        tiny.append((f"many/d{i // 1000:03d}/{i:06d}.png", buf.getvalue()))
+    fs.mkdir("many")
+    upload_s = _upload(fs, "many", tiny)
+    del tiny
+    first = _run("s3://many/many", tmp / "idx-many", model, workers, 256)
+    server_cpu, cpu = _proc_cpu_s(server_pid), time.process_time()
+    _peak_rss_reset()
+    rss_before = _rss_mb("VmRSS")  # the process as the first run left it (torch, the model, caches)
+    again = _run("s3://many/many", tmp / "idx-many", model, workers, 256)
+    again["client_cpu_s"] = round(time.process_time() - cpu, 2)
+    again["server_cpu_s"] = round(_proc_cpu_s(server_pid) - server_cpu, 2)
+    again["client_rss_before_mb"] = rss_before
+    again["client_peak_rss_mb"] = _rss_mb()
+    assert again["new"] == 0 and again["device"] == "-"
+    return {"objects": m, "upload_s": round(upload_s, 1), "first_run": first, "unchanged_rerun": again}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="400 images and 2,000 objects")
     parser.add_argument("--images", type=int, default=None, help="images per source [default 2,000]")
     parser.add_argument("--objects", type=int, default=None, help="objects in the unchanged bucket [default 100,000]")
+    parser.add_argument("--bucket-only", action="store_true",
+                        help="only the unchanged bucket (written as sources_bucket.json)")
     parser.add_argument("--workers", type=int, default=0, help="decode workers [default 0: the main process]")
     parser.add_argument("--per-shard", type=int, default=100)
     args = parser.parse_args()
     n = args.images or (400 if args.quick else 2_000)
     m = args.objects or (2_000 if args.quick else 100_000)
 
-    from moto.server import ThreadedMotoServer
     import s3fs
 
     from tests.conftest import save_tiny_dinov2
     from tests.servers import S3_ENV, free_port
 
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     tmp = Path(tempfile.mkdtemp(prefix="bench-sources-"))
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = _moto_server(port)
     os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
     try:
         model = save_tiny_dinov2(tmp / "tiny-dinov2")
+        if args.bucket_only:
+            bucket = unchanged_bucket(m, model, tmp, args.workers, server.pid)
+            path = save_result("sources_bucket", {"model": "tiny DINOv2 (hidden 32, 1 layer)", "workers": args.workers,
+                                                   "unchanged_bucket": bucket})
+            again = bucket["unchanged_rerun"]
+            print(f"unchanged bucket of {m} objects: re-index {again['wall_s']} s, client CPU {again['client_cpu_s']} s, "
+                  f"server CPU {again['server_cpu_s']} s, peak RSS {again['client_peak_rss_mb']} MB -> {path}")
+            return
         corpus = tmp / "corpus"
         paths = _make_images(corpus, n)
         _make_shards(paths, tmp / "shards", corpus, args.per_shard)
@@ -107,36 +184,19 @@ def main() -> None:
                            ("WebDataset shards on S3 (moto)", "s3://bench/shards/*.tar")]:
             rows[name] = _run(spec, tmp / f"idx-{len(rows)}", model, args.workers, 64)
             print(f"{name:32s} {rows[name]['images_per_s']} img/s ({rows[name]['wall_s']} s)")
-
-        # Re-index cost of an unchanged bucket of m tiny objects.
-        import io
-
-        import numpy as np
-        from PIL import Image
-
-        rng = np.random.default_rng(0)
-        tiny = []
-        for i in range(m):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
-            tiny.append((f"many/d{i // 1000:03d}/{i:06d}.png", buf.getvalue()))
-        fs.mkdir("many")
-        many_upload_s = _upload(fs, "many", tiny)
-        first = _run("s3://many/many", tmp / "idx-many", model, args.workers, 256)
-        again = _run("s3://many/many", tmp / "idx-many", model, args.workers, 256)
-        assert again["new"] == 0 and again["device"] == "-"
+        bucket = unchanged_bucket(m, model, tmp, args.workers, server.pid)
         result = {
             "images": n, "image_size": "320x240 JPEG q88", "per_shard": args.per_shard, "workers": args.workers,
             "model": "tiny DINOv2 (hidden 32, 1 layer): reading + decoding dominate", "upload_s": round(upload_s, 1),
-            "sources": rows,
-            "unchanged_bucket": {"objects": m, "upload_s": round(many_upload_s, 1), "first_run": first,
-                                 "unchanged_rerun": again},
+            "sources": rows, "unchanged_bucket": bucket,
         }
         path = save_result("sources" + ("_quick" if args.quick else ""), result)
+        again = bucket["unchanged_rerun"]
         print(f"unchanged bucket of {m} objects: re-index {again['wall_s']} s "
               f"(listing {again['timings'].get('scan_s')} s, plan {again['timings'].get('plan_s')} s) -> {path}")
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

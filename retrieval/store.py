@@ -186,6 +186,38 @@ class _SnapshotConnection:
         self._conn.close()
 
 
+def _held_connection(dsn: str, options: dict[str, str]) -> Any:
+    """A psycopg connection inside one REPEATABLE READ, READ ONLY transaction: every query sees one
+    snapshot (PostgreSQL's counterpart of _SnapshotConnection). SQLAlchemy's commit and rollback are
+    no-ops; only close() ends the transaction."""
+    import psycopg
+
+    class HeldConnection(psycopg.Connection):
+        def commit(self) -> None:
+            pass
+
+        def rollback(self) -> None:
+            pass
+
+    conn = HeldConnection.connect(dsn, **options)
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    conn.execute("SELECT 1").fetchall()  # the snapshot is taken by the transaction's first query
+    return conn
+
+
+def _postgres_readonly_engine(url: str, snapshot: bool) -> Engine:
+    """Every transaction READ ONLY on the server; `snapshot`: one connection holding one snapshot."""
+    options = {"options": "-c default_transaction_read_only=on"}
+    if not snapshot:
+        return create_engine(url, pool_pre_ping=True, connect_args=options)
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import StaticPool
+
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return create_engine(url, creator=lambda: _held_connection(dsn, options), poolclass=StaticPool)
+
+
 def make_readonly_engine(url: str, snapshot: bool = False) -> Engine:
     """An engine that cannot write: a SQLite file opened `mode=ro` (`immutable=1` on read-only media).
 
@@ -199,6 +231,9 @@ def make_readonly_engine(url: str, snapshot: bool = False) -> Engine:
 
     path = sqlite_file(url)
     if path is None:
+        url = normalise_url(url)
+        if url.startswith("postgresql"):
+            return _postgres_readonly_engine(url, snapshot)
         return make_engine(url)
     path = path.resolve()
     if not path.is_file():

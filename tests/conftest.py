@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -84,3 +85,61 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 pytest_plugins = ["tests.servers"]  # S3 (moto), HTTP and PostgreSQL servers on loopback
+
+
+# --- the database backend of the whole suite (tests/db.py) ------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--test-db", choices=["sqlite", "postgresql"], default=None,
+                     help="database behind every index folder in the tests (default: RETRIEVAL_TEST_DB or sqlite)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from tests import db
+
+    db.BACKEND = config.getoption("--test-db") or db.BACKEND
+    config.addinivalue_line("markers", "sqlite_only(reason): a test about SQLite itself; skipped on PostgreSQL")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from tests import db
+
+    if not db.postgres():
+        return
+    for item in items:
+        marker = item.get_closest_marker("sqlite_only")
+        if marker is not None:
+            reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "about SQLite itself")
+            item.add_marker(pytest.mark.skip(reason=f"SQLite only: {reason}"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_databases(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On PostgreSQL: every index folder's default database is a fresh PostgreSQL database."""
+    from tests import db
+
+    if not db.postgres():
+        yield
+        return
+    from retrieval.layout import IndexLayout
+
+    databases = db.Databases(request.getfixturevalue("postgres_server"))
+    saved = IndexLayout.default_db_url, IndexLayout.exists
+    IndexLayout.default_db_url = lambda self: databases.url(self.root)  # type: ignore[method-assign]
+    IndexLayout.exists = lambda self: databases.exists(self.root)  # type: ignore[method-assign]
+    db.DATABASES = databases
+    try:
+        yield
+    finally:
+        IndexLayout.default_db_url, IndexLayout.exists = saved  # type: ignore[method-assign]
+        db.DATABASES = None
+        databases.close()
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_databases(tmp_path: Path) -> Iterator[None]:
+    """The PostgreSQL databases of index folders inside this test's tmp_path go with the test."""
+    yield
+    from tests import db
+
+    if db.DATABASES is not None:
+        db.DATABASES.drop_under(tmp_path)

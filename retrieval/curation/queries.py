@@ -219,12 +219,13 @@ def review_page(store: Store, run_id: int | None = None, sort: GroupSort = "size
 
 def folders(store: Store, run_id: int, limit: int = 200) -> list[tuple[str, int]]:
     """Top-level folders of a run's members with how many members each holds (for the folder filter)."""
-    top = case((func.instr(DuplicateMember.path, "/") > 0,
-                func.substr(DuplicateMember.path, 1, func.instr(DuplicateMember.path, "/") - 1)), else_="")
+    position = func.strpos if store.engine.dialect.name == "postgresql" else func.instr  # SQLite has no strpos
+    slash = position(DuplicateMember.path, "/")
+    top = case((slash > 0, func.substr(DuplicateMember.path, 1, slash - 1)), else_="")
     with store.session() as s:
         rows = s.execute(select(top.label("f"), func.count()).where(
             DuplicateMember.run_id == run_id, DuplicateMember.is_reference.is_(False))
-            .group_by("f").order_by(func.count().desc()).limit(limit)).all()
+            .group_by("f").order_by(func.count().desc(), "f").limit(limit)).all()
     return [(f, n) for f, n in rows if f]
 
 

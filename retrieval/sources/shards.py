@@ -9,6 +9,12 @@ Listing a shard reads its tar headers once; the listing is cached in the index f
 shard's size and ETag/mtime, so an unchanged shard is never read again by an incremental run.
 Decoding streams each shard that has work sequentially once (no random access), one shard ahead
 of the decoder, into a small staging folder that is emptied shard by shard.
+
+A new remote shard is fetched once, not twice: listing it streams the whole shard in one
+sequential read (one GET) and keeps the bytes in a local spool file, which the decoder then
+streams instead of the network. The spool is bounded (RETRIEVAL_SHARD_SPOOL_BYTES, default 4GiB,
+0 turns it off); shards past the bound are listed by the same one-pass stream and fetched again
+when decoded.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import os
 import re
 import shutil
 import tarfile
+import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,33 @@ logger = logging.getLogger(__name__)
 SIDECARS = (".json", ".txt", ".cls", ".caption")
 MAX_SIDECAR_BYTES = 1 << 20
 LISTING_CACHE = "shard-listings"
+DEFAULT_SPOOL_BYTES = 4 << 30
+
+
+def spool_budget() -> int:
+    """RETRIEVAL_SHARD_SPOOL_BYTES: local disk that listed remote shards may occupy until decoded."""
+    from retrieval.settings import parse_size
+
+    value = os.environ.get("RETRIEVAL_SHARD_SPOOL_BYTES")
+    if value is not None and value.strip() == "0":
+        return 0
+    try:
+        return DEFAULT_SPOOL_BYTES if value is None else parse_size(value)
+    except ValueError as exc:
+        raise CorpusError(f"bad RETRIEVAL_SHARD_SPOOL_BYTES: {exc}") from None
+
+
+class _Tee:
+    """A file-like .read() that also writes what it returns to `sink` (until `sink` is dropped)."""
+
+    def __init__(self, source: Any, sink: Any):
+        self.source, self.sink = source, sink
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.source.read(n)
+        if self.sink is not None and data:
+            self.sink.write(data)
+        return data
 
 
 def is_shard_pattern(spec: str) -> bool:
@@ -96,6 +131,9 @@ class ShardSource(Source):
             self.base = str(base)
             self.uri = os.path.join(self.base, os.path.relpath(os.path.abspath(local), self.base)) \
                 if not os.path.isabs(local) else local
+        self._spooled: dict[str, str] = {}  # shard id -> local copy made while listing it
+        self._spool_dir: str | None = None
+        self._spool_left = 0
 
     # --- naming -------------------------------------------------------------------------------
     def shard_id(self, location: str) -> str:
@@ -155,13 +193,59 @@ class ShardSource(Source):
         target = location if self.protocol in ("http", "https") else rest
         return fs.open(target, "rb", block_size=block_size) if block_size else fs.open(target, "rb")
 
-    def list_members(self, location: str) -> list[tuple[str, int, int, int]]:
-        """(member name, size, mtime_ns, data offset) of every regular member, from the tar headers."""
-        with self._open(location, block_size=1 << 16) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
-            return [(m.name, m.size, int(m.mtime * 1e9), m.offset_data) for m in tar if m.isreg()]
+    def list_members(self, location: str, size: int = -1) -> list[tuple[str, int, int, int]]:
+        """(member name, size, mtime_ns, data offset) of every regular member, from the tar headers.
+
+        A remote shard is read as one sequential stream; while the spool budget lasts its bytes are
+        kept, so that decoding it later reads the local copy instead of fetching it again.
+        """
+        if not self.remote:
+            with self._open(location, block_size=1 << 16) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+                return [(m.name, m.size, int(m.mtime * 1e9), m.offset_data) for m in tar if m.isreg()]
+        sid = self.shard_id(location)
+        self._drop_spool(sid)
+        keep = 0 <= size <= self._spool_left
+        spool = self._spool_path(sid) if keep else None
+        sink = open(spool, "wb") if spool else None
+        try:
+            with self._open(location, block_size=8 << 20) as f:
+                tee = _Tee(f, sink)
+                with tarfile.open(fileobj=tee, mode="r|*") as tar:
+                    members = [(m.name, m.size, int(m.mtime * 1e9), m.offset_data) for m in tar if m.isreg()]
+                if sink is not None:
+                    while tee.read(1 << 20):  # the end-of-archive blocks: the copy is the whole shard
+                        pass
+        except BaseException:
+            if sink is not None:
+                sink.close()
+                os.unlink(spool)  # type: ignore[arg-type]
+            raise
+        if sink is not None:
+            sink.close()
+            self._spooled[sid] = spool  # type: ignore[assignment]
+            self._spool_left -= os.path.getsize(spool)  # type: ignore[arg-type]
+        return members
+
+    def _spool_path(self, sid: str) -> str:
+        if self._spool_dir is None:
+            self._spool_dir = tempfile.mkdtemp(prefix="retrieval-shard-spool-")
+            weakref.finalize(self, shutil.rmtree, self._spool_dir, True)  # whatever happens to the run
+        return os.path.join(self._spool_dir, hashlib.sha1(sid.encode()).hexdigest() + ".tar")
+
+    def _drop_spool(self, sid: str) -> None:
+        path = self._spooled.pop(sid, None)
+        if path is not None:
+            try:
+                self._spool_left += os.path.getsize(path)
+                os.unlink(path)
+            except OSError:
+                pass
 
     def scan(self, cache_dir: Path | None = None, exclude: tuple[Path, ...] = ()) -> Iterator[ScanEntry]:
         cache = _ListingCache(cache_dir / LISTING_CACHE if cache_dir is not None else None)
+        for sid in list(self._spooled):
+            self._drop_spool(sid)
+        self._spool_left = spool_budget() if self.remote else 0
         for location, info in self.shards():
             sid = self.shard_id(location)
             size = int(info.get("size") or 0)
@@ -169,7 +253,7 @@ class ShardSource(Source):
             members = cache.get(sid, size, etag)
             if members is None:
                 try:
-                    members = self.list_members(location)
+                    members = self.list_members(location, size)
                 except Exception as exc:  # noqa: BLE001 - an unreadable shard is one recorded failure
                     kind, reason, _ = classify(exc)
                     if isinstance(exc, tarfile.TarError):
@@ -211,13 +295,17 @@ class ShardSource(Source):
                     attempt += 1
                     continue
                 errors = {p: (kind, f"shard {shard_id}: {reason}") for p in wanted if p not in files}
+                self._drop_spool(shard_id)
                 return StagedReader(files, errors, _attach(metas, wanted))
         errors = {p: ("vanished", f"not in shard {shard_id} any more") for p in wanted if p not in files}
+        self._drop_spool(shard_id)
         return StagedReader(files, errors, _attach(metas, wanted))
 
     def _stream(self, shard_id: str, wanted: set[str], wanted_keys: set[str], folder: Path,
                 files: dict[str, str], metas: dict[str, dict[str, Any]]) -> None:
-        with self._open(self.location(shard_id), block_size=8 << 20) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        spooled = self._spooled.get(shard_id)
+        opened = open(spooled, "rb") if spooled else self._open(self.location(shard_id), block_size=8 << 20)
+        with opened as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if not member.isreg():
                     continue

@@ -51,9 +51,9 @@ class Indexed:
 
 
 def _ids(index_dir: Path) -> dict[str, int]:
-    import sqlite3
+    from tests import db as testdb
 
-    with sqlite3.connect(index_dir / "retrieval.db") as conn:
+    with testdb.connect(index_dir / "retrieval.db") as conn:
         return dict(conn.execute("SELECT path, id FROM images"))
 
 

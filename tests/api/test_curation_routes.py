@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Iterator
 
@@ -12,6 +11,7 @@ from retrieval.api.app import create_app
 from typer.testing import CliRunner
 
 from retrieval.cli.app import app as cli_app
+from tests import db as testdb
 from tests.api.conftest import Indexed, build_indexed
 
 
@@ -66,7 +66,7 @@ def test_clusters_list_and_members_nearest_first(curated_client: TestClient, cur
     assert body["k"] == 3 and sum(c["size"] for c in body["clusters"]) == len(curated.ids)
     sizes = [c["size"] for c in body["clusters"]]
     assert sizes == sorted(sizes, reverse=True)
-    with sqlite3.connect(curated.index_dir / "retrieval.db") as conn:
+    with testdb.connect(curated.index_dir / "retrieval.db") as conn:
         expected = {c: [row[0] for row in conn.execute(
             "SELECT image_id FROM cluster_assignments WHERE run_id = ? AND cluster = ? ORDER BY distance",
             (body["run_id"], c))] for c in range(3)}

@@ -33,6 +33,7 @@ def test_a_rebuild_under_a_running_server_never_mixes_generations(private_index:
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import retrieval.indexer.pipeline as pipeline
     from retrieval.indexer.pipeline import IndexOptions, run_index
+
     from retrieval.settings import Settings
 
     app = create_app(private_index.settings(reload_check_s=0))
@@ -59,9 +60,9 @@ def test_a_rebuild_under_a_running_server_never_mixes_generations(private_index:
         assert during == before  # the old generation, whole: same ids, same paths, same scores
 
         after = _answers(client, ["1", "2"])
-        import sqlite3
+        from tests import db as testdb
 
-        with sqlite3.connect(private_index.index_dir / "retrieval.db") as conn:
+        with testdb.connect(private_index.index_dir / "retrieval.db") as conn:
             new_paths = dict(conn.execute("SELECT id, path FROM images"))
         for code, hits in after.values():
             assert code == 200

@@ -15,6 +15,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from tests import db as testdb
 from tests.api.conftest import Indexed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +36,7 @@ def running_server(index_dir: Path, workdir: Path, env: dict[str, str], headers:
     log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index-dir", str(index_dir),
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            env={**env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+                            env={**env, **testdb.env(index_dir), "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_s  # a startup wait, not an assertion on speed

@@ -31,6 +31,7 @@ HEADERS = {
     "embed_copy": "| copy model | forward only, img/s | `index --copy-model`, img/s |",
     "sources": "| source | img/s | vs local folder |",
     "ray_curation": "| stage | run | wall s | CPU s | CPU ratio vs local |",
+    "sources_bucket": "| run | wall s | listing s | comparison s |",
 }
 NO_GOAL = {"embed_copy"}  # a measurement the issue sets no goal for
 

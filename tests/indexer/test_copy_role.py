@@ -4,7 +4,6 @@ to an existing index (only that role), crash-safe, and old `vectors.f16` index f
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 
 from retrieval.cli.app import app
 from retrieval.vectors import DTYPE, VectorStore
+from tests import db as testdb
 from tests.retrieval.embedding.test_copy import tiny_copy_model
 
 runner = CliRunner()
@@ -36,7 +36,7 @@ def copy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def copy_rows(db: Path = INDEX / "retrieval.db") -> dict[str, tuple]:
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         return {r[0]: r[1:] for r in conn.execute("SELECT path, id, copy_state, pdq, pdq_quality FROM images")}
 
 
@@ -112,6 +112,7 @@ def test_an_old_vectors_f16_index_keeps_working_and_gains_the_copy_role(corpus: 
     """An index folder as the previous release wrote it: headerless vectors.f16, schema at 0003."""
     from alembic import command
     from alembic.config import Config
+    from sqlalchemy import inspect
 
     from retrieval.store import make_engine, migrations_dir
 
@@ -122,7 +123,7 @@ def test_an_old_vectors_f16_index_keeps_working_and_gains_the_copy_role(corpus: 
     data = np.load(INDEX / "vectors.npy")
     (INDEX / "vectors.f16").write_bytes(data.astype(DTYPE).tobytes())
     (INDEX / "vectors.npy").unlink()
-    url = f"sqlite:///{(INDEX / 'retrieval.db').resolve()}"
+    url = testdb.url(INDEX)
     engine = make_engine(url)
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
@@ -130,9 +131,8 @@ def test_an_old_vectors_f16_index_keeps_working_and_gains_the_copy_role(corpus: 
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
         command.downgrade(cfg, "0003")
+        assert "copy_state" not in {c["name"] for c in inspect(connection).get_columns("images")}
     engine.dispose()
-    with sqlite3.connect(INDEX / "retrieval.db") as conn:
-        assert "copy_state" not in {r[1] for r in conn.execute("PRAGMA table_info(images)")}
 
     result = runner.invoke(app, ["search", str(corpus / "a" / "img0001.jpg"), "-k", "3", "--json"],
                            catch_exceptions=False)

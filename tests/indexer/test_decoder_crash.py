@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from retrieval.imaging.decode import WorkItem
 from retrieval.imaging.inflight import InflightMarkers
 from retrieval.imaging.preprocess import PreprocessConfig
 from retrieval.imaging.safe import decode_isolated
+from tests import db as testdb
 from tests.conftest import make_corpus
 from tests.indexer.crash_codec import register, write_crasher
 
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _failures(db: Path) -> dict[str, tuple[str, str]]:
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT path, kind, reason FROM failures")}
 
 
@@ -103,7 +103,7 @@ def test_a_worker_crash_costs_one_file_and_the_run_goes_on(corpus: Path, tiny_mo
 def _index_in_subprocess(corpus: Path, model: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     code = ("import sys; from tests.indexer.crash_codec import register; register(); "
             "from retrieval.cli.app import app; app()")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **testdb.env(cwd / "retrieval-index"))
     return subprocess.run([sys.executable, "-c", code, "index", str(corpus), "--model", str(model), "--no-progress",
                            "--json", "-j", "0", "-b", "4", *extra],
                           check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +25,7 @@ from retrieval.imaging.decode import WorkItem, decode_one
 from retrieval.imaging.preprocess import PreprocessConfig
 from retrieval.imaging.safe import decode_isolated
 from retrieval.imaging.scan import scan_corpus
+from tests import db as testdb
 from tests.conftest import make_corpus
 from tests.indexer.crash_codec import register as register_hang
 from tests.indexer.crash_codec import write_hanger
@@ -41,12 +41,12 @@ def _index(corpus: Path, index_dir: Path, model: Path, *extra: str) -> tuple[int
 
 
 def _failures(index_dir: Path) -> dict[str, tuple[str, str]]:
-    with sqlite3.connect(index_dir / "retrieval.db") as conn:
+    with testdb.connect(index_dir / "retrieval.db") as conn:
         return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT path, kind, reason FROM failures")}
 
 
 def _paths(index_dir: Path) -> set[str]:
-    with sqlite3.connect(index_dir / "retrieval.db") as conn:
+    with testdb.connect(index_dir / "retrieval.db") as conn:
         return {r[0] for r in conn.execute("SELECT path FROM images")}
 
 

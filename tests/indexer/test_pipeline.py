@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 
 from retrieval.cli.app import app
 from retrieval.vectors import VectorStore
+from tests import db as testdb
 from tests.conftest import make_corpus
 from tests.images import encode, photo, write
 
@@ -37,13 +37,13 @@ def index(corpus: Path, model: Path, *extra: str) -> dict:
 
 
 def rows(db: Path = Path("retrieval-index/retrieval.db")) -> dict[str, tuple]:
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         return {r[0]: r[1:] for r in conn.execute(
             "SELECT path, id, sha256, width, height, format, phash, size, mtime_ns, indexed FROM images")}
 
 
 def failures(db: Path = Path("retrieval-index/retrieval.db")) -> dict[str, tuple[str, str]]:
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT path, kind, reason FROM failures")}
 
 
@@ -289,7 +289,7 @@ def test_search_errors(corpus: Path, tiny_model_dir: Path, tmp_path: Path) -> No
 
 def test_verify_reports_a_broken_index(corpus: Path, tiny_model_dir: Path) -> None:
     index(corpus, tiny_model_dir)
-    with sqlite3.connect("retrieval-index/retrieval.db") as conn:
+    with testdb.connect("retrieval-index/retrieval.db") as conn:
         conn.execute("DELETE FROM images WHERE id = 3")
     code, out = cli("verify")
     assert code == 1 and "PROBLEM" in out and "not images" in out and "3" in out

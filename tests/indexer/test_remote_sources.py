@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,14 +17,17 @@ import pytest
 
 from tests.conftest import make_corpus
 from tests.images import encode, photo
-from tests.indexer.test_pipeline import cli, index  # the folder tests' helpers: JSON summary, -j 0 -b 8
+from tests.indexer.test_pipeline import (  # the folder tests' helpers: JSON summary, -j 0 -b 8
+    cli,
+    index,
+)
 from tests.servers import http_server
 
 
 def db_rows(index_dir: str = "retrieval-index") -> dict[str, tuple]:
-    import sqlite3
+    from tests import db as testdb
 
-    with sqlite3.connect(f"{index_dir}/retrieval.db") as conn:
+    with testdb.connect(f"{index_dir}/retrieval.db") as conn:
         return {r[0]: r[1:] for r in conn.execute("SELECT path, id, sha256, size, etag, extra FROM images")}
 
 
@@ -34,14 +38,27 @@ def _fast_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RETRIEVAL_READ_TIMEOUT", "10")
 
 
-def upload(fs, bucket: str, folder: Path, prefix: str = "photos") -> dict[str, bytes]:  # noqa: ANN001
+def upload(fs, bucket: str, folder: Path, prefix: str = "photos", protocol: str = "s3") -> dict[str, bytes]:  # noqa: ANN001
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             key = f"{bucket}/{prefix}/{p.relative_to(folder).as_posix()}"
             fs.pipe(key, p.read_bytes())
-            out[f"s3://{key}"] = p.read_bytes()
+            out[f"{protocol}://{key}"] = p.read_bytes()
     return out
+
+
+def index_counting_reads(url: str, model: Path) -> tuple[dict, list]:
+    """index(url) and the remote reads it made."""
+    from retrieval.sources import remote
+
+    calls: list[tuple] = []
+    original = remote.read_url
+    remote.read_url = lambda *a, **k: calls.append(a) or original(*a, **k)
+    try:
+        return index(url, model), calls
+    finally:
+        remote.read_url = original
 
 
 def test_index_an_s3_bucket_then_search_serve_and_reindex_without_reads(s3, tmp_path: Path,  # noqa: ANN001
@@ -70,15 +87,7 @@ def test_index_an_s3_bucket_then_search_serve_and_reindex_without_reads(s3, tmp_
     assert all(h["path"].startswith(url + "/") for h in result["results"])
 
     # unchanged bucket: a listing, no reads, no model
-    from retrieval.sources import remote
-
-    calls = []
-    original = remote.read_url
-    remote.read_url = lambda *a, **k: calls.append(a) or original(*a, **k)
-    try:
-        again = index(url, tiny_model_dir)
-    finally:
-        remote.read_url = original
+    again, calls = index_counting_reads(url, tiny_model_dir)
     assert (again["new"], again["changed"], again["unchanged"], again["known_failures"]) == (0, 0, 10, 1)
     assert calls == [] and again["device"] == "-"
 
@@ -106,9 +115,9 @@ def test_index_an_s3_bucket_then_search_serve_and_reindex_without_reads(s3, tmp_
         assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
         r = client.get(f"/search?image={image_id}&k=3")
         assert r.status_code == 200 and r.json()["results"][0]["path"].startswith("s3://")
-    import sqlite3
+    from tests import db as testdb
 
-    with sqlite3.connect("retrieval-index/retrieval.db") as conn:  # a row pointing elsewhere is not served
+    with testdb.connect("retrieval-index/retrieval.db") as conn:  # a row pointing elsewhere is not served
         conn.execute("UPDATE images SET path = ? WHERE id = ?", (f"s3://{bucket}-other/x.jpg", image_id))
     # (a running server answers from the generation it loaded: a fresh one sees the changed row)
     with TestClient(create_app(ApiSettings(index_dir=Path("retrieval-index"), device="cpu",
@@ -148,7 +157,9 @@ def test_an_interrupted_s3_run_resumes(s3, s3_endpoint: str, tmp_path: Path,  # 
     make_corpus(tmp_path / "local", 48)
     upload(fs, bucket, tmp_path / "local")
     url = f"s3://{bucket}/photos"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    from tests import db as testdb
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), **testdb.env("retrieval-index"))
     proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "index", url, "--model", str(tiny_model_dir),
                              "--no-progress", "-b", "4", "-j", "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -156,7 +167,7 @@ def test_an_interrupted_s3_run_resumes(s3, s3_endpoint: str, tmp_path: Path,  # 
     deadline = time.monotonic() + 120
     killed = False
     while time.monotonic() < deadline and proc.poll() is None:
-        if db.exists() and len(_count(db)) >= 8:
+        if len(_count(db)) >= 8:
             proc.send_signal(signal.SIGKILL)
             killed = True
             break
@@ -173,13 +184,9 @@ def test_an_interrupted_s3_run_resumes(s3, s3_endpoint: str, tmp_path: Path,  # 
 
 
 def _count(db: Path) -> dict[str, int]:
-    import sqlite3
+    from tests import db as testdb
 
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return dict(conn.execute("SELECT path, id FROM images"))
-    except sqlite3.Error:
-        return {}
+    return dict(testdb.peek(db, "SELECT path, id FROM images"))
 
 
 def test_index_webdataset_shards_local_and_on_s3(s3, tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: ANN001
@@ -213,11 +220,11 @@ def test_index_webdataset_shards_local_and_on_s3(s3, tmp_path: Path, tiny_model_
     assert (again["new"], again["unchanged"], again["known_failures"]) == (0, 12, 3)
     code, out = cli("search", "000001.tar#000001_0002.jpg", "-k", "2", "--json")
     assert code == 0 and json.loads(out)["results"][0]["path"].endswith(".jpg")
+    import tarfile
+
     from fastapi.testclient import TestClient
     from retrieval.api.app import create_app
     from retrieval.api.settings import ApiSettings
-
-    import tarfile
 
     with tarfile.open(shards / "000001.tar") as tar:
         member = tar.extractfile("000001_0002.jpg").read()  # type: ignore[union-attr]
@@ -244,8 +251,9 @@ def test_index_webdataset_shards_local_and_on_s3(s3, tmp_path: Path, tiny_model_
     assert code == 0, out
     from retrieval.curation.queries import set_decisions
     from retrieval.store import DuplicateMember, Store
+    from tests import db as testdb
 
-    store = Store(f"sqlite:///{Path('remote-index/retrieval.db').resolve()}")  # a reviewer keeps one removal
+    store = Store(testdb.url("remote-index"))  # a reviewer keeps one removal
     try:
         with store.session() as s:
             kept_by_review = s.query(DuplicateMember).filter(DuplicateMember.run_id == 1,
@@ -315,6 +323,7 @@ def test_index_a_parquet_list_of_http_urls_then_dedup_against_and_curate_with_re
 def test_a_server_that_goes_away_mid_run_stops_the_run_with_one_line(tmp_path: Path, tiny_model_dir: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from retrieval.indexer import pipeline
+
     from retrieval.sources.remote import PrefixSource
 
     monkeypatch.setattr(pipeline, "UNREACHABLE_STREAK", 5)
@@ -327,10 +336,47 @@ def test_a_server_that_goes_away_mid_run_stops_the_run_with_one_line(tmp_path: P
     code, out = cli("index", base + "/", "--model", tiny_model_dir, "--no-progress", "-j", "0", "-b", "4")
     assert code == 1 and out.count("\n") == 1 and "stopped answering" in out, out
     assert time.monotonic() - start < 60
-    import sqlite3
+    from tests import db as testdb
 
-    with sqlite3.connect("retrieval-index/retrieval.db") as conn:
+    with testdb.connect("retrieval-index/retrieval.db") as conn:
         status, error = conn.execute("SELECT status, error FROM index_runs ORDER BY id DESC").fetchone()
         kinds = conn.execute("SELECT DISTINCT kind FROM failures").fetchall()
     assert status == "failed" and "stopped answering" in error
     assert kinds == [("io_error",)], "reads that failed are recorded (and retried by the next run)"
+
+
+def test_a_new_remote_shard_is_fetched_once(tmp_path: Path, tiny_model_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing a new remote shard keeps its bytes (one GET); decoding reads that copy, not the server."""
+    import collections
+
+    webdataset = pytest.importorskip("webdataset")
+    site = tmp_path / "site"
+    site.mkdir()
+    for s in range(2):
+        with webdataset.TarWriter(str(site / f"{s:06d}.tar")) as sink:
+            for i in range(5):
+                sink.write({"__key__": f"{s:06d}_{i:04d}", "jpg": encode(photo(64, 48, seed=10 * s + i), "JPEG"),
+                            "json": json.dumps({"i": i}).encode()})
+    sizes = {f"/{p.name}": p.stat().st_size for p in site.glob("*.tar")}
+    gets: collections.Counter = collections.Counter()
+    sent: collections.Counter = collections.Counter()
+    with http_server(site, gets, sent) as base:
+        pattern = base + "/{000000..000001}.tar"
+        summary = index(pattern, tiny_model_dir)
+        assert (summary["new"], summary["failed"]) == (10, 0)
+        assert {p: gets[p] for p in sizes} == {p: 1 for p in sizes}, gets
+        assert {p: sent[p] for p in sizes} == sizes, "each shard's bytes crossed the network once"
+        assert db_rows()[f"{base}/000001.tar#000001_0003.jpg"][4] is not None  # sidecars from the local copy
+
+        gets.clear()
+        again = index(pattern, tiny_model_dir)
+        assert (again["new"], again["unchanged"]) == (0, 10)
+        assert not any(p.endswith(".tar") for p in gets), "an unchanged shard is not read at all"
+
+        # With the spool turned off a new shard is read twice, each time as one sequential stream.
+        monkeypatch.setenv("RETRIEVAL_SHARD_SPOOL_BYTES", "0")
+        gets.clear()
+        other = index(pattern, tiny_model_dir, "--index-dir", "other-index")
+        assert other["new"] == 10 and {p: gets[p] for p in sizes} == {p: 2 for p in sizes}, gets
+    assert not list(Path(tempfile.gettempdir()).glob("retrieval-shard-spool-*/*.tar")), "no spool file left"

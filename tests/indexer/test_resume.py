@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,21 +13,19 @@ import numpy as np
 from typer.testing import CliRunner
 
 from retrieval.cli.app import app
+from tests import db as testdb
 from tests.conftest import make_corpus
 
 N_IMAGES = 120
 
 
 def _count(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return conn.execute("SELECT count(*) FROM images").fetchone()[0]
-    except sqlite3.Error:
-        return 0  # not created or not migrated yet
+    rows = testdb.peek(db, "SELECT count(*) FROM images")
+    return rows[0][0] if rows else 0  # not created or not migrated yet
 
 
 def _start(corpus: Path, model: Path, cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), **testdb.env(cwd / "retrieval-index"))
     return subprocess.Popen(
         [sys.executable, "-m", "retrieval.cli", "index", str(corpus), "--model", str(model),
          "--no-progress", "-b", "4", "-j", "1"],
@@ -74,7 +71,7 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, tiny_model_dir: Path) -> No
     text = out.decode()
     assert f"new {N_IMAGES - done_before_resume}," in text, text
 
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         paths = [r[0] for r in conn.execute("SELECT path FROM images")]
         ids = [r[0] for r in conn.execute("SELECT id FROM images ORDER BY id")]
         statuses = [r[0] for r in conn.execute("SELECT status FROM index_runs ORDER BY id")]
@@ -90,7 +87,7 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, tiny_model_dir: Path) -> No
     from retrieval.vectors import VectorStore
 
     embedder = load_embedder(str(tiny_model_dir), device="cpu")
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         pairs = list(conn.execute("SELECT id, path FROM images ORDER BY id"))
     fresh = np.stack([
         embedder.embed(load_and_preprocess((corpus / p).read_bytes(), embedder.preprocess, 10**8)[0][None])[0]

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +21,12 @@ import pytest
 from typer.testing import CliRunner
 
 from retrieval.cli.app import app
+from tests import db as testdb
 from tests.conftest import make_corpus
 
 runner = CliRunner()
+# Read-only media is about the index folder's own SQLite file (and that no -wal/-shm appears beside it).
+READ_ONLY_MEDIA = pytest.mark.sqlite_only("read-only media: the SQLite file in a read-only folder")
 
 
 def _index(corpus: Path, index_dir: Path, model: Path) -> None:
@@ -73,6 +75,7 @@ def readonly_index(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Path]:
             os.chmod(root, 0o755)
 
 
+@READ_ONLY_MEDIA
 def test_read_commands_work_on_a_read_only_index_and_change_nothing(readonly_index: Path) -> None:
     before = _digest(readonly_index)
     info = _run_as_reader(["info", "--index-dir", str(readonly_index), "--json"])
@@ -86,6 +89,7 @@ def test_read_commands_work_on_a_read_only_index_and_change_nothing(readonly_ind
     assert _digest(readonly_index) == before  # no file changed, none was added (no lock, no -wal/-shm)
 
 
+@READ_ONLY_MEDIA
 def test_serve_answers_from_a_read_only_index(readonly_index: Path) -> None:
     model = readonly_index.parent / "model"
     code = f"""
@@ -103,6 +107,7 @@ with TestClient(create_app(s)) as c:
     assert out.returncode == 0 and "served" in out.stdout, out.stdout + out.stderr
 
 
+@READ_ONLY_MEDIA
 def test_writing_commands_say_in_one_line_that_the_folder_is_read_only(readonly_index: Path) -> None:
     corpus = readonly_index.parent / "corpus"
     out = _run_as_reader(["index", str(corpus), "--index-dir", str(readonly_index), "--no-progress"])
@@ -118,16 +123,16 @@ def test_opening_for_reading_never_migrates(corpus: Path, tiny_model_dir: Path, 
     index_dir = tmp_path / "idx"
     _index(corpus, index_dir, tiny_model_dir)
     db = index_dir / "retrieval.db"
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         conn.execute("UPDATE alembic_version SET version_num = '0002'")  # as an older release left it
     result = runner.invoke(app, ["info", "--index-dir", str(index_dir)])
     assert result.exit_code == 1
     assert "schema 0002" in result.output and result.output.strip().count("\n") == 0, result.output
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0002"
-    from retrieval.search import IndexReader
-    from retrieval.layout import IndexLayout
     from retrieval.errors import RetrievalError
+    from retrieval.layout import IndexLayout
+    from retrieval.search import IndexReader
 
     with pytest.raises(RetrievalError):
         IndexReader(IndexLayout(index_dir))
@@ -144,7 +149,7 @@ def test_a_read_handle_cannot_write(corpus: Path, tiny_model_dir: Path, tmp_path
     _index(corpus, tmp_path / "idx", tiny_model_dir)
     reader = IndexReader(IndexLayout(tmp_path / "idx"))
     try:
-        with pytest.raises(sqlalchemy.exc.OperationalError, match="readonly|read-only|query_only"):
+        with pytest.raises(sqlalchemy.exc.DBAPIError, match="readonly|read-only|query_only"):
             with reader.store.session() as s, s.begin():
                 s.execute(delete(Image))
     finally:

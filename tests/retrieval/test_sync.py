@@ -438,12 +438,11 @@ def test_shrinking_below_threshold_goes_back_to_flat(ivf_env: Env) -> None:
 def test_pq_missing_the_recall_target_falls_back_to_a_precise_index(tmp_path) -> None:
     """Tightly packed vectors (near-duplicates everywhere) defeat 4-byte PQ codes: the sync must not
     ship an index that misses the target, but step up to one that fits the budget and reaches it."""
-    import sqlite3
-
     from retrieval.layout import IndexLayout
     from retrieval.store import Image, Store
     from retrieval.sync import SyncOptions, sync_index
     from retrieval.vectors import VectorStore
+    from tests import db as testdb
 
     n, d = 3000, 16
     rng = np.random.default_rng(7)
@@ -478,7 +477,7 @@ def test_pq_missing_the_recall_target_falls_back_to_a_precise_index(tmp_path) ->
     _, found = ann.search_reranked(index, stored[q_ids - 1], 10, vectors.read, exclude=q_ids)
     assert ann.recall_at_k(found, truth) >= 0.93
     # A small change does not re-train the PQ index that missed, and nothing is rebuilt needlessly.
-    with sqlite3.connect(layout.db_path) as conn:
+    with testdb.connect(layout.db_path) as conn:
         conn.execute("DELETE FROM images WHERE id = 5")
     again = sync_index(store, vectors, layout, opts)
     assert again.spec.kind == spec.kind and again.spec.params.get("missed") == spec.params["missed"]

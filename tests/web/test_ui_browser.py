@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from tests import db as testdb
 from tests.web.conftest import ROOT, Served
 
 
@@ -101,7 +101,7 @@ def test_review_flip_a_decision_reload_and_apply(page: Any, served: Served, tmp_
     text = Path(download.value.path()).read_text()
     assert "dup/orig.jpg,remove,keep,1" in text
     # Apply the reviewed run from the command line: exactly the reviewed removals move.
-    with sqlite3.connect(served.indexed.index_dir / "retrieval.db") as conn:
+    with testdb.connect(served.indexed.index_dir / "retrieval.db") as conn:
         run_id = conn.execute("SELECT max(id) FROM dedup_runs").fetchone()[0]
     moved_to = tmp_path / "moved"
     out = subprocess.run([sys.executable, "-m", "retrieval.cli", "dedup", "--index-dir", str(served.indexed.index_dir),

@@ -70,18 +70,18 @@ def test_bad_k_is_a_one_line_error(planted, cli, k: str, message: str) -> None:
 
 def test_centroid_file_follows_from_the_run_id(planted, cli, tmp_path: Path) -> None:
     import shutil
-    import sqlite3
 
     from retrieval.curation.clusters import centroids_path, load_centroids
     from retrieval.errors import RetrievalError
     from retrieval.layout import IndexLayout
     from retrieval.search import IndexReader
+    from tests import db as testdb
 
     _, index_dir, _ = planted
     _, text = cli("cluster", "-k", "2", "--index-dir", index_dir, "-o", tmp_path / "c", "--no-progress", "--json")
     run_id = json.loads(text)["run_id"]
     db = index_dir / "retrieval.db"
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         params = json.loads(conn.execute("SELECT params FROM cluster_runs WHERE id = ?", (run_id,)).fetchone()[0])
     assert "centroids" not in params
     derived = centroids_path(index_dir, run_id)
@@ -90,7 +90,7 @@ def test_centroid_file_follows_from_the_run_id(planted, cli, tmp_path: Path) -> 
     # A run stored by an older release recorded the path in params; it keeps working.
     legacy = tmp_path / "elsewhere.npy"
     shutil.move(derived, legacy)
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         conn.execute("UPDATE cluster_runs SET params = ? WHERE id = ?",
                      (json.dumps({**params, "centroids": str(legacy)}), run_id))
     reader = IndexReader(IndexLayout(index_dir))

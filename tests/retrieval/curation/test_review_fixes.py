@@ -4,16 +4,16 @@ forgets curation runs (ids restart) and keeps the model the index was built with
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
+from tests import db as testdb
 from tests.retrieval.curation.test_dedup_e2e import T
 
 
 def test_stale_faiss_ids_never_become_edges(planted, cli, tmp_path: Path) -> None:
     corpus, index_dir, copies = planted
     db = index_dir / "retrieval.db"
-    with sqlite3.connect(db) as conn:
+    with testdb.connect(db) as conn:
         # An index run killed after forgetting a deleted file but before syncing FAISS: the
         # original of the flipped copy is gone from the database, its id still in the index.
         (gone,) = conn.execute("SELECT id FROM images WHERE path = 'a/img0007.jpg'").fetchone()
@@ -52,12 +52,12 @@ def test_rebuild_forgets_curation_runs_and_keeps_the_model(planted, cli, tmp_pat
     corpus, index_dir, _ = planted
     cli("dedup", "--index-dir", index_dir, "-t", T, "-o", tmp_path / "r", "--no-progress")
     cli("cluster", "--index-dir", index_dir, "-k", "2", "-o", tmp_path / "c", "--no-progress")
-    with sqlite3.connect(index_dir / "retrieval.db") as conn:
+    with testdb.connect(index_dir / "retrieval.db") as conn:
         model_before = conn.execute("SELECT value FROM meta WHERE key = 'model_ref'").fetchone()[0]
     # no --model: the rebuild must use the model the index was built with, not the default hub id
     _, out = cli("index", corpus, "--index-dir", index_dir, "--rebuild", "--no-progress", "--json", "-j", "0")
     assert json.loads(out)["new"] == 16
-    with sqlite3.connect(index_dir / "retrieval.db") as conn:
+    with testdb.connect(index_dir / "retrieval.db") as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'model_ref'").fetchone()[0] == model_before
         for table in ("dedup_runs", "duplicate_groups", "duplicate_members", "cluster_runs", "cluster_assignments"):
             assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
