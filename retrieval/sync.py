@@ -35,6 +35,7 @@ class SyncOptions:
     recall_target: float
     factory: str | None = None
     force_rebuild: bool = False
+    ray_address: str | None = None  # build IVF indexes in shards on this Ray cluster
 
 
 @dataclass
