@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 SHARD_IMAGES = 4096  # images per shard (one Ray Data block): the unit Ray schedules and retries
 DECODE_CPUS = 0.25  # logical CPUs per decode task: never starve the tasks beside the embed actors
 EMBED_CPUS = 0.25  # logical CPUs per embed actor on CPU-only clusters (its threads use the node's cores)
-EMBED_RETRIES = 3  # actor restarts and task retries after a node loss
 
 Row = dict[str, Any]
 
@@ -147,10 +146,11 @@ def build_dataset(ray: Any, batches: list[list[WorkItem]], decode: Decode, searc
 
     rows = [{"chunk": i, "items": pickle.dumps(b, protocol=5)} for i, b in enumerate(batches)]
     ds = ray.data.from_items(rows, override_num_blocks=shard_count(len(batches), batch_size))
-    ds = ds.map(functools.partial(decode_row, decode=decode), num_cpus=DECODE_CPUS, max_retries=EMBED_RETRIES)
+    # Ray's defaults do the retrying: a task is retried a few times, an actor restarted without limit.
+    ds = ds.map(functools.partial(decode_row, decode=decode), num_cpus=DECODE_CPUS)
     size, gpus, cpus = _embed_actors(ray)
     pool = dict(compute=ActorPoolStrategy(min_size=1, max_size=size), num_cpus=cpus, num_gpus=gpus,
-                scheduling_strategy="SPREAD", max_restarts=EMBED_RETRIES, max_task_retries=EMBED_RETRIES)
+                ray_remote_args_fn=functools.partial(dict, scheduling_strategy="SPREAD"))
     ds = ds.map(EmbedSearchRow, fn_constructor_kwargs=search, **pool)
     if copy is not None:
         ds = ds.map(EmbedCopyRow, fn_constructor_kwargs=copy, **pool)
