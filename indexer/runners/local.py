@@ -114,6 +114,7 @@ def _embed_loop(opts: IndexOptions, source: Source, items: list[WorkItem], embed
     with markers, batches as decoded, tqdm(total=len(items), unit="img", desc="indexing", disable=not opts.progress,
                                            dynamic_ncols=True, smoothing=0.1) as bar:
         def done(total: BatchCounts, n: int) -> None:
+            timings.setdefault("first_batch_s", time.perf_counter() - loop_start)
             bar.update(n)
             if total.failed:
                 bar.set_postfix(failed=total.failed, refresh=False)

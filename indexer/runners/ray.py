@@ -181,6 +181,7 @@ def embed_all(opts: IndexOptions, source: Source, items: list[WorkItem], embedde
         t1 = time.perf_counter()
         add_counts(total, commit(results, vecs, copy_vecs))
         write += time.perf_counter() - t1
+        timings.setdefault("first_batch_s", t1 - loop_start)  # cluster warm-up: workers, models, first batch
         bar.update(len(results))
         if total.failed:
             bar.set_postfix(failed=total.failed, refresh=False)
