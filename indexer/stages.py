@@ -102,18 +102,34 @@ def _check_fingerprint(model: Any, expected: str | None, what: str) -> None:
                                  f"the run was planned with; every machine needs the same model files")
 
 
-class EmbedSearch:
-    """The search role (DINOv2): uint8 pixel batch -> float32 unit vectors. Loads its model once."""
+class _Role:
+    """One embedder role: the model given, or loaded once here (and checked against the planned weights)."""
+
+    role = ""
 
     def __init__(self, embedder: Any = None, *, model_ref: str | None = None, device: str = "auto",
                  precision: str = "auto", fingerprint: str | None = None):
         if embedder is None:
-            from retrieval.model import load_embedder
-
-            embedder = load_embedder(str(model_ref), device=device, precision=precision)
-            _check_fingerprint(embedder, fingerprint, "search")
+            embedder = self._load(str(model_ref), device=device, precision=precision)
+            _check_fingerprint(embedder, fingerprint, self.role)
         self.model = embedder
         self.dim: int = embedder.dim
+
+    @staticmethod
+    def _load(model_ref: str, device: str, precision: str) -> Any:
+        raise NotImplementedError
+
+
+class EmbedSearch(_Role):
+    """The search role (DINOv2): uint8 pixel batch -> float32 unit vectors. Loads its model once."""
+
+    role = "search"
+
+    @staticmethod
+    def _load(model_ref: str, device: str, precision: str) -> Any:
+        from retrieval.model import load_embedder
+
+        return load_embedder(model_ref, device=device, precision=precision)
 
     def submit(self, pixels: Any) -> Any:
         """Queue the forward pass (on a GPU it runs while the caller moves on); `collect` waits for it."""
@@ -126,18 +142,16 @@ class EmbedSearch:
         return self.collect(self.submit(pixels))
 
 
-class EmbedCopy:
+class EmbedCopy(_Role):
     """The copy role (SSCD or another copy model): the copy inputs of a batch's results -> vectors."""
 
-    def __init__(self, embedder: Any = None, *, model_ref: str | None = None, device: str = "auto",
-                 precision: str = "auto", fingerprint: str | None = None):
-        if embedder is None:
-            from retrieval.embedding.copy import load_copy_embedder
+    role = "copy"
 
-            embedder = load_copy_embedder(str(model_ref), device=device, precision=precision)
-            _check_fingerprint(embedder, fingerprint, "copy")
-        self.model = embedder
-        self.dim: int = embedder.dim
+    @staticmethod
+    def _load(model_ref: str, device: str, precision: str) -> Any:
+        from retrieval.embedding.copy import load_copy_embedder
+
+        return load_copy_embedder(model_ref, device=device, precision=precision)
 
     def __call__(self, results: list[DecodeResult]) -> np.ndarray:
         """Vectors of the embeddable results, in order; their copy inputs are dropped once embedded."""

@@ -1,6 +1,6 @@
 """The Ray runner: the index update's stages (retrieval.indexer.stages) as a Ray Data pipeline; the driver commits.
 
-    plan on the driver (as a local run) -> model batches, grouped into shards (one Ray Data block each)
+    plan on the driver (as a local run) -> model batches, one shard (Ray Data block) each
     -> read + hash + decode (fractional-CPU tasks, on the nodes that hold the files)
     -> embed the search role (an actor pool: the model loaded once per actor, one GPU each when the
        cluster has GPUs) -> embed the copy role (a second pool, when the index has one)
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SHARD_IMAGES = 4096  # images per shard (one Ray Data block): the unit Ray schedules and retries
+BATCHES_PER_SHARD = 1  # model batches per shard (one Ray Data block): the unit Ray schedules and retries
 DECODE_CPUS = 0.25  # logical CPUs per decode task: never starve the tasks beside the embed actors
 EMBED_CPUS = 0.25  # logical CPUs per embed actor on CPU-only clusters (its threads use the node's cores)
 
@@ -84,29 +84,21 @@ def decode_row(row: Row, decode: Decode) -> Row:
     return {"chunk": row["chunk"], "data": pickle.dumps((results, batch, None, None), protocol=5)}
 
 
-class EmbedSearchRow:
-    """Actor: the search role's vectors (fp16: what the vector file stores) for one decoded batch."""
+class EmbedRow:
+    """Actor: one role's vectors (fp16: what the vector files store) for one decoded batch."""
 
-    def __init__(self, model_ref: str, device: str, precision: str, fingerprint: str):
+    def __init__(self, role: str, model_ref: str, device: str, precision: str, fingerprint: str):
         _use_node_cores(device)
-        self.stage = EmbedSearch(model_ref=model_ref, device=device, precision=precision, fingerprint=fingerprint)
+        self.role = role
+        stage = EmbedSearch if role == "search" else EmbedCopy
+        self.stage = stage(model_ref=model_ref, device=device, precision=precision, fingerprint=fingerprint)
 
     def __call__(self, row: Row) -> Row:
-        results, pixels, _, _ = pickle.loads(row["data"])
-        vecs = self.stage(pixels).astype(np.float16)
-        return {"chunk": row["chunk"], "data": pickle.dumps((results, None, vecs, None), protocol=5)}
-
-
-class EmbedCopyRow:
-    """Actor: the copy role's vectors for one batch that the search role has embedded."""
-
-    def __init__(self, model_ref: str, device: str, precision: str, fingerprint: str):
-        _use_node_cores(device)
-        self.stage = EmbedCopy(model_ref=model_ref, device=device, precision=precision, fingerprint=fingerprint)
-
-    def __call__(self, row: Row) -> Row:
-        results, _, vecs, _ = pickle.loads(row["data"])
-        copy_vecs = self.stage(results).astype(np.float16)
+        results, pixels, vecs, copy_vecs = pickle.loads(row["data"])
+        if self.role == "search":
+            vecs = self.stage(pixels).astype(np.float16)
+        else:
+            copy_vecs = self.stage(results).astype(np.float16)
         return {"chunk": row["chunk"], "data": pickle.dumps((results, None, vecs, copy_vecs), protocol=5)}
 
 
@@ -122,10 +114,15 @@ def _use_node_cores(device: str) -> None:
 
 # --- the driver ---------------------------------------------------------------------------------
 
-def shard_count(n_batches: int, batch_size: int) -> int:
-    """Ray Data blocks for `n_batches` model batches: about SHARD_IMAGES images each."""
-    per_shard = max(1, SHARD_IMAGES // max(1, batch_size))
-    return max(1, -(-n_batches // per_shard))
+def shard_count(n_batches: int) -> int:
+    """Ray Data blocks for `n_batches` model batches: BATCHES_PER_SHARD each.
+
+    A block is what one task decodes and one actor embeds in a row, and what reaches the driver at
+    once: one batch per block keeps every stage streaming (decoding beside embedding, commits as
+    batches arrive); a 384-image run in one block was decoded by one task, embedded by one actor
+    and committed at the very end.
+    """
+    return max(1, -(-n_batches // BATCHES_PER_SHARD))
 
 
 def _embed_actors(ray: Any) -> tuple[int, float, float]:
@@ -138,22 +135,22 @@ def _embed_actors(ray: Any) -> tuple[int, float, float]:
 
 
 def build_dataset(ray: Any, batches: list[list[WorkItem]], decode: Decode, search: dict[str, str],
-                  copy: dict[str, str] | None, batch_size: int) -> Any:
+                  copy: dict[str, str] | None) -> Any:
     """The Ray Data pipeline over `batches` (rows: one model batch each, in plan order)."""
     import functools
 
     from ray.data import ActorPoolStrategy
 
     rows = [{"chunk": i, "items": pickle.dumps(b, protocol=5)} for i, b in enumerate(batches)]
-    ds = ray.data.from_items(rows, override_num_blocks=shard_count(len(batches), batch_size))
+    ds = ray.data.from_items(rows, override_num_blocks=shard_count(len(batches)))
     # Ray's defaults do the retrying: a task is retried a few times, an actor restarted without limit.
     ds = ds.map(functools.partial(decode_row, decode=decode), num_cpus=DECODE_CPUS)
     size, gpus, cpus = _embed_actors(ray)
     pool = dict(compute=ActorPoolStrategy(min_size=1, max_size=size), num_cpus=cpus, num_gpus=gpus,
                 ray_remote_args_fn=functools.partial(dict, scheduling_strategy="SPREAD"))
-    ds = ds.map(EmbedSearchRow, fn_constructor_kwargs=search, **pool)
+    ds = ds.map(EmbedRow, fn_constructor_kwargs=dict(role="search", **search), **pool)
     if copy is not None:
-        ds = ds.map(EmbedCopyRow, fn_constructor_kwargs=copy, **pool)
+        ds = ds.map(EmbedRow, fn_constructor_kwargs=dict(role="copy", **copy), **pool)
     return ds
 
 
@@ -212,7 +209,7 @@ def embed_all(opts: IndexOptions, source: Source, items: list[WorkItem], embedde
                           fingerprint=embedder.fingerprint)
             copy_args = (dict(model_ref=copy.model_ref, device=s.device, precision=s.precision,
                               fingerprint=copy.fingerprint) if copy is not None else None)
-            ds = build_dataset(ray, batches, remote_decode, search, copy_args, s.batch_size)
+            ds = build_dataset(ray, batches, remote_decode, search, copy_args)
             ready: dict[int, tuple[Any, ...]] = {}
             following = 0
             context = ray.data.DataContext.get_current()

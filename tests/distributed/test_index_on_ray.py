@@ -11,16 +11,10 @@ import pytest
 
 import retrieval
 from retrieval.indexer import stages
-from retrieval.indexer.runners import ray as ray_runner
 from tests.conftest import make_corpus
 from tests.indexer.test_copy_role import copy_model  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def small_shards(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ray_runner, "SHARD_IMAGES", 8)  # batches of 4: two per shard, several shards per run
 
 
 def _corpus(root: Path, n: int) -> Path:
@@ -76,7 +70,7 @@ def _no_duplicates(index_dir: Path) -> int:
 
 
 def test_index_on_ray_equals_the_local_run(tmp_path: Path, tiny_model_dir: Path, copy_model: Path,  # noqa: F811
-                                           ray_address: str, small_shards: None) -> None:
+                                           ray_address: str) -> None:
     corpus = _corpus(tmp_path / "corpus", 12)
     local = _index(tmp_path / "local", tiny_model_dir, corpus, copy_model=str(copy_model))
     remote = _index(tmp_path / "remote", tiny_model_dir, corpus, ray=ray_address, copy_model=str(copy_model))
@@ -89,7 +83,7 @@ def test_index_on_ray_equals_the_local_run(tmp_path: Path, tiny_model_dir: Path,
 
 
 def test_the_cli_option_and_a_killed_driver_resume(tmp_path: Path, tiny_model_dir: Path, ray_address: str,
-                                                    reference: tuple[Path, dict[str, object]], small_shards: None,
+                                                    reference: tuple[Path, dict[str, object]],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
@@ -118,8 +112,7 @@ def test_the_cli_option_and_a_killed_driver_resume(tmp_path: Path, tiny_model_di
 
 
 def test_a_worker_node_lost_mid_run(tmp_path: Path, tiny_model_dir: Path, ray_cluster,  # noqa: ANN001
-                                    reference: tuple[Path, dict[str, object]], small_shards: None,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                    reference: tuple[Path, dict[str, object]], monkeypatch: pytest.MonkeyPatch) -> None:
     corpus, expected = reference
     real, removed = stages.write_batch, []
 
