@@ -139,12 +139,15 @@ def build_dataset(ray: Any, batches: list[list[WorkItem]], decode: Decode, searc
     """The Ray Data pipeline over `batches` (rows: one model batch each, in plan order)."""
     import functools
 
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     rows = [{"chunk": i, "items": pickle.dumps(b, protocol=5)} for i, b in enumerate(batches)]
     ds = ray.data.from_items(rows, override_num_blocks=shard_count(len(batches)))
     # Ray's defaults do the retrying: a task is retried a few times, an actor restarted without limit.
-    ds = ds.map(functools.partial(decode_row, decode=decode), num_cpus=DECODE_CPUS)
+    # At most one decode task per CPU of the cluster: each runs in a worker process that imports
+    # torch, and more of them at once only delay the first batches (they share the same cores).
+    ds = ds.map(functools.partial(decode_row, decode=decode), num_cpus=DECODE_CPUS,
+                compute=TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1)))))
     size, gpus, cpus = _embed_actors(ray)
     pool = dict(compute=ActorPoolStrategy(min_size=1, max_size=size), num_cpus=cpus, num_gpus=gpus,
                 ray_remote_args_fn=functools.partial(dict, scheduling_strategy="SPREAD"))
