@@ -30,6 +30,7 @@ HEADERS = {
     "ui_render": "| page | kind | FCP ms | server ms | JSON round trip ms |",
     "embed_copy": "| copy model | forward only, img/s | `index --copy-model`, img/s |",
     "sources": "| source | img/s | vs local folder |",
+    "ray_index": "| runner | img/s | img/s after the first batch |",
 }
 NO_GOAL = {"embed_copy"}  # a measurement the issue sets no goal for
 
