@@ -35,7 +35,7 @@ from benchmarks.embed_throughput import (
 
 def cpu_decode_only(corpus: Path, files: list[Path], model_dir: Path, batch: int, workers: int) -> float:
     """Images/s of the indexer's decode stage alone (same DataLoader, workers, batch; no model)."""
-    from retrieval.indexer.pipeline import worker_chunk
+    from retrieval.indexer.runners.local import worker_chunk
 
     from retrieval.imaging.decode import WorkItem
     from retrieval.imaging.loader import decode_batches, regroup
@@ -89,7 +89,7 @@ def _ablation(model_dir: Path, tmp: Path, batch: int, workers: int, precision: s
     """The GPU pipeline choices changed one at a time: decode workers hand over 32-image chunks, or
     whole model batches (as before), instead of the chunk size picked from the run's size; batches
     are written by the main thread instead of the writer thread."""
-    from retrieval.indexer import pipeline
+    from retrieval.indexer.runners import local as pipeline
 
     choose = pipeline.worker_chunk
     out: dict[str, Any] = {}
@@ -131,7 +131,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("embed_gpu: no CUDA device here; nothing measured (the CPU numbers are embed_throughput's)")
         return 0
-    from retrieval.indexer.pipeline import default_workers, worker_chunk
+    from retrieval.indexer.runners.local import default_workers, worker_chunk
 
     n = args.images or (1024 if args.quick else 4096)
     shapes = args.shapes or (["vits14"] if args.quick else ["vits14", "vitb14"])

@@ -50,7 +50,7 @@ class InlineWriter:
         counts = self._write(results, vecs)
         self.write_s += time.perf_counter() - t1
         self.embed_wait_s += t1 - t
-        _add(self.total, counts)
+        add_counts(self.total, counts)
         self._on_done(self.total, len(results))
 
     def close(self) -> None:
@@ -128,6 +128,6 @@ class ThreadedWriter(InlineWriter):
             self._raise_if_failed()
 
 
-def _add(total: BatchCounts, counts: BatchCounts) -> None:
+def add_counts(total: BatchCounts, counts: BatchCounts) -> None:
     for key in ("new", "changed", "touched", "failed"):
         setattr(total, key, getattr(total, key) + getattr(counts, key))

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from retrieval.imaging.decode import TIMEOUT_KIND, WorkItem
 from retrieval.imaging.safe import CRASH_KIND
 from retrieval.imaging.scan import ScanEntry, text_path
-from retrieval.store import Failure, Image, Store, chunked
+from retrieval.store import COPY_NONE, Failure, Image, Store, chunked
 
 ALWAYS_RETRY = frozenset({"unreadable", "vanished", "io_error"})
 
@@ -88,3 +88,11 @@ def _with_known_hashes(store: Store, items: list[WorkItem]) -> list[WorkItem]:
             out.extend(WorkItem(i.path, i.size, i.mtime_ns, i.image_id, known.get(i.image_id), i.etag, i.meta)
                        for i in part)
     return out
+
+
+def images_without_copy(store: Store) -> list[WorkItem]:
+    """Indexed images with no copy vector yet (an index built before its copy model was added)."""
+    with store.session() as s:
+        rows = s.execute(select(Image.id, Image.path, Image.size, Image.mtime_ns)
+                         .where(Image.copy_state == COPY_NONE).order_by(Image.id)).all()
+    return [WorkItem(path=p, size=size, mtime_ns=mtime, image_id=i) for i, p, size, mtime in rows]

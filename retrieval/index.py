@@ -280,17 +280,24 @@ class Index:
 
     # --- building -----------------------------------------------------------------------------
     def update(self, corpus: str | os.PathLike[str], *, rebuild: bool = False, retry_failed: bool = False,
-               index_factory: str | None = None, progress: bool | None = None) -> Any:
+               index_factory: str | None = None, progress: bool | None = None, ray: str | None = None) -> Any:
         """Index `corpus`: embed new and changed files, forget deleted ones, bring FAISS up to date.
 
         Cheap to rerun (only changes are processed); an interrupted update resumes where it stopped.
         Returns the run's summary (a dataclass: new, changed, removed, failed, total_images, ...).
+        `ray` decodes and embeds on a Ray cluster ("auto", "local" or an address; by default
+        RETRIEVAL_RAY_ADDRESS, else this process); the index stays on this machine.
 
         Example: ``index.update("photos/").total_images``
         """
+        from retrieval.distributed import resolve_address
+
         self.close()  # the run changes what a reader holds (meta, FAISS file)
-        return load_updater()(os.fspath(corpus), self.settings, rebuild=rebuild, retry_failed=retry_failed,
-                              index_factory=index_factory, progress=show_progress(progress))
+        address = resolve_address(ray)
+        extra = {"address": address} if address else {}
+        return load_updater("ray" if address else LOCAL_UPDATER)(
+            os.fspath(corpus), self.settings, rebuild=rebuild, retry_failed=retry_failed,
+            index_factory=index_factory, progress=show_progress(progress), **extra)
 
     def build_index(self, *, rebuild: bool = True, index_factory: str | None = None, ray: str | None = None,
                     progress: bool | None = None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from retrieval.cli.options import DbOpt, IndexDirOpt, JsonOpt, ProgressOpt, open_index
+from retrieval.cli.options import DbOpt, IndexDirOpt, JsonOpt, ProgressOpt, RayOpt, open_index
 from retrieval.cli.options import settings as _settings
 from retrieval.errors import RetrievalError
 
@@ -103,6 +103,7 @@ def index(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again files that failed before, even if unchanged."),
     progress: Optional[bool] = ProgressOpt,
     as_json: bool = JsonOpt,
+    ray: Optional[str] = RayOpt,
 ) -> None:
     """Index a folder of images (or a bucket, a list, shards): embed new and changed files, drop deleted ones, update the FAISS index.
 
@@ -114,13 +115,15 @@ def index(
         retrieval index ./photos --model ./models/dinov2-small
 
         retrieval index s3://bucket/photos   |   retrieval index 'shards/{000000..000009}.tar'   |   retrieval index urls.parquet
+
+        retrieval index /shared/photos --ray auto      (decode and embed on a Ray cluster; the index stays here)
     """
     index = open_index(index_dir=index_dir, db_url=db, model=model, copy_model=copy_model, device=device, precision=precision,
                        batch_size=batch_size, workers=workers, max_pixels=max_pixels, memory_budget=memory_budget,
                        decode_timeout_s=decode_timeout, exact_threshold=exact_threshold,
                        recall_target=recall_target)
     summary = index.update(corpus, rebuild=rebuild, retry_failed=retry_failed, index_factory=index_factory,
-                           progress=progress)
+                           progress=progress, ray=ray)
     if as_json:
         typer.echo(json.dumps(asdict(summary), indent=2))
         return

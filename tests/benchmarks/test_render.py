@@ -32,6 +32,7 @@ HEADERS = {
     "sources": "| source | img/s | vs local folder |",
     "ray_curation": "| stage | run | wall s | CPU s | CPU ratio vs local |",
     "sources_bucket": "| run | wall s | listing s | comparison s |",
+    "ray_index": "| runner | img/s | img/s after the first batch |",
 }
 NO_GOAL = {"embed_copy"}  # a measurement the issue sets no goal for
 

@@ -76,10 +76,10 @@ def test_adding_a_copy_model_embeds_only_the_copy_role(corpus: Path, tiny_model_
     assert all(state == 0 and len(pdq) == 256 for _, state, pdq, _ in copy_rows().values())  # PDQ always
     before = (INDEX / "vectors.npy").read_bytes()
 
-    import retrieval.indexer.pipeline as pipeline
+    import retrieval.indexer.stages as stages
 
     calls = []
-    real = pipeline.write_copy_batch
+    real = stages.write_copy_batch
 
     def killed_after_first_batch(*args, **kwargs):  # noqa: ANN002, ANN003
         if calls:
@@ -87,13 +87,13 @@ def test_adding_a_copy_model_embeds_only_the_copy_role(corpus: Path, tiny_model_
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "write_copy_batch", killed_after_first_batch)
+    monkeypatch.setattr(stages, "write_copy_batch", killed_after_first_batch)
     result = runner.invoke(app, ["index", str(corpus), "--model", str(tiny_model_dir), "--copy-model",
                                  str(copy_model), "--no-progress", "-j", "0", "-b", "8"])
     assert result.exit_code == 137, result.output
     states = [state for _, state, _, _ in copy_rows().values()]
     assert states.count(1) == 8 and states.count(0) == 16  # one batch written, nothing half-done
-    monkeypatch.setattr(pipeline, "write_copy_batch", real)
+    monkeypatch.setattr(stages, "write_copy_batch", real)
 
     summary = index(corpus, tiny_model_dir, "--copy-model", copy_model)
     assert summary["new"] == 0 and summary["changed"] == 0 and summary["copy_embedded"] == 16

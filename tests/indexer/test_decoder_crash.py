@@ -70,11 +70,11 @@ def test_inflight_markers_name_only_unfinished_files(tmp_path: Path) -> None:
 
 def test_a_worker_crash_costs_one_file_and_the_run_goes_on(corpus: Path, tiny_model_dir: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import retrieval.indexer.pipeline
+    import retrieval.indexer.stages
 
     register()
     write_crasher(corpus / "b" / "zz_evil.png")  # last: decoded ahead while earlier batches are written
-    real_write = retrieval.indexer.pipeline.write_batch
+    real_write = retrieval.indexer.stages.write_batch
 
     def slow_write(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         # Keep the main thread busy while the workers decode ahead, so the worker dies while the
@@ -82,7 +82,7 @@ def test_a_worker_crash_costs_one_file_and_the_run_goes_on(corpus: Path, tiny_mo
         time.sleep(0.2)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(retrieval.indexer.pipeline, "write_batch", slow_write)
+    monkeypatch.setattr(retrieval.indexer.stages, "write_batch", slow_write)
     result = CliRunner().invoke(app, ["index", str(corpus), "--model", str(tiny_model_dir), "--no-progress",
                                       "--json", "-j", "2", "-b", "4"], catch_exceptions=False)
     assert result.exit_code == 0, result.output

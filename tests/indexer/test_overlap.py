@@ -97,7 +97,7 @@ def test_index_with_the_writer_thread_matches_inline(corpus: Path, tiny_model_di
 
 
 def test_the_writer_thread_is_the_default_on_a_gpu_only() -> None:
-    from retrieval.indexer.pipeline import overlap_writes
+    from retrieval.indexer.runners.local import overlap_writes
 
     assert overlap_writes("cuda", None) and overlap_writes("cuda:1", None)
     assert not overlap_writes("cpu", None)

@@ -75,7 +75,7 @@ def test_index_with_worker_chunks_matches_one_process(corpus: Path, tiny_model_d
 
 
 def test_worker_chunk_gives_each_worker_several_chunks_within_bounds() -> None:
-    from retrieval.indexer.pipeline import worker_chunk
+    from retrieval.indexer.runners.local import worker_chunk
 
     assert worker_chunk(4096, 16, 256) == 32  # 8 chunks per worker
     assert worker_chunk(16384, 16, 256) == 128

@@ -322,11 +322,10 @@ def test_index_a_parquet_list_of_http_urls_then_dedup_against_and_curate_with_re
 
 def test_a_server_that_goes_away_mid_run_stops_the_run_with_one_line(tmp_path: Path, tiny_model_dir: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from retrieval.indexer import pipeline
-
+    from retrieval.indexer import stages
     from retrieval.sources.remote import PrefixSource
 
-    monkeypatch.setattr(pipeline, "UNREACHABLE_STREAK", 5)
+    monkeypatch.setattr(stages, "UNREACHABLE_STREAK", 5)
     make_corpus(tmp_path / "site", 16)
     with http_server(tmp_path / "site") as base:
         entries = list(PrefixSource(base + "/").scan())

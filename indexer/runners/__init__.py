@@ -1,0 +1,1 @@
+"""Runners drive the index update's stages (retrieval.indexer.stages): local (this process) and ray (a cluster)."""
