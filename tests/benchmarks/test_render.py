@@ -293,8 +293,10 @@ def test_ray_curation_overhead_scaling_and_extrapolation(tmp_path: Path) -> None
     assert "no GPU result" in text and "index --ray" not in text  # neither input present: said, not invented
     _write(tmp_path, "embed_throughput_gpu", {"env": {"cuda": "Test GPU"}, "runs": [
         {"shape": "vits14", "precision": "bf16", "end_to_end": {"web/16": {"images_per_s": 1000.0}}}]})
-    _write(tmp_path, "ray_index", {"env": ENV, "ray": {"images_per_s": 500.0}})
+    _write(tmp_path, "ray_index", {"env": ENV, "rows": [{"runner": "local", "images_per_s": 900.0}],
+                                   "per_node_images_per_s": 500.0, "per_node_device": "cpu"})
     text = render_section("ray_curation", tmp_path)
     # 1.2e9 images / (1000 img/s x 8 GPUs x 20 nodes) = 7,500 s
     assert "| 1,000 img/s per GPU (Test GPU) | 8,000 | 2.08 |" in text
-    assert "`index --ray` (ray_index.json)" in text
+    # the per-node rate by name, never the local runner's faster rate: 1.2e9 / (500 x 20) s = 33.3 h
+    assert "| `index --ray` (ray_index.json, cpu) | 500 img/s per node as measured" in text and "| 33.3 |" in text
