@@ -1,0 +1,92 @@
+"""An IVF index whose inverted lists exceed the memory budget, built without Ray: added in shards in
+this process and merged into on-disk lists (retrieval.ivf_build), then patched, moved and read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from retrieval import ann
+from tests.retrieval.test_sync import Env, clustered
+
+N = 3000
+OPTS = dict(factory="IVF16,Flat", memory_budget=200_000, exact_threshold=1000)  # 3000 x (128 B + 8 B) > 200 kB
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
+    from retrieval import ivf_build
+
+    monkeypatch.setattr(ivf_build, "ADD_SHARD", 700)  # 5 shards
+    e = Env.open(tmp_path / "idx")
+    e.add(np.arange(1, N + 1, dtype=np.int64), clustered(N, seed=4))
+    return e
+
+
+def _deleted_maps() -> list[str]:
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if "(deleted)" in line]
+
+
+def _finds_itself(e: Env, ids: np.ndarray) -> None:
+    _, found = ann.search_reranked(e.index(), e.vectors.read(ids), 1, e.vectors.read, nprobe=16)
+    np.testing.assert_array_equal(found[:, 0], ids)
+
+
+def test_a_local_build_past_the_budget_merges_on_disk_and_unmaps_its_shards(env: Env) -> None:
+    first = env.sync(**OPTS)
+    data = Path(first.spec.params["on_disk"])
+    assert data.is_file() and data.parent == env.layout.root
+    assert isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(env.index()).invlists),
+                      faiss.OnDiskInvertedLists)
+    assert not [m for m in _deleted_maps() if ".shards-" in m]  # the shard files are gone, and unmapped
+    assert not list(env.layout.root.glob(".*.shards-*"))
+    present = env.assert_consistent()
+    _finds_itself(env, present[:20])
+
+    env.delete(present[:10])  # `retrieval index` or `dedup --apply` without Ray: rebuilt on disk again
+    second = env.sync(**OPTS)
+    assert second.rebuilt and not data.exists()
+    assert Path(second.spec.params["on_disk"]).is_file()
+    present = env.assert_consistent()
+    assert len(present) == N - 10
+    _finds_itself(env, present[:20])
+
+
+def test_a_failed_build_leaves_no_lists_file(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from retrieval import sync
+    from retrieval.errors import RetrievalError
+
+    first = env.sync(**OPTS)
+
+    def full_disk(*_a, **_k) -> None:
+        raise RetrievalError("cannot write the FAISS index: no space left on device")
+
+    monkeypatch.setattr(sync.ann, "save_index", full_disk)
+    with pytest.raises(RetrievalError):
+        env.sync(**OPTS, force_rebuild=True)  # merged on disk, then the save fails
+    assert list(env.layout.root.glob("*.ivfdata")) == [Path(first.spec.params["on_disk"])]
+    env.assert_consistent()
+
+
+def test_leftovers_of_a_killed_build_are_removed_and_the_lists_in_use_kept(env: Env) -> None:
+    from retrieval.layout import remove_stale_temporaries
+
+    root = env.layout.root
+    built = env.sync(**OPTS)
+    in_use = Path(built.spec.params["on_disk"])
+    older = root / "index.faiss.1.ivfdata"  # an earlier build's, killed before it was deleted
+    older.write_bytes(b"x" * 100)
+    newer = root / f"index.faiss.{10**19}.ivfdata"  # a later build's, killed after its merge
+    newer.write_bytes(b"x" * 100)
+    work = root / f".{newer.name}.shards-abc123"  # killed mid-merge
+    work.mkdir()
+    (work / "shard-00000.faiss").write_bytes(b"x" * 100)
+    other = root / "notes.ivfdata"  # not ours: left alone
+    other.write_bytes(b"")
+
+    assert sorted(remove_stale_temporaries(root)) == sorted([older.name, newer.name, work.name])
+    assert not newer.exists() and not work.exists() and not older.exists() and in_use.is_file() and other.exists()
+    _finds_itself(env, env.db_ids()[:20])
