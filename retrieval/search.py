@@ -74,7 +74,7 @@ class IndexReader:
         try:
             if pin:
                 files = self._open_files()
-                self._index = ann.load_index(layout.faiss_path, mmap=mmap)
+                self._index = ann.load_index(layout.faiss_path, mmap=mmap, read_only=True)
                 self.rows = Store(url, snapshot=True)
             self.meta = self.rows.all_meta()
             if not self.meta.get("dim"):
@@ -150,7 +150,7 @@ class IndexReader:
             data = self.meta.get("copy_index")
             if not data:
                 raise IndexNotFoundError("this index has no copy role; run `retrieval index --copy-model ...`")
-            self._copy_index = ann.load_index(self.layout.faiss_for("copy"), mmap=self._mmap)
+            self._copy_index = ann.load_index(self.layout.faiss_for("copy"), mmap=self._mmap, read_only=True)
             ann.set_nprobe(self._copy_index, ann.IndexSpec.from_dict(data).params.get("nprobe") or 1)
         return self._copy_index
 
@@ -183,7 +183,7 @@ class IndexReader:
         if self._index is None:
             if self.spec is None:
                 raise IndexNotFoundError("the index is empty: no image could be embedded")
-            self._index = ann.load_index(self.layout.faiss_path, mmap=self._mmap)
+            self._index = ann.load_index(self.layout.faiss_path, mmap=self._mmap, read_only=True)
             ann.set_nprobe(self._index, self.nprobe)
         return self._index
 

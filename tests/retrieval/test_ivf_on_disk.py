@@ -90,3 +90,61 @@ def test_leftovers_of_a_killed_build_are_removed_and_the_lists_in_use_kept(env: 
     assert sorted(remove_stale_temporaries(root)) == sorted([older.name, newer.name, work.name])
     assert not newer.exists() and not work.exists() and not older.exists() and in_use.is_file() and other.exists()
     _finds_itself(env, env.db_ids()[:20])
+
+
+def _reader(e: Env):  # noqa: ANN202
+    from retrieval.search import IndexReader
+
+    with e.store.session() as s, s.begin():
+        e.store.set_meta(s, corpus_root=str(e.layout.root))
+    return IndexReader(e.layout)
+
+
+def _invlists(index):  # noqa: ANN001, ANN202
+    return faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+
+
+def test_readers_map_the_lists_read_only(env: Env) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data = Path(env.sync(**OPTS).spec.params["on_disk"])
+    reader = _reader(env)
+    try:
+        assert _invlists(reader.index).read_only  # mapped PROT_READ, opened "r": read-only media work
+        _, found = ann.search_reranked(reader.index, env.vectors.read(env.db_ids()[:5]), 1, env.vectors.read,
+                                       nprobe=16)
+        np.testing.assert_array_equal(found[:, 0], env.db_ids()[:5])
+    finally:
+        reader.close()
+    assert not _invlists(env.index()).read_only  # the writer's load (sync) is unchanged
+    if os.getuid() == 0:
+        return  # root opens a 0444 file for writing anyway; the flag above is the check
+    data.chmod(0o444)
+    code = ("import sys; from pathlib import Path; from retrieval import ann; "
+            "ann.load_index(Path(sys.argv[1]), read_only=True)")
+    subprocess.run([sys.executable, "-c", code, str(env.layout.faiss_path)], check=True)
+
+
+def test_a_moved_index_folder_still_loads_its_lists(env: Env, tmp_path: Path) -> None:
+    import shutil
+
+    env.sync(**OPTS)
+    env.store.close()
+    moved = tmp_path / "elsewhere"
+    shutil.move(env.layout.root, moved)
+    e = Env.open(moved)
+    reader = _reader(e)
+    try:
+        assert Path(_invlists(reader.index).filename).parent == moved.resolve()
+        ids = e.db_ids()[:20]
+        _, found = ann.search_reranked(reader.index, e.vectors.read(ids), 1, e.vectors.read, nprobe=16)
+        np.testing.assert_array_equal(found[:, 0], ids)
+    finally:
+        reader.close()
+    e.delete(e.db_ids()[:3])  # a writer on the moved folder: rebuilt, lists beside the new FAISS file
+    again = e.sync(**OPTS)
+    assert Path(again.spec.params["on_disk"]).parent == moved.resolve()
+    assert len(list(moved.glob("*.ivfdata"))) == 1
+    e.assert_consistent()
