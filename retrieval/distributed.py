@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 ENV_ADDRESS = "RETRIEVAL_RAY_ADDRESS"
 TASK_RETRIES = 3
+_joined: str | None = None  # the address this process's connect() initialised Ray with
 
 
 def resolve_address(option: str | None) -> str | None:
@@ -35,13 +36,19 @@ def resolve_address(option: str | None) -> str | None:
 
 
 def connect(address: str) -> Any:
-    """Join (or start, for "local") the Ray cluster; one clear line if Ray is missing or unreachable."""
+    """Join (or start, for "local") the Ray cluster; one clear line if Ray is missing or unreachable, or
+    if this process is already connected to another cluster (Ray holds one per process)."""
     try:
         import ray
     except ImportError:
         raise RetrievalError("--ray needs Ray: pip install 'retrieval[ray]'") from None
+    global _joined
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
+        gcs = ray.get_runtime_context().gcs_address
+        if address not in ("auto", gcs, _joined) and (_joined is not None or address != "local"):
+            raise RetrievalError(f"this process already uses the Ray cluster at {gcs} and cannot also join "
+                                 f"{address!r}: use one cluster per process", "conflict")
         return ray
     try:
         ray.init(address=None if address == "local" else address, log_to_driver=False,
@@ -49,6 +56,7 @@ def connect(address: str) -> Any:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RetrievalError(f"cannot reach the Ray cluster at {address!r}: {first}") from None
+    _joined = address
     resources = ray.cluster_resources()
     logger.info("Ray cluster: %d node(s), %s CPUs, %s GPUs", len(ray.nodes()), resources.get("CPU", 0),
                 resources.get("GPU", 0))
