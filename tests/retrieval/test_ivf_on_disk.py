@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retrieval import ann
-from tests.retrieval.test_sync import Env, clustered
+from tests.retrieval.test_sync import DIM, Env, clustered
 
 N = 3000
 OPTS = dict(factory="IVF16,Flat", memory_budget=200_000, exact_threshold=1000)  # 3000 x (128 B + 8 B) > 200 kB
@@ -148,3 +148,32 @@ def test_a_moved_index_folder_still_loads_its_lists(env: Env, tmp_path: Path) ->
     assert Path(again.spec.params["on_disk"]).parent == moved.resolve()
     assert len(list(moved.glob("*.ivfdata"))) == 1
     e.assert_consistent()
+
+
+def test_shards_are_written_as_they_arrive_and_merged_in_order(env: Env, tmp_path: Path) -> None:
+    """The driver holds one shard at a time: each is on disk before the next is asked for."""
+    from faiss.contrib.inspect_tools import get_invlist
+
+    from retrieval import ivf_build
+
+    ids = env.db_ids()
+    trained = ann.new_index(ann.choose_index_spec(len(ids), DIM, 10**9, 1000, "IVF16,Flat"))
+    trained.train(env.vectors.read(ids[::3]))
+    blob = ivf_build.serialize(trained)
+    pieces = np.array_split(ids, 5)
+    in_ram = ivf_build.merge(ivf_build.deserialize(blob),
+                             [ivf_build.add_task(p, blob, env.vectors) for p in pieces])
+    ivfdata = ivf_build.ivfdata_path(tmp_path / "index.faiss")
+
+    def finished_in_reverse():  # noqa: ANN202
+        for n, i in enumerate(reversed(range(len(pieces)))):
+            (work,) = tmp_path.glob(".*.shards-*")
+            assert len(list(work.iterdir())) == n  # every shard handed out so far is already a file
+            yield i, ivf_build.add_task(pieces[i], blob, env.vectors)
+
+    on_disk = ivf_build.merge_on_disk(ivf_build.deserialize(blob), finished_in_reverse(), ivfdata)
+    assert on_disk.ntotal == len(ids) and not list(tmp_path.glob(".*.shards-*"))
+    a, b = faiss.extract_index_ivf(in_ram).invlists, faiss.extract_index_ivf(on_disk).invlists
+    for list_no in range(16):
+        for x, y in zip(get_invlist(a, list_no), get_invlist(b, list_no), strict=True):
+            np.testing.assert_array_equal(x, y)  # same entries, in shard order
