@@ -396,15 +396,49 @@ def _write_failure(path: Path, exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def load_index(path: Path, mmap: bool = False) -> Any:
+def load_index(path: Path, mmap: bool = False, read_only: bool = False) -> Any:
+    """The FAISS index at `path`. Readers pass `read_only` (or `mmap`, which implies it): on-disk
+    inverted lists are then mapped read-only, so an index on read-only media or owned by another
+    user opens; writers (sync) leave it False. On-disk lists recorded at a path that no longer
+    exists (the index folder was moved or copied) are looked for beside the FAISS file."""
     import faiss
 
     if not path.exists():
         raise RetrievalError(f"no FAISS index at {path}; run `retrieval index` first")
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else (faiss.IO_FLAG_READ_ONLY if read_only else 0)
     try:
         return faiss.read_index(str(path), flags)
-    except RuntimeError:
+    except RuntimeError as exc:
+        moved = _with_moved_lists(path, str(exc), flags & faiss.IO_FLAG_READ_ONLY)
+        if moved is not None:
+            return moved
         if mmap:  # not every index type can be memory-mapped
             return faiss.read_index(str(path))
         raise
+
+
+def _with_moved_lists(path: Path, error: str, flags: int) -> Any:
+    """The index at `path` with its on-disk lists file found beside it, when FAISS could not open the
+    absolute path it recorded; None when that is not what failed. The FAISS file of such an index
+    holds only the quantizer and list offsets, so it is read into memory and the recorded path
+    (a length-prefixed string) is replaced before FAISS parses it."""
+    import re
+    import struct
+
+    import faiss
+
+    found = re.search(r"could not open (.+) in mode r\+?:", error)
+    if found is None:
+        return None
+    recorded = found.group(1)
+    beside = path.parent / Path(recorded).name
+    if not recorded.endswith(".ivfdata") or not beside.is_file() or str(beside) == recorded:
+        return None
+    data = path.read_bytes()
+    old, new = recorded.encode(), str(beside.resolve()).encode()
+    old_field = struct.pack("<Q", len(old)) + old
+    if data.count(old_field) != 1:
+        return None
+    logger.info("the lists file %s moved: using %s", recorded, beside)
+    patched = data.replace(old_field, struct.pack("<Q", len(new)) + new)
+    return faiss.deserialize_index(np.frombuffer(patched, dtype=np.uint8), flags)

@@ -238,13 +238,16 @@ class Index:
         return int(self.reader.index.ntotal) if self.reader.spec is not None else 0
 
     def image(self, ref: int | str) -> Any:
-        """The stored row (retrieval.store.Image) of an image id or a corpus-relative path, None when
-        the index holds no such image; a pinned handle answers from its generation."""
+        """The stored row (retrieval.store.Image) of an image id (any integer, numpy's included) or a
+        corpus-relative path, None when the index holds no such image; a pinned handle answers from
+        its generation."""
+        import numbers
+
         from retrieval.store import Image
 
-        if isinstance(ref, int):
+        if isinstance(ref, numbers.Integral) and not isinstance(ref, bool):
             with self.reader.rows.session() as s:
-                return s.get(Image, ref)
+                return s.get(Image, int(ref))
         return self.reader.image_by_path(ref)
 
     def embeddings(self, ids: Any) -> Any:
@@ -272,8 +275,8 @@ class Index:
         return (run.id if run is not None else None), (spec or {}).get("params", {}).get("built_at")
 
     def __len__(self) -> int:
-        """How many images the index holds."""
-        return self.reader.store.count_images()  # type: ignore[no-any-return]
+        """How many images the index holds (a pinned handle: in its generation)."""
+        return self.reader.rows.count_images()  # type: ignore[no-any-return]
 
     def __bool__(self) -> bool:  # a handle is true even when empty (and truth needs no database query)
         return True
@@ -352,25 +355,28 @@ class Index:
 
         Example: ``index.search("photos/cat.jpg", k=5).to_pandas()``
         """
+        import numbers
+
         from retrieval.results import SearchResult
         from retrieval.search import search_file
 
         reader = self.reader
         if isinstance(query, bool):
             raise QueryError("a query is an image id, a path, a vector, image bytes or a PIL image, not a bool")
-        if isinstance(query, int):
+        if isinstance(query, numbers.Integral):  # numpy integers too: an id, not a vector
+            query = int(query)
             return SearchResult(str(query), f"stored vector of id {query}",
                                 reader.search_id(query, k, exclude_self=not include_self, nprobe=nprobe))
         if isinstance(query, (str, os.PathLike)):
             if not isinstance(query, str) and not Path(query).is_file():
                 raise QueryError(f"{query} is not a file")
             how, hits = search_file(reader, os.fspath(query), k, exclude_self=not include_self,
-                                    max_pixels=self.settings.max_pixels)
+                                    max_pixels=self.settings.max_pixels, nprobe=nprobe)
             return SearchResult(os.fspath(query), how, hits)
         if isinstance(query, (bytes, bytearray, memoryview)) or _is_pil_image(query):
             data = _pil_to_png(query) if _is_pil_image(query) else bytes(query)
             vector = self._embed_bytes(data)
-            return SearchResult(f"<{type(query).__name__}>", "embedded image", reader.search_vector(vector, k))
+            return SearchResult(f"<{type(query).__name__}>", "embedded image", reader.search_vector(vector, k, nprobe=nprobe))
         if hasattr(query, "__array__"):
             return SearchResult("<vector>", "vector", reader.search_vector(self._unit_vector(query), k, nprobe=nprobe))
         raise QueryError(f"cannot search with a {type(query).__name__}: pass an image id, a path, a vector, "

@@ -9,8 +9,10 @@ entries in the same order as a local build with the same trained index: searches
 same results.
 
 When the merged lists would not fit the memory budget, they are merged instead into
-OnDiskInvertedLists (faiss.contrib.ondisk.merge_ondisk) in a `.ivfdata` file beside the FAISS
-file, which the index then maps instead of holding in RAM.
+OnDiskInvertedLists (as faiss.contrib.ondisk.merge_ondisk does) in a `.ivfdata` file beside the
+FAISS file, which the index then maps instead of holding in RAM; each shard is written to disk as
+its task finishes, so the driver never holds more than one. A local build past the memory budget
+takes the same path, its shards added one after the other in this process.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -86,20 +89,36 @@ def merged_bytes(index: Any, n: int) -> int:
     return n * (faiss.extract_index_ivf(index).code_size + 8)
 
 
-def add_on_ray(address: str, trained: Any, ids: np.ndarray, vectors: VectorStore, ivfdata: Path | None = None,
-               shard: int | None = None, progress: bool = False) -> Any:
-    """`trained` filled with the vectors of `ids`, added in shards as Ray tasks and merged in order.
+def add_in_shards(address: str | None, trained: Any, ids: np.ndarray, vectors: VectorStore,
+                  ivfdata: Path | None = None, shard: int | None = None, progress: bool = False) -> Any:
+    """`trained` filled with the vectors of `ids`, added in shards and merged in shard order.
 
-    `ivfdata`, when given, is where the merged lists go on disk (OnDiskInvertedLists) instead of RAM.
+    Each shard is a Ray task on `address`, or, when `address` is None, added in this process one
+    after the other. `ivfdata`, when given, is where the merged lists go on disk
+    (OnDiskInvertedLists) instead of RAM: each shard is then written to a work folder as soon as
+    it arrives, so the driver holds one shard at a time, never all of them.
     """
-    from retrieval.distributed import map_shards, shards
+    from retrieval.distributed import imap_shards, shards
 
     ids = np.asarray(ids, dtype=np.int64)
     pieces = [ids[a:b] for a, b in shards(len(ids), shard or ADD_SHARD)]
-    parts = map_shards(address, add_task, pieces, serialize(trained), vectors, progress=progress, desc="adding")
+    blob = serialize(trained)
+    if address is not None:
+        results = imap_shards(address, add_task, pieces, blob, vectors, progress=progress, desc="adding")
+    else:
+        results = ((i, add_task(piece, blob, vectors)) for i, piece in enumerate(pieces))
     if ivfdata is not None:
-        return merge_on_disk(trained, parts, ivfdata)
+        return merge_on_disk(trained, results, ivfdata)
+    parts: list[bytes] = [b""] * len(pieces)
+    for i, data in results:
+        parts[i] = data
     return merge(trained, parts)
+
+
+def add_on_ray(address: str, trained: Any, ids: np.ndarray, vectors: VectorStore, ivfdata: Path | None = None,
+               shard: int | None = None, progress: bool = False) -> Any:
+    """`add_in_shards` with every shard a Ray task on `address`."""
+    return add_in_shards(address, trained, ids, vectors, ivfdata, shard, progress)
 
 
 def merge(trained: Any, parts: list[bytes]) -> Any:
@@ -114,31 +133,50 @@ def merge(trained: Any, parts: list[bytes]) -> Any:
     return index
 
 
-def merge_on_disk(trained: Any, parts: list[bytes], ivfdata: Path) -> Any:
-    """The shards merged into OnDiskInvertedLists in the new file `ivfdata`; the index maps that file.
+def merge_on_disk(trained: Any, results: Iterable[tuple[int, bytes]], ivfdata: Path) -> Any:
+    """The shards (`(position, serialised index)` in any order) merged in position order into
+    OnDiskInvertedLists in the new file `ivfdata`; the index then maps that file.
 
-    The shards go through temporary files beside `ivfdata` (memory-mapped while merging, so they
-    never sit in RAM together). Each build writes a new lists file (see `ivfdata_path`): the
-    previous index keeps its own until the new one is renamed into place.
+    Each shard goes to a temporary file in a work folder beside `ivfdata` as it arrives (memory-mapped
+    while merging, so the shards never sit in RAM together). Each build writes a new lists file (see
+    `ivfdata_path`): the previous index keeps its own until the new one is renamed into place.
     """
-    from faiss.contrib.ondisk import merge_ondisk
-
     ivfdata = Path(ivfdata).resolve()
     work = Path(tempfile.mkdtemp(prefix=f".{ivfdata.name}.shards-", dir=ivfdata.parent))
     try:
-        files = []
-        for i in range(len(parts)):
-            f = work / f"shard-{i:05d}.faiss"
-            f.write_bytes(parts[i])
-            parts[i] = b""
-            files.append(str(f))
-        merge_ondisk(trained, files, str(ivfdata))
+        files: dict[int, Path] = {}
+        for i, data in results:
+            files[i] = work / f"shard-{i:05d}.faiss"
+            files[i].write_bytes(data)
+            del data  # one shard's bytes at a time in the driver
+        merge_files_on_disk(trained, [files[i] for i in sorted(files)], ivfdata)
     except BaseException:
         ivfdata.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return trained
+
+
+def merge_files_on_disk(trained: Any, files: list[Path], ivfdata: Path) -> None:
+    """faiss.contrib.ondisk.merge_ondisk, except that the shard indexes are freed right after the
+    merge: merge_ondisk keeps their lists mapped until the process exits, so the deleted shard
+    files would hold their disk space for as long as the driver lives."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(trained)
+    if ivf.ntotal != 0:
+        raise ValueError("the trained index must be empty before merging shards into it")
+    shard_indexes = [faiss.read_index(str(f), faiss.IO_FLAG_MMAP) for f in files]
+    lists = faiss.InvertedListsPtrVector()
+    for shard_index in shard_indexes:
+        lists.push_back(faiss.extract_index_ivf(shard_index).invlists)
+    invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ivfdata))
+    ntotal = invlists.merge_from_multiple(lists.data(), lists.size(), False, False)
+    del lists, shard_indexes  # unmaps the shard files (each index owns its lists)
+    ivf.replace_invlists(invlists, True)
+    invlists.this.disown()  # the index owns it now
+    ivf.ntotal = trained.ntotal = ntotal
 
 
 def ivfdata_path(faiss_path: Path) -> Path:

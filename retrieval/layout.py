@@ -105,8 +105,13 @@ class IndexLock:
 
 
 def remove_stale_temporaries(root: Path) -> list[str]:
-    """Delete the temporary files (`.<name>.tmp-<pid>`) that an interrupted or failed save left in the
-    index folder. Call only while holding the IndexLock: no other writer can be saving then."""
+    """Delete what an interrupted or failed write left in the index folder: temporary files
+    (`.<name>.tmp-<pid>`), the shard work folders of an on-disk merge (`.<lists>.shards-*`), and the
+    on-disk lists files (`<faiss>.<ns>.ivfdata`) that the current FAISS file does not use: those of
+    earlier builds and of a build that failed. Call only while holding the IndexLock: no other
+    writer can be saving or building then."""
+    import shutil
+
     removed: list[str] = []
     try:
         entries = list(os.scandir(root))
@@ -116,12 +121,34 @@ def remove_stale_temporaries(root: Path) -> list[str]:
         name = entry.name
         stem, sep, pid = name.rpartition(".tmp-")
         if name.startswith(".") and sep and stem and pid.isdigit() and entry.is_file(follow_symlinks=False):
+            stale = True
+        elif name.startswith(".") and ".ivfdata.shards-" in name and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(name)
+            continue
+        elif name.endswith(".ivfdata") and entry.is_file(follow_symlinks=False):
+            faiss_name, dot, ns = name[: -len(".ivfdata")].rpartition(".")
+            stale = bool(dot and ns.isdigit() and faiss_name) and not _references(Path(root) / faiss_name, name)
+        else:
+            stale = False
+        if stale:
             try:
                 os.unlink(entry.path)
                 removed.append(name)
             except FileNotFoundError:
                 pass
     return removed
+
+
+def _references(faiss_file: Path, name: str) -> bool:
+    """True when the FAISS file records the lists file `name` (its path ends with that name)."""
+    import mmap
+
+    try:
+        with open(faiss_file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(name.encode()) != -1
+    except (FileNotFoundError, ValueError):  # ValueError: an empty file cannot be mapped
+        return False
 
 
 def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:

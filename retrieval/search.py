@@ -74,7 +74,7 @@ class IndexReader:
         try:
             if pin:
                 files = self._open_files()
-                self._index = ann.load_index(layout.faiss_path, mmap=mmap)
+                self._index = ann.load_index(layout.faiss_path, mmap=mmap, read_only=True)
                 self.rows = Store(url, snapshot=True)
             self.meta = self.rows.all_meta()
             if not self.meta.get("dim"):
@@ -150,7 +150,7 @@ class IndexReader:
             data = self.meta.get("copy_index")
             if not data:
                 raise IndexNotFoundError("this index has no copy role; run `retrieval index --copy-model ...`")
-            self._copy_index = ann.load_index(self.layout.faiss_for("copy"), mmap=self._mmap)
+            self._copy_index = ann.load_index(self.layout.faiss_for("copy"), mmap=self._mmap, read_only=True)
             ann.set_nprobe(self._copy_index, ann.IndexSpec.from_dict(data).params.get("nprobe") or 1)
         return self._copy_index
 
@@ -183,7 +183,7 @@ class IndexReader:
         if self._index is None:
             if self.spec is None:
                 raise IndexNotFoundError("the index is empty: no image could be embedded")
-            self._index = ann.load_index(self.layout.faiss_path, mmap=self._mmap)
+            self._index = ann.load_index(self.layout.faiss_path, mmap=self._mmap, read_only=True)
             ann.set_nprobe(self._index, self.nprobe)
         return self._index
 
@@ -277,17 +277,19 @@ class IndexReader:
         ]
 
 
-def search_file(reader: IndexReader, image: str, k: int, exclude_self: bool, max_pixels: int) -> tuple[str, list[Hit]]:
+def search_file(reader: IndexReader, image: str, k: int, exclude_self: bool, max_pixels: int,
+                nprobe: int | None = None) -> tuple[str, list[Hit]]:
     """What `retrieval search IMAGE` does: indexed path or id -> stored vector; any other file -> embed.
 
     Returns how the query was answered ("stored vector of id N" / "embedded file") and the hits.
+    `nprobe`: IVF lists to visit (None: the tuned value).
     """
     if "://" in image or "#" in image:
-        return _search_uri(reader, image, k, exclude_self, max_pixels)
+        return _search_uri(reader, image, k, exclude_self, max_pixels, nprobe)
     path = Path(image)
     if not path.exists() and image.isdigit():
         image_id = int(image)
-        return f"stored vector of id {image_id}", reader.search_id(image_id, k, exclude_self)
+        return f"stored vector of id {image_id}", reader.search_id(image_id, k, exclude_self, nprobe)
     if not path.is_file():
         raise QueryError(f"{image} is neither a file nor an indexed image id", "not_found")
     rel = reader.relative_path(path)
@@ -295,31 +297,33 @@ def search_file(reader: IndexReader, image: str, k: int, exclude_self: bool, max
         row = reader.image_by_path(rel)
         st = path.stat()
         if row is not None and (row.size, row.mtime_ns) == (st.st_size, st.st_mtime_ns):
-            return f"stored vector of {rel} (id {row.id})", reader.search_id(row.id, k, exclude_self)
+            return f"stored vector of {rel} (id {row.id})", reader.search_id(row.id, k, exclude_self, nprobe)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise QueryError(f"cannot read {image}: {exc.strerror or exc}") from None
-    return "embedded file", _search_bytes(reader, data, image, k, max_pixels)
+    return "embedded file", _search_bytes(reader, data, image, k, max_pixels, nprobe)
 
 
-def _search_bytes(reader: IndexReader, data: bytes, name: str, k: int, max_pixels: int) -> list[Hit]:
+def _search_bytes(reader: IndexReader, data: bytes, name: str, k: int, max_pixels: int,
+                  nprobe: int | None = None) -> list[Hit]:
     from retrieval.errors import ImageDecodeError
 
     try:
         vector = reader.embed_bytes(data, max_pixels)
     except ImageDecodeError as exc:
         raise QueryError(f"{name}: {exc}") from None
-    return reader.search_vector(vector, k)
+    return reader.search_vector(vector, k, nprobe=nprobe)
 
 
-def _search_uri(reader: IndexReader, uri: str, k: int, exclude_self: bool, max_pixels: int) -> tuple[str, list[Hit]]:
+def _search_uri(reader: IndexReader, uri: str, k: int, exclude_self: bool, max_pixels: int,
+                nprobe: int | None = None) -> tuple[str, list[Hit]]:
     """A URI (or `shard.tar#member`): the stored vector when indexed, else its bytes fetched and embedded."""
     from retrieval.errors import ReadFailure
 
     row = reader.image_by_path(uri)
     if row is not None:
-        return f"stored vector of {uri} (id {row.id})", reader.search_id(row.id, k, exclude_self)
+        return f"stored vector of {uri} (id {row.id})", reader.search_id(row.id, k, exclude_self, nprobe)
     if "://" not in uri:
         raise QueryError(f"{uri} is not an indexed image (shard members are named <shard>#<member>)")
     from retrieval.sources.base import ReadLimits
@@ -329,4 +333,4 @@ def _search_uri(reader: IndexReader, uri: str, k: int, exclude_self: bool, max_p
         data = read_url(uri, ReadLimits.from_env())
     except ReadFailure as exc:
         raise QueryError(f"cannot read {uri}: {exc.reason}") from None
-    return "embedded URL", _search_bytes(reader, data, uri, k, max_pixels)
+    return "embedded URL", _search_bytes(reader, data, uri, k, max_pixels, nprobe)

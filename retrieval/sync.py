@@ -117,7 +117,8 @@ def _train_sample(spec: ann.IndexSpec, ids: np.ndarray, held_out: np.ndarray) ->
 def _build(spec: ann.IndexSpec, ids: np.ndarray, held_out: np.ndarray, vectors: VectorStore,
            timings: dict[str, float], opts: SyncOptions | None = None, faiss_path: Path | None = None) -> Any:
     """The index of `spec` holding `ids`; an IVF index on opts.ray_address is trained in one Ray task and
-    filled in shards (retrieval.ivf_build), merged on disk beside `faiss_path` past the memory budget."""
+    filled in shards (retrieval.ivf_build). An IVF index whose lists exceed the memory budget is filled
+    in shards (Ray tasks, or one after the other here) and merged on disk beside `faiss_path`."""
     from retrieval import ivf_build
 
     index = ann.new_index(spec)
@@ -133,17 +134,21 @@ def _build(spec: ann.IndexSpec, ids: np.ndarray, held_out: np.ndarray, vectors: 
             index.train(vectors.read(sample))
         timings["train_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    if on_ray:
-        assert opts is not None
-        ivfdata = None
-        if faiss_path is not None and ivf_build.merged_bytes(index, len(ids)) > opts.memory_budget:
-            ivfdata = ivf_build.ivfdata_path(faiss_path)
-            logger.info("the inverted lists exceed --memory-budget: merging them on disk into %s", ivfdata)
-        index = ivf_build.add_on_ray(address, index, ids, vectors, ivfdata, progress=opts.progress)
-        spec.params["on_disk"] = str(ivfdata.resolve()) if ivfdata is not None else None
+    ivfdata = None
+    if (opts is not None and faiss_path is not None and ivf_build.is_ivf(index)
+            and ivf_build.merged_bytes(index, len(ids)) > opts.memory_budget):
+        ivfdata = ivf_build.ivfdata_path(faiss_path)
+        logger.info("the inverted lists exceed --memory-budget: merging them on disk into %s", ivfdata)
+    if on_ray or ivfdata is not None:  # locally too: in shards, one at a time, merged on disk
+        index = ivf_build.add_in_shards(address if on_ray else None, index, ids, vectors, ivfdata,
+                                        progress=opts.progress if opts is not None else False)
     else:
         for chunk_ids, chunk in vectors.iter_batches(ids):
             ann.add(index, chunk_ids, chunk)
+    if on_ray or ivfdata is not None:
+        spec.params["on_disk"] = str(ivfdata.resolve()) if ivfdata is not None else None
+    else:
+        spec.params.pop("on_disk", None)
     timings["add_s"] = round(time.perf_counter() - t, 3)
     return index
 
@@ -252,12 +257,18 @@ def sync_index(store: Store, vectors: VectorStore, layout: IndexLayout, opts: Sy
             else:
                 ann.set_nprobe(index, spec.params.get("nprobe") or 1)
             result.spec = spec
-    if reason is not None:
-        logger.info("building the index: %s", reason)
-        index, built = _build_meeting_target(desired, ids, vectors, opts, timings, faiss_path)
-        result.spec, result.rebuilt, result.added = built, True, len(ids)
-
-    ann.save_index(index, faiss_path)
+    lists_before = set(faiss_path.parent.glob(f"{faiss_path.name}.*.ivfdata"))
+    try:
+        if reason is not None:
+            logger.info("building the index: %s", reason)
+            index, built = _build_meeting_target(desired, ids, vectors, opts, timings, faiss_path)
+            result.spec, result.rebuilt, result.added = built, True, len(ids)
+        ann.save_index(index, faiss_path)
+    except BaseException:
+        # The lists files this build wrote belong to no FAISS file: they must not fill the disk.
+        for f in set(faiss_path.parent.glob(f"{faiss_path.name}.*.ivfdata")) - lists_before:
+            f.unlink(missing_ok=True)
+        raise
     assert result.spec is not None
     from retrieval.ivf_build import remove_stale_ivfdata
 

@@ -73,7 +73,7 @@ def verify_index(layout: IndexLayout, db_url: str | None = None) -> VerifyReport
             if len(ids):
                 report.problems.append(f"FAISS index {layout.faiss_path} is missing; run `retrieval index` to rebuild it")
             return report
-        index = ann.load_index(layout.faiss_path)
+        index = ann.load_index(layout.faiss_path, read_only=True)
         if index.d != dim:
             report.problems.append(f"FAISS index is {index.d}-d but the model gives {dim}-d vectors")
         present = ann.index_ids(index)

@@ -106,5 +106,16 @@ def test_an_index_past_the_memory_budget_gets_on_disk_lists(tmp_path: Path, ray_
     queries = e.vectors.read(present[:20])
     _, found = ann.search_reranked(e.index(), queries, 1, e.vectors.read, nprobe=16)
     np.testing.assert_array_equal(found[:, 0], present[:20])  # each finds itself
-    e.sync(factory="IVF16,Flat", memory_budget=200_000, exact_threshold=1000, force_rebuild=True)  # locally: in RAM
+    local = e.sync(factory="IVF16,Flat", memory_budget=200_000, exact_threshold=1000, force_rebuild=True)
+    assert list(e.layout.root.glob("*.ivfdata")) == [Path(local.spec.params["on_disk"])]  # locally: on disk too
+    e.sync(factory="IVF16,Flat", memory_budget=10**9, exact_threshold=1000, force_rebuild=True)  # in RAM
     assert not list(e.layout.root.glob("*.ivfdata"))
+
+
+def test_a_second_cluster_address_in_the_same_process_is_refused(ray_address: str) -> None:
+    from retrieval.distributed import connect
+    from retrieval.errors import RetrievalError
+
+    assert connect(ray_address) is connect(ray_address) is connect("auto")
+    with pytest.raises(RetrievalError, match="already uses the Ray cluster at .* cannot also join '10.9.9.9:6379'"):
+        connect("10.9.9.9:6379")

@@ -78,6 +78,27 @@ def test_search_by_id_path_vector_bytes_and_pil(built) -> None:
     assert frame["rank"].tolist() == [1, 2, 3] and frame["id"].tolist() == [h.id for h in by_path]
 
 
+def test_nprobe_reaches_the_index_for_every_kind_of_query(built, monkeypatch: pytest.MonkeyPatch) -> None:
+    index, corpus, _ = built
+    reader = index.reader
+    seen: list[int | None] = []
+    search_vector = reader.search_vector
+
+    def spy(vector, k, exclude_id=None, nprobe=None):  # noqa: ANN001, ANN202
+        seen.append(nprobe)
+        return search_vector(vector, k, exclude_id=exclude_id, nprobe=nprobe)
+
+    monkeypatch.setattr(reader, "search_vector", spy)
+    png = corpus / "a" / "img0003.png"
+    own_id = reader.image_by_path("a/img0003.png").id
+    unindexed = corpus.parent / "outside.png"
+    unindexed.write_bytes(png.read_bytes())
+    for query in (own_id, png, str(png), str(own_id), unindexed, png.read_bytes(), PILImage.open(png),
+                  reader.vectors.read([own_id])[0]):
+        index.search(query, k=2, nprobe=7)
+    assert seen == [7] * 8
+
+
 def test_search_rejects_bad_queries(built, tmp_path: Path) -> None:
     index, _, _ = built
     with pytest.raises(QueryError, match="is not a file"):

@@ -47,6 +47,9 @@ def test_a_pinned_handle_answers_from_its_generation_through_a_rebuild(built: tu
         assert [(h.id, h.path, h.score) for h in again] == [(h.id, h.path, h.score) for h in before]
         assert np.array_equal(pinned.embeddings(ids), vectors)
         assert pinned.image(ids[0]).path == "a/img0001.jpg" and pinned.ann_count == 8
+        assert len(pinned) == 8, "len() counts the pinned generation's rows, not the 9 now in the database"
+        assert pinned.image(np.int64(ids[0])).path == "a/img0001.jpg"  # numpy integers are ids, not paths
+        assert [h.id for h in pinned.search(np.int64(ids[0]), k=3, nprobe=1)] == [h.id for h in before]
     finally:
         pinned.close()
     fresh = retrieval.Index.open(path, pinned=True)
