@@ -145,7 +145,7 @@ def child_dedup(index_dir: Path) -> dict[str, Any]:
     from retrieval.search import IndexReader
 
     t = time.perf_counter()
-    reader = IndexReader(IndexLayout(index_dir))
+    reader = IndexReader(IndexLayout(index_dir), writable=True)  # the run is stored in the index
     outcome = run_dedup(reader, DedupOptions(pixels=False, use_gpu=False, force=True))
     wall = time.perf_counter() - t
     import resource
@@ -157,7 +157,19 @@ def child_dedup(index_dir: Path) -> dict[str, Any]:
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             # VmHWM (index_eval.peak_rss_bytes), not ru_maxrss: Linux carries ru_maxrss over fork + exec,
             # so this child of the corpus-holding parent would report the parent's peak.
-            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "rss_at_end_mb": read_rss_mb()}
+
+
+def read_rss_mb() -> dict[str, float]:
+    """This process's resident memory now, split into anonymous (its own) and file-backed pages
+    (page cache of memory-mapped files, e.g. the vectors, which the kernel can drop at will)."""
+    out: dict[str, float] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                out[key] = round(int(line.split()[1]) / 1024, 1)
+    return out
 
 
 def found_groups(index_dir: Path, run_id: int) -> dict[int, int]:
