@@ -287,7 +287,7 @@ def ours_on_subset(corpus: dict[str, Any], n: int, tmp: Path) -> dict[str, Any]:
     groups = partition({i - 1: g for i, g in found_groups(index_dir, res["run_id"]).items()})
     shutil.rmtree(index_dir, ignore_errors=True)
     return {"n": n, "index": build["index"], "index_build_s": build["index_build_s"], "dedup_wall_s": res["wall_s"],
-            "peak_rss_mb": res["peak_rss_mb"], "groups": res["counts"].get("groups"), "group_sets": groups}
+            "dedup_cpu_s": res["cpu_s"], "peak_rss_mb": res["peak_rss_mb"], "groups": res["counts"].get("groups"), "group_sets": groups}
 
 
 def _spawn_child(index_dir: Path) -> dict[str, Any]:
@@ -363,6 +363,9 @@ def side_by_side(corpus: dict[str, Any], m: int, tmp: Path, timeout: float) -> d
         entry["groups_only_imagededup"] = len(theirs - mine)
     if "wall_s" in peer:
         entry["speedup_vs_imagededup"] = round(peer["wall_s"] / ours["dedup_wall_s"], 1)
+    if "cpu_s" in peer and ours.get("dedup_cpu_s"):
+        # on a shared machine wall time depends on the neighbours; CPU time is the steadier ratio
+        entry["cpu_speedup_vs_imagededup"] = round(peer["cpu_s"] / ours["dedup_cpu_s"], 2)
     print(f"n={m}: imagededup {peer.get('wall_s', peer.get('error'))} s vs ours {ours['dedup_wall_s']} s, "
           f"identical groups {entry.get('identical_groups')}", flush=True)
     return entry

@@ -3,7 +3,10 @@
 For each batch of image ids: the ANN index proposes candidates, their exact cosine is computed
 from the memory-mapped fp16 vectors, the top k (self excluded) are kept and only edges at or above
 the threshold leave the batch. Candidates come from
-* an exact index (flat, IVF-Flat): its top k + 1, whose scores are already exact;
+* a flat index (small N): no index search at all, but a blocked matrix product of each query batch
+  with the stored vectors (`scan_edges`), keeping what reaches the threshold: exact, and several
+  times cheaper in CPU than FAISS's flat top-k search with its heap of k + 1 per query;
+* IVF-Flat: its top k + 1, whose scores are already exact;
 * an approximate one (IVF-PQ, at the index's tuned nprobe): a range search for every vector whose
   ANN score is within the measured margin of the threshold (`prefilter_margin`). At a high
   threshold that is a handful per query instead of a fixed re-rank depth of 10k, and no depth
@@ -34,6 +37,8 @@ GATHER_CHUNK = 64  # queries whose candidate vectors are gathered at once (64 * 
 GATHER_PAIRS = 1 << 15  # (query, candidate) pairs whose vectors are gathered at once in the range path
 SPILL_EDGES = 1 << 23  # edges held in memory by the graph before they are written to disk
 SPILL_PARTS = 16  # key ranges the spilled edges are sorted in (one at a time: bounded memory)
+SCAN_BLOCK = 16_384  # stored vectors multiplied with a query batch at once in the exact scan
+SCAN_CACHE_BYTES = 1 << 28  # the exact scan keeps the float32 vectors in memory up to this size
 
 
 @dataclass
@@ -230,6 +235,10 @@ def knn_edges(index: Any, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarr
     from tqdm import tqdm
 
     exact = scores_are_exact(index)
+    if ray is None and is_exact_index(index):
+        if stats is not None:
+            stats["candidates"] = "exact scan"
+        return scan_edges(np.asarray(ids, np.int64), read, k, threshold, batch, progress, extra, stats)
     min_approx = None
     if len(ids) > 1:
         rng = np.random.default_rng(0)
@@ -252,6 +261,60 @@ def knn_edges(index: Any, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarr
     for start in tqdm(range(0, len(ids), batch), desc="k-NN graph", unit="batch", disable=not progress):
         chunk = np.asarray(ids[start : start + batch], dtype=np.int64)
         sink.add(batch_edges(index, chunk, read, k, threshold, exact, min_approx, extra))
+    out = sink.result()
+    if stats is not None and sink.spilled:
+        stats["edges_spilled_to_disk"] = sink.spilled
+    return out
+
+
+def _topk_per_row(rows: np.ndarray, cand: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """The k best (rows, cand, sims) entries of each row by similarity (ties: the smaller id)."""
+    order = np.lexsort((cand, -sims, rows))
+    rows, cand, sims = rows[order], cand[order], sims[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    keep = rank < k
+    return rows[keep], cand[keep], sims[keep]
+
+
+def scan_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int, threshold: float,
+               batch: int = BATCH, progress: bool = False, extra: Any = None,
+               stats: dict[str, Any] | None = None) -> Edges:
+    """The k-NN edges at or above the threshold by brute force over the stored vectors of `ids`.
+
+    Each batch of queries is multiplied with blocks of SCAN_BLOCK stored vectors; only similarities
+    at or above the threshold are kept (at most k per query, merged block by block), so memory is
+    O(batch * SCAN_BLOCK) whatever the threshold. The vectors are read once when they fit in
+    SCAN_CACHE_BYTES as float32 (an index this small is flat), else per batch from the mapped file.
+    """
+    from tqdm import tqdm
+
+    dim_bytes = 4 * (read(ids[:1]).shape[1] if len(ids) else 0)
+    cached = read(ids) if len(ids) * dim_bytes <= SCAN_CACHE_BYTES else None
+    sink = EdgeSink(int(ids.max()) + 1 if len(ids) else 1)
+    for start in tqdm(range(0, len(ids), batch), desc="k-NN graph", unit="batch", disable=not progress):
+        q_ids = ids[start : start + batch]
+        queries = cached[start : start + batch] if cached is not None else read(q_ids)
+        rows = np.empty(0, np.int64)
+        cand = np.empty(0, np.int64)
+        sims = np.empty(0, np.float32)
+        for b0 in range(0, len(ids), SCAN_BLOCK):
+            b_ids = ids[b0 : b0 + SCAN_BLOCK]
+            block = cached[b0 : b0 + SCAN_BLOCK] if cached is not None else read(b_ids)
+            s = queries @ block.T
+            r, c = np.nonzero(s >= threshold)
+            keep = b_ids[c] != q_ids[r]
+            r, c = r[keep], c[keep]
+            rows, cand, sims = np.r_[rows, r], np.r_[cand, b_ids[c]], np.r_[sims, s[r, c]]
+            if len(rows) > 4 * k * len(q_ids):
+                rows, cand, sims = _topk_per_row(rows, cand, sims, k)
+        rows, cand, sims = _topk_per_row(rows, cand, sims, k)
+        sink.add(Edges(q_ids[rows], cand, clip_cosine(sims.astype(np.float32))))
+        if extra is not None:
+            ref_index, offset = extra
+            kk = min(k, ref_index.ntotal)
+            if kk:
+                s2, n2 = ref_index.search(np.ascontiguousarray(queries, np.float32), kk)
+                sink.add(_above(q_ids, s2, np.where(n2 >= 0, n2 + offset, -1), threshold))
     out = sink.result()
     if stats is not None and sink.spilled:
         stats["edges_spilled_to_disk"] = sink.spilled
