@@ -327,7 +327,7 @@ def _compute(reader: IndexReader, opts: DedupOptions,
     t = time.perf_counter()
     cpu0 = time.process_time()
     all_pos = np.arange(len(nodes))
-    parts.append(("exact", hashing.sha256_edges(all_pos, nodes.sha256.astype(str))))
+    parts.append(("exact", hashing.sha256_edges(all_pos, nodes.sha256)))
     if opts.pixels:
         px = to_pos(hashing.pixel_edges(reader.locate, ids, nodes.path[:n], nodes.sha256[:n], nodes.phash[:n],
                                         nodes.width[:n], nodes.height[:n], opts.max_pixels))

@@ -258,3 +258,20 @@ def test_edges_spilled_to_disk_equal_edges_kept_in_memory(monkeypatch: pytest.Mo
     np.testing.assert_array_equal(spilled.src, kept.src)
     np.testing.assert_array_equal(spilled.dst, kept.dst)
     np.testing.assert_array_equal(spilled.sim, kept.sim)
+
+
+def test_sha256_edges_compare_raw_digests_like_the_hex_text() -> None:
+    import hashlib
+
+    from retrieval.curation.hashing import sha256_edges
+
+    digests = [hashlib.sha256(bytes([i % 7])).hexdigest() for i in range(40)] + ["00" * 32, "00" * 31 + "01"]
+    ids = np.arange(len(digests)) + 10
+    from retrieval.curation.hashing import group_edges
+
+    got = sha256_edges(ids, np.array(digests, dtype=object))
+    _, codes = np.unique(np.array(digests), return_inverse=True)  # the hex text, as before
+    a, b = group_edges(codes.astype(np.int64), ids)
+    assert got.src.tolist() == a.tolist() and got.dst.tolist() == b.tolist() and len(a) == 40 - 7
+    mixed = sha256_edges(ids[:3], np.array(["abc", "abc", digests[0]], dtype=object))  # not hex digests: as text
+    assert set(zip(mixed.src.tolist(), mixed.dst.tolist())) == {(10, 11)}
