@@ -145,7 +145,7 @@ def child_dedup(index_dir: Path) -> dict[str, Any]:
     from retrieval.search import IndexReader
 
     t = time.perf_counter()
-    reader = IndexReader(IndexLayout(index_dir))
+    reader = IndexReader(IndexLayout(index_dir), writable=True)  # the run is stored in the index
     outcome = run_dedup(reader, DedupOptions(pixels=False, use_gpu=False, force=True))
     wall = time.perf_counter() - t
     import resource
@@ -157,7 +157,19 @@ def child_dedup(index_dir: Path) -> dict[str, Any]:
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             # VmHWM (index_eval.peak_rss_bytes), not ru_maxrss: Linux carries ru_maxrss over fork + exec,
             # so this child of the corpus-holding parent would report the parent's peak.
-            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "rss_at_end_mb": read_rss_mb()}
+
+
+def read_rss_mb() -> dict[str, float]:
+    """This process's resident memory now, split into anonymous (its own) and file-backed pages
+    (page cache of memory-mapped files, e.g. the vectors, which the kernel can drop at will)."""
+    out: dict[str, float] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                out[key] = round(int(line.split()[1]) / 1024, 1)
+    return out
 
 
 def found_groups(index_dir: Path, run_id: int) -> dict[int, int]:
@@ -275,7 +287,7 @@ def ours_on_subset(corpus: dict[str, Any], n: int, tmp: Path) -> dict[str, Any]:
     groups = partition({i - 1: g for i, g in found_groups(index_dir, res["run_id"]).items()})
     shutil.rmtree(index_dir, ignore_errors=True)
     return {"n": n, "index": build["index"], "index_build_s": build["index_build_s"], "dedup_wall_s": res["wall_s"],
-            "peak_rss_mb": res["peak_rss_mb"], "groups": res["counts"].get("groups"), "group_sets": groups}
+            "dedup_cpu_s": res["cpu_s"], "peak_rss_mb": res["peak_rss_mb"], "groups": res["counts"].get("groups"), "group_sets": groups}
 
 
 def _spawn_child(index_dir: Path) -> dict[str, Any]:
@@ -351,6 +363,9 @@ def side_by_side(corpus: dict[str, Any], m: int, tmp: Path, timeout: float) -> d
         entry["groups_only_imagededup"] = len(theirs - mine)
     if "wall_s" in peer:
         entry["speedup_vs_imagededup"] = round(peer["wall_s"] / ours["dedup_wall_s"], 1)
+    if "cpu_s" in peer and ours.get("dedup_cpu_s"):
+        # on a shared machine wall time depends on the neighbours; CPU time is the steadier ratio
+        entry["cpu_speedup_vs_imagededup"] = round(peer["cpu_s"] / ours["dedup_cpu_s"], 2)
     print(f"n={m}: imagededup {peer.get('wall_s', peer.get('error'))} s vs ours {ours['dedup_wall_s']} s, "
           f"identical groups {entry.get('identical_groups')}", flush=True)
     return entry

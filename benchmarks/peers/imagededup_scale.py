@@ -195,10 +195,17 @@ def main() -> None:
         params = {**search, "hash_source": source}
     setup_s = time.perf_counter() - t
     rss_before = _maxrss_mb()
+
+    def cpu_now() -> float:  # this process and its reaped workers (its pool is joined inside the call)
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    cpu0 = cpu_now()
     t = time.perf_counter()
     with TreeMemory() as tree:
         dup = method.find_duplicates(encoding_map=encoding_map, **search)
     wall = time.perf_counter() - t
+    cpu = cpu_now() - cpu0
     pairs = sum(len(v) for v in dup.values()) // 2  # the map is symmetric: each pair is listed twice
     if args.pairs_out:
         found = {(min(int(a), int(b)), max(int(a), int(b))) for a, others in dup.items()
@@ -207,7 +214,7 @@ def main() -> None:
     print(json.dumps({
         "tool": "imagededup", "version": version("imagededup"), "n": int(n), "d": int(d), "mode": args.mode,
         **params, "import_s": round(import_s, 1), "setup_s": round(setup_s, 3),
-        "wall_s": round(wall, 3), "peak_rss_mb": _maxrss_mb(), "peak_rss_before_search_mb": rss_before,
+        "wall_s": round(wall, 3), "cpu_s": round(cpu, 2), "peak_rss_mb": _maxrss_mb(), "peak_rss_before_search_mb": rss_before,
         "largest_worker_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "peak_tree_pss_mb": round(tree.peak / 2**20, 1),
         "pairs": int(pairs),

@@ -53,16 +53,25 @@ SCHEMA_VERSION = 1
 RECALL_SAMPLE = 256
 
 
-def _peak_rss_mb() -> float | None:
-    """This process's peak resident memory so far (VmHWM), for the run record; None off Linux."""
+def _memory_mb() -> dict[str, float]:
+    """This process's memory from /proc/self/status (MiB): VmHWM, its peak resident set so far, and
+    RssAnon / RssFile now. The split matters with memory-mapped vectors: pages of the vector file
+    count as resident once read, but they are page cache the kernel can drop, not the process's own."""
+    out: dict[str, float] = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
+                key = line.split(":")[0]
+                if key in ("VmHWM", "RssAnon", "RssFile"):
+                    out[key] = round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
-    return None
+    return out
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (VmHWM), for the run record; None off Linux."""
+    return _memory_mb().get("VmHWM")
 
 # Default cosine thresholds of the copy role, per copy model: (self-dedup, against a reference set).
 # Measured for the two models installable here on real photographs with 19 kinds of planted edit
@@ -318,7 +327,7 @@ def _compute(reader: IndexReader, opts: DedupOptions,
     t = time.perf_counter()
     cpu0 = time.process_time()
     all_pos = np.arange(len(nodes))
-    parts.append(("exact", hashing.sha256_edges(all_pos, nodes.sha256.astype(str))))
+    parts.append(("exact", hashing.sha256_edges(all_pos, nodes.sha256)))
     if opts.pixels:
         px = to_pos(hashing.pixel_edges(reader.locate, ids, nodes.path[:n], nodes.sha256[:n], nodes.phash[:n],
                                         nodes.width[:n], nodes.height[:n], opts.max_pixels))
@@ -326,12 +335,14 @@ def _compute(reader: IndexReader, opts: DedupOptions,
         parts.append(("exact", px))
     timings["exact_s"] = time.perf_counter() - t
     peaks = {"exact": _peak_rss_mb()}
+    resident = {"exact": _memory_mb()}
     cpu = {"exact": time.process_time() - cpu0}
     t = time.perf_counter()
     if opts.phash_distance >= 0:
         parts.append(("phash", hashing.phash_edges(all_pos, nodes.phash, opts.phash_distance, progress=opts.progress)))
     timings["phash_s"] = time.perf_counter() - t
     peaks["phash"] = _peak_rss_mb()
+    resident["phash"] = _memory_mb()
     cpu["phash"] = time.process_time() - cpu0 - sum(cpu.values())
     t = time.perf_counter()
     pdq_stats: dict[str, int] = {}
@@ -340,6 +351,7 @@ def _compute(reader: IndexReader, opts: DedupOptions,
         quality = _load_pdq_quality(reader, ids, ref)
         parts.append(("pdq", pdq_edges(blobs, quality, opts.pdq_distance, pdq_stats)))
     timings["pdq_s"] = time.perf_counter() - t
+    cpu["pdq"] = time.process_time() - cpu0 - sum(cpu.values())
     t = time.perf_counter()
     if role is not None:
         import faiss
@@ -377,6 +389,7 @@ def _compute(reader: IndexReader, opts: DedupOptions,
         parts.append((role.stage, Edges(np.searchsorted(ids, emb.src), dst, emb.sim)))
     timings["graph_s"] = time.perf_counter() - t - timings.get("graph_recall_check_s", 0.0)
     peaks["graph"] = _peak_rss_mb()
+    resident["graph"] = _memory_mb()
     cpu["graph"] = time.process_time() - cpu0 - sum(cpu.values())
     edges = Edges.concat([e for _, e in parts]).canonical()
     stages = edge_stages(edges, parts, len(nodes))
@@ -404,9 +417,13 @@ def _compute(reader: IndexReader, opts: DedupOptions,
     assign_joining_stages(groups, edges, stages, stage)
     timings["groups_s"] = time.perf_counter() - t
     peaks["groups"] = _peak_rss_mb()
+    resident["groups"] = _memory_mb()
     cpu["groups"] = time.process_time() - cpu0 - sum(cpu.values())
     counts = _counts(groups, nodes, n, threshold, ref, timings)
     counts["peak_rss_mb_after"] = peaks
+    # resident memory after each stage, anonymous vs file-backed (memory-mapped vectors, index)
+    counts["rss_anon_mb_after"] = {k: v.get("RssAnon") for k, v in resident.items()}
+    counts["rss_file_mb_after"] = {k: v.get("RssFile") for k, v in resident.items()}
     counts["cpu_s"] = {k: round(v, 3) for k, v in cpu.items()}  # CPU time per stage (all threads)
     counts["role"] = role_name
     counts["model"] = reader.meta.get("copy_model_ref" if role_name == "copy" else "model_ref")

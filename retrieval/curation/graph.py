@@ -1,14 +1,25 @@
 """The k-NN similarity graph, built in bounded-memory batches through the FAISS index.
 
-For each batch of image ids: the ANN index proposes candidates (depth k+1 on an exact index,
-the usual re-rank depth on IVF-PQ), their exact cosine is computed from the stored fp16 vectors,
-the top k (self excluded) are kept and only edges at or above the threshold leave the batch.
-Memory is O(batch * depth * dim) plus the surviving edges, whatever the corpus size.
+For each batch of image ids: the ANN index proposes candidates, their exact cosine is computed
+from the memory-mapped fp16 vectors, the top k (self excluded) are kept and only edges at or above
+the threshold leave the batch. Candidates come from
+* a flat index (small N): no index search at all, but a blocked matrix product of each query batch
+  with the stored vectors (`scan_edges`), keeping what reaches the threshold: exact, and several
+  times cheaper in CPU than FAISS's flat top-k search with its heap of k + 1 per query;
+* IVF-Flat: its top k + 1, whose scores are already exact;
+* an approximate one (IVF-PQ, at the index's tuned nprobe): a range search for every vector whose
+  ANN score is within the measured margin of the threshold (`prefilter_margin`). At a high
+  threshold that is a handful per query instead of a fixed re-rank depth of 10k, and no depth
+  limit can cut off a true neighbour.
+Memory is O(batch * candidates * dim) plus the surviving edges, whatever the corpus size; past
+SPILL_EDGES edges the batches' edges go to disk (`EdgeSink`) and come back as memory-mapped arrays.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +34,11 @@ logger = logging.getLogger(__name__)
 BATCH = 2048
 CALIBRATION_QUERIES = 512  # queries whose every ANN candidate is re-ranked to measure the pre-filter margin
 GATHER_CHUNK = 64  # queries whose candidate vectors are gathered at once (64 * 640 * 384 * 4 B = 63 MB)
+GATHER_PAIRS = 1 << 15  # (query, candidate) pairs whose vectors are gathered at once in the range path
+SPILL_EDGES = 1 << 23  # edges held in memory by the graph before they are written to disk
+SPILL_PARTS = 16  # key ranges the spilled edges are sorted in (one at a time: bounded memory)
+SCAN_BLOCK = 16_384  # stored vectors multiplied with a query batch at once in the exact scan
+SCAN_CACHE_BYTES = 1 << 28  # the exact scan keeps the float32 vectors in memory up to this size
 
 
 @dataclass
@@ -78,6 +94,46 @@ def exact_rows(queries: np.ndarray, cand: np.ndarray, read: Callable[[np.ndarray
         q = queries[start : start + GATHER_CHUNK]
         out[start + rows, cols] = np.einsum("nd,nd->n", q[rows], vecs[inv])
     return out
+
+
+def exact_pairs(queries: np.ndarray, rows: np.ndarray, cand: np.ndarray,
+                read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Exact cosine of queries[rows[i]] with the stored vector of id cand[i], GATHER_PAIRS at a time."""
+    out = np.empty(len(rows), np.float32)
+    for start in range(0, len(rows), GATHER_PAIRS):
+        c = cand[start : start + GATHER_PAIRS]
+        uniq, inv = np.unique(c, return_inverse=True)
+        vecs = read(uniq)
+        out[start : start + len(c)] = np.einsum("nd,nd->n", queries[rows[start : start + GATHER_PAIRS]], vecs[inv])
+    return out
+
+
+def supports_range_search(index: Any) -> bool:
+    """CPU FAISS indexes answer range searches; their GPU clones do not."""
+    return "Gpu" not in type(_unwrapped(index)).__name__
+
+
+def range_edges(index: Any, queries: np.ndarray, query_ids: np.ndarray, k: int,
+                read: Callable[[np.ndarray], np.ndarray], min_approx: float, threshold: float) -> Edges:
+    """Edges of `query_ids` from every candidate whose ANN score is >= min_approx, re-ranked exactly.
+
+    Each query keeps its k best candidates by exact cosine (ties by id), then those at or above the
+    threshold: the k-NN graph's edges, as long as the ANN score of a true neighbour is not below
+    min_approx (the measured margin) and its list is probed (the tuned nprobe).
+    """
+    lims, _, cand = index.range_search(np.ascontiguousarray(queries, dtype=np.float32), float(min_approx))
+    rows = np.repeat(np.arange(len(queries)), np.diff(lims.astype(np.int64)))
+    cand = cand.astype(np.int64)
+    keep = (cand >= 0) & (cand != query_ids[rows])
+    rows, cand = rows[keep], cand[keep]
+    if not len(rows):
+        return Edges.empty()
+    sims = exact_pairs(queries, rows, cand, read)
+    order = np.lexsort((cand, -sims, rows))
+    rows, cand, sims = rows[order], cand[order], sims[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within its query's run
+    sel = (rank < k) & (sims >= threshold)
+    return Edges(query_ids[rows[sel]], cand[sel], clip_cosine(sims[sel]).astype(np.float32))
 
 
 def search_exact_topk(index: Any, queries: np.ndarray, query_ids: np.ndarray | None, k: int,
@@ -179,6 +235,10 @@ def knn_edges(index: Any, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarr
     from tqdm import tqdm
 
     exact = scores_are_exact(index)
+    if ray is None and is_exact_index(index):
+        if stats is not None:
+            stats["candidates"] = "exact scan"
+        return scan_edges(np.asarray(ids, np.int64), read, k, threshold, batch, progress, extra, stats)
     min_approx = None
     if len(ids) > 1:
         rng = np.random.default_rng(0)
@@ -193,19 +253,168 @@ def knn_edges(index: Any, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarr
         job = ShardJob(ray.faiss_path, ray.nprobe, ray.vectors, k, threshold, exact, min_approx, batch,
                        _serialized(extra))
         return _edges_on_ray(ray.address, ids, job, progress)
-    parts: list[Edges] = []
+    if stats is not None:
+        stats["candidates"] = ("range search" if min_approx is not None and not exact and supports_range_search(index)
+                               else "top k + 1" if exact else "top re-rank depth")
+        stats["nprobe"] = _nprobe(index)
+    sink = EdgeSink(int(np.max(ids)) + 1 if len(ids) else 1)
     for start in tqdm(range(0, len(ids), batch), desc="k-NN graph", unit="batch", disable=not progress):
         chunk = np.asarray(ids[start : start + batch], dtype=np.int64)
-        parts.append(batch_edges(index, chunk, read, k, threshold, exact, min_approx, extra))
-    return Edges.concat(parts).canonical()
+        sink.add(batch_edges(index, chunk, read, k, threshold, exact, min_approx, extra))
+    out = sink.result()
+    if stats is not None and sink.spilled:
+        stats["edges_spilled_to_disk"] = sink.spilled
+    return out
+
+
+def _topk_per_row(rows: np.ndarray, cand: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """The k best (rows, cand, sims) entries of each row by similarity (ties: the smaller id)."""
+    order = np.lexsort((cand, -sims, rows))
+    rows, cand, sims = rows[order], cand[order], sims[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    keep = rank < k
+    return rows[keep], cand[keep], sims[keep]
+
+
+def scan_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int, threshold: float,
+               batch: int = BATCH, progress: bool = False, extra: Any = None,
+               stats: dict[str, Any] | None = None) -> Edges:
+    """The k-NN edges at or above the threshold by brute force over the stored vectors of `ids`.
+
+    Each batch of queries is multiplied with blocks of SCAN_BLOCK stored vectors; only similarities
+    at or above the threshold are kept (at most k per query, merged block by block), so memory is
+    O(batch * SCAN_BLOCK) whatever the threshold. The vectors are read once when they fit in
+    SCAN_CACHE_BYTES as float32 (an index this small is flat), else per batch from the mapped file.
+    """
+    from tqdm import tqdm
+
+    dim_bytes = 4 * (read(ids[:1]).shape[1] if len(ids) else 0)
+    cached = read(ids) if len(ids) * dim_bytes <= SCAN_CACHE_BYTES else None
+    sink = EdgeSink(int(ids.max()) + 1 if len(ids) else 1)
+    for start in tqdm(range(0, len(ids), batch), desc="k-NN graph", unit="batch", disable=not progress):
+        q_ids = ids[start : start + batch]
+        queries = cached[start : start + batch] if cached is not None else read(q_ids)
+        rows = np.empty(0, np.int64)
+        cand = np.empty(0, np.int64)
+        sims = np.empty(0, np.float32)
+        for b0 in range(0, len(ids), SCAN_BLOCK):
+            b_ids = ids[b0 : b0 + SCAN_BLOCK]
+            block = cached[b0 : b0 + SCAN_BLOCK] if cached is not None else read(b_ids)
+            s = queries @ block.T
+            r, c = np.nonzero(s >= threshold)
+            keep = b_ids[c] != q_ids[r]
+            r, c = r[keep], c[keep]
+            rows, cand, sims = np.r_[rows, r], np.r_[cand, b_ids[c]], np.r_[sims, s[r, c]]
+            if len(rows) > 4 * k * len(q_ids):
+                rows, cand, sims = _topk_per_row(rows, cand, sims, k)
+        rows, cand, sims = _topk_per_row(rows, cand, sims, k)
+        sink.add(Edges(q_ids[rows], cand, clip_cosine(sims.astype(np.float32))))
+        if extra is not None:
+            ref_index, offset = extra
+            kk = min(k, ref_index.ntotal)
+            if kk:
+                s2, n2 = ref_index.search(np.ascontiguousarray(queries, np.float32), kk)
+                sink.add(_above(q_ids, s2, np.where(n2 >= 0, n2 + offset, -1), threshold))
+    out = sink.result()
+    if stats is not None and sink.spilled:
+        stats["edges_spilled_to_disk"] = sink.spilled
+    return out
+
+
+def _nprobe(index: Any) -> int | None:
+    ivf = ann._ivf_or_none(index)
+    return int(ivf.nprobe) if ivf is not None else None
+
+
+class EdgeSink:
+    """The graph's edges, collected batch by batch; past `limit` edges they are written to disk.
+
+    Spilled edges are split by key range (the smaller end, i.e. the canonical src) into SPILL_PARTS
+    files, each made canonical on its own; since canonical order sorts by src first, the parts laid
+    end to end are canonical as a whole. The result is then a set of memory-mapped arrays (page
+    cache, not process memory), and the peak is one part, not the whole edge list with its sort.
+    """
+
+    def __init__(self, max_key: int, limit: int | None = None):
+        self.limit = SPILL_EDGES if limit is None else limit
+        self.width = max(1, -(-max_key // SPILL_PARTS))
+        self.parts: list[Edges] = []
+        self.held = 0
+        self.spilled = 0
+        self.folder: Path | None = None
+        self.files: list[list[Path]] = [[] for _ in range(SPILL_PARTS)]
+
+    def add(self, edges: Edges) -> None:
+        if not len(edges):
+            return
+        self.parts.append(edges)
+        self.held += len(edges)
+        if self.held >= self.limit:
+            self._spill()
+
+    def _spill(self) -> None:
+        e = Edges.concat(self.parts)
+        self.parts, self.held = [], 0
+        if not len(e):
+            return
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="retrieval-edges-"))
+            logger.info("k-NN graph: more than %d edges, writing them to %s", self.limit, self.folder)
+        part = np.minimum(np.minimum(e.src, e.dst) // self.width, SPILL_PARTS - 1)
+        for p in np.unique(part).tolist():
+            sel = part == p
+            path = self.folder / f"p{p:02d}-{len(self.files[p]):05d}.npz"
+            np.savez(path, src=e.src[sel], dst=e.dst[sel], sim=e.sim[sel])
+            self.files[p].append(path)
+        self.spilled += len(e)
+
+    def result(self) -> Edges:
+        """All edges, canonical (src < dst, each pair once, sorted)."""
+        if self.folder is None:
+            return Edges.concat(self.parts).canonical()
+        self._spill()
+        assert self.folder is not None
+        try:
+            sizes, done = [], []
+            for p, files in enumerate(self.files):
+                loaded = [np.load(f) for f in files]
+                part = Edges.concat([Edges(d["src"], d["dst"], d["sim"]) for d in loaded]).canonical()
+                path = self.folder / f"c{p:02d}.npz"
+                np.savez(path, src=part.src, dst=part.dst, sim=part.sim)
+                sizes.append(len(part))
+                done.append(path)
+                for f in files:
+                    f.unlink()
+            total = int(sum(sizes))
+            out_dir = Path(tempfile.mkdtemp(prefix="retrieval-edges-canonical-"))
+            cols = {name: np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=dt, shape=(total,))
+                    for name, dt in (("src", np.int64), ("dst", np.int64), ("sim", np.float32))}
+            at = 0
+            for path, size in zip(done, sizes):
+                with np.load(path) as d:
+                    for name, col in cols.items():
+                        col[at : at + size] = d[name]
+                at += size
+            for col in cols.values():
+                col.flush()
+            # read back read-only; the files stay mapped until the arrays go, then the folder can go
+            mapped = {name: np.load(out_dir / f"{name}.npy", mmap_mode="r") for name in cols}
+            shutil.rmtree(out_dir, ignore_errors=True)  # unlinked: the mapping keeps the data until released
+            return Edges(mapped["src"], mapped["dst"], mapped["sim"])
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 def batch_edges(index: Any, chunk: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int, threshold: float,
                 exact: bool, min_approx: float | None, extra: Any = None) -> Edges:
     """The edges of one batch of query ids (the unit of work, locally and in a Ray task)."""
     queries = read(chunk)
-    sims, nbrs = search_exact_topk(index, queries, chunk, k, read, exact, min_approx)
-    parts = [_above(chunk, sims, nbrs, threshold)]
+    if min_approx is not None and not exact and supports_range_search(index):
+        parts = [range_edges(index, queries, chunk, k, read, min_approx, threshold)]
+    else:
+        sims, nbrs = search_exact_topk(index, queries, chunk, k, read, exact, min_approx)
+        parts = [_above(chunk, sims, nbrs, threshold)]
     if extra is not None:
         ref_index, offset = extra
         kk = min(k, ref_index.ntotal)

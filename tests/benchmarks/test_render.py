@@ -24,6 +24,7 @@ HEADERS = {
     "embed_throughput_gpu": "| model | precision | forward pass alone (ceiling), img/s |",
     "index_quality": "| d | N | tool @ memory budget |",
     "dedup_scale": "| N | index | index build s | dedup wall s |",
+    "pdq_dihedral": "| n | plain CPU s (planted found) |",
     "dedup_quality": "| tool @ threshold | precision | recall (all true pairs) |",
     "api_batching": "| endpoint | batching | clients | QPS | p50 ms | p99 ms |",
     "incremental_reindex": "| run | wall s | detail |",
@@ -300,3 +301,19 @@ def test_ray_curation_overhead_scaling_and_extrapolation(tmp_path: Path) -> None
     assert "| 1,000 img/s per GPU (Test GPU) | 8,000 | 2.08 |" in text
     # the per-node rate by name, never the local runner's faster rate: 1.2e9 / (500 x 20) s = 33.3 h
     assert "| `index --ray` (ray_index.json, cpu) | 500 img/s per node as measured" in text and "| 33.3 |" in text
+def test_pdq_dihedral_and_cpu_ratio_columns(tmp_path: Path) -> None:
+    row = {"n": 25_000, "radius": 31, "planted_pairs": 250,
+           "plain": {"cpu_s": 0.5, "wall_s": 1.0, "pairs": 0, "planted_found": 0.0},
+           "dihedral": {"cpu_s": 6.0, "wall_s": 9.0, "pairs": 250, "planted_found": 1.0},
+           "eight_passes": {"cpu_s": 5.0, "wall_s": 8.0, "pairs": 250, "planted_found": 1.0},
+           "dihedral_equals_eight_passes": True, "dihedral_contains_plain": True}
+    _write(tmp_path, "pdq_dihedral", {"env": ENV, "when": "x", "sizes": [row]})
+    text = render_section("pdq_dihedral", tmp_path)
+    assert "| 25,000 | 0.50 (0.00) | 6.00 (1.00) | 5.00 (1.00) | 12.0x | 1.20x | yes |" in text
+    assert "at n = 25,000, 12.0x the plain self-join (missed)" in text
+    side = [{"n": 20_000, "imagededup": {"wall_s": 100.0, "cpu_s": 90.0, "peak_rss_mb": 900.0},
+             "ours": {"dedup_wall_s": 50.0, "dedup_cpu_s": 9.0}, "identical_groups": True}]
+    _write(tmp_path, "dedup_scale", {"env": ENV, "when": "x", "sizes": [], "side_by_side": side})
+    text = render_section("dedup_scale", tmp_path)
+    assert "| 2.00x | 10.0x | yes |" in text
+    assert "in CPU seconds there: 10.0x, missed" in text

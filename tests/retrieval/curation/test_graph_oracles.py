@@ -207,3 +207,71 @@ def test_sampled_edge_recall_counts_the_exact_k_nn_edges_a_graph_misses() -> Non
     assert part["recall"] == pytest.approx(len(half) / len(truth), abs=1e-4)
     some = sampled_edge_recall(half, ids, read, k=3, threshold=0.9, sample=100)
     assert some["queries"] == 100 and 0 < some["true_edges"] < len(truth)
+
+
+def test_range_search_candidates_equal_brute_force_and_the_depth_limited_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On IVF-PQ the candidates come from a range search at threshold - margin; the edges must equal
+    brute force (every list probed), and the old top-depth path also where groups hold more than k
+    members (which neighbours make the top k is then decided among near-ties)."""
+    from retrieval.curation import graph
+
+    n, dim = 3000, 32
+    x = planted_vectors(n, dim, n_groups=10, per_group=80, noise=0.04, seed=11)
+    ids = np.arange(n, dtype=np.int64) * 2 + 1
+    pos = lambda q: (np.asarray(q) - 1) // 2  # noqa: E731
+    read = lambda q: x[pos(q)]  # noqa: E731
+    index = _index(x, ids, "IVF16,PQ8")
+    ann.set_nprobe(index, 16)
+    stats: dict[str, object] = {}
+    got = knn_edges(index, ids, read, 100, 0.9, batch=700, stats=stats)
+    assert stats["candidates"] == "range search" and stats["nprobe"] == 16
+    want = brute_force_edges(ids, x, 0.9, k=100)
+    assert len(want) > 10 * 80 * 79 / 2 * 0.9
+    assert set(zip(got.src.tolist(), got.dst.tolist())) == set(zip(want.src.tolist(), want.dst.tolist()))
+    np.testing.assert_allclose(got.sim, want.sim, atol=1e-5)
+    # k below the group size: a top-k cut per query (which of two exactly tied neighbours makes it
+    # depends on rounding, so only the cut itself is checked here)
+    few = knn_edges(index, ids, read, 20, 0.9, batch=700)
+    few_set = set(zip(few.src.tolist(), few.dst.tolist()))
+    assert few_set < set(zip(got.src.tolist(), got.dst.tolist())) and len(few) >= len(ids[:800]) * 20 / 2
+    monkeypatch.setattr(graph, "supports_range_search", lambda index: False)
+    old = knn_edges(index, ids, read, 20, 0.9, batch=700)
+    assert len(few_set ^ set(zip(old.src.tolist(), old.dst.tolist()))) <= len(few) // 100
+
+
+@pytest.mark.parametrize("factory", ["IDMap2,Flat", "IVF16,PQ8"])
+def test_edges_spilled_to_disk_equal_edges_kept_in_memory(monkeypatch: pytest.MonkeyPatch, factory: str) -> None:
+    from retrieval.curation import graph
+
+    n, dim = 1500, 32
+    x = planted_vectors(n, dim, n_groups=60, per_group=5, noise=0.06, seed=5)
+    ids = np.arange(n, dtype=np.int64)
+    read = lambda q: x[np.asarray(q)]  # noqa: E731
+    index = _index(x, ids, factory)
+    ann.set_nprobe(index, 16)
+    kept = knn_edges(index, ids, read, 64, 0.85, batch=100)
+    monkeypatch.setattr(graph, "SPILL_EDGES", 50)
+    stats: dict[str, object] = {}
+    spilled = knn_edges(index, ids, read, 64, 0.85, batch=100, stats=stats)
+    assert stats["edges_spilled_to_disk"] >= len(kept)  # both directions of a pair, before canonical
+    assert isinstance(spilled.src, np.memmap)
+    np.testing.assert_array_equal(spilled.src, kept.src)
+    np.testing.assert_array_equal(spilled.dst, kept.dst)
+    np.testing.assert_array_equal(spilled.sim, kept.sim)
+
+
+def test_sha256_edges_compare_raw_digests_like_the_hex_text() -> None:
+    import hashlib
+
+    from retrieval.curation.hashing import sha256_edges
+
+    digests = [hashlib.sha256(bytes([i % 7])).hexdigest() for i in range(40)] + ["00" * 32, "00" * 31 + "01"]
+    ids = np.arange(len(digests)) + 10
+    from retrieval.curation.hashing import group_edges
+
+    got = sha256_edges(ids, np.array(digests, dtype=object))
+    _, codes = np.unique(np.array(digests), return_inverse=True)  # the hex text, as before
+    a, b = group_edges(codes.astype(np.int64), ids)
+    assert got.src.tolist() == a.tolist() and got.dst.tolist() == b.tolist() and len(a) == 40 - 7
+    mixed = sha256_edges(ids[:3], np.array(["abc", "abc", digests[0]], dtype=object))  # not hex digests: as text
+    assert set(zip(mixed.src.tolist(), mixed.dst.tolist())) == {(10, 11)}
