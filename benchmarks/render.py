@@ -654,8 +654,8 @@ def _ray_index_rate(results_dir: Path) -> tuple[float | None, str | None]:
     except (OSError, ValueError):
         return None, None
     rate = data.get("per_node_images_per_s")
-    if not isinstance(rate, (int, float)) or rate <= 0:
-        return None, None
+    if not isinstance(rate, (int, float)) or rate <= 0 or data.get("per_node_device", "cpu") == "cpu":
+        return None, None  # a CPU node's rate (tiny model, start-up included) says nothing about 8-GPU nodes
     return float(rate), f"{path.name}, {data.get('per_node_device', 'one node')}"
 
 
@@ -729,7 +729,7 @@ def _ray_curation(d: dict[str, Any], results_dir: Path) -> list[str]:
                          "–", "–"])
     idx_rate, idx_file = _ray_index_rate(results_dir)
     if idx_rate:
-        ext_rows.append([f"`index --ray` ({idx_file})", f"{_n(idx_rate)} img/s per node as measured (start-up included; not a GPU node)", "–",
+        ext_rows.append([f"`index --ray` ({idx_file})", f"{_n(idx_rate)} img/s per node as measured (start-up included)", "–",
                          _hours(PAPER_IMAGES, idx_rate * PAPER_NODES)])
     k_here = st["assign"]["local"].get("clusters") or 1
     m = re.search(r"IVF(\d+)", str(d.get("index")))

@@ -295,12 +295,12 @@ def test_ray_curation_overhead_scaling_and_extrapolation(tmp_path: Path) -> None
     _write(tmp_path, "embed_throughput_gpu", {"env": {"cuda": "Test GPU"}, "runs": [
         {"shape": "vits14", "precision": "bf16", "end_to_end": {"web/16": {"images_per_s": 1000.0}}}]})
     _write(tmp_path, "ray_index", {"env": ENV, "rows": [{"runner": "local", "images_per_s": 900.0}],
-                                   "per_node_images_per_s": 500.0, "per_node_device": "cpu"})
+                                   "per_node_images_per_s": 500.0, "per_node_device": "cuda"})
     text = render_section("ray_curation", tmp_path)
     # 1.2e9 images / (1000 img/s x 8 GPUs x 20 nodes) = 7,500 s
     assert "| 1,000 img/s per GPU (Test GPU) | 8,000 | 2.08 |" in text
     # the per-node rate by name, never the local runner's faster rate: 1.2e9 / (500 x 20) s = 33.3 h
-    assert "| `index --ray` (ray_index.json, cpu) | 500 img/s per node as measured" in text and "| 33.3 |" in text
+    assert "| `index --ray` (ray_index.json, cuda) | 500 img/s per node as measured" in text and "| 33.3 |" in text
 def test_pdq_dihedral_and_cpu_ratio_columns(tmp_path: Path) -> None:
     row = {"n": 25_000, "radius": 31, "planted_pairs": 250,
            "plain": {"cpu_s": 0.5, "wall_s": 1.0, "pairs": 0, "planted_found": 0.0},
