@@ -32,7 +32,7 @@ from retrieval.curation.graph import Edges
 
 logger = logging.getLogger(__name__)
 
-MIN_INLIERS = 12
+MIN_INLIERS = 8
 MIN_COVERAGE = 0.02  # inliers' convex hull / image area, in both images
 MIN_CORRELATION = 0.5  # median tile correlation of the aligned overlap
 MAX_SIDE = 512
