@@ -68,7 +68,9 @@ def save_result(name: str, data: dict[str, Any]) -> Path:
 
 
 # DINOv2 shapes (hidden size, heads, MLP size); 12 layers, patch 14 each.
-SHAPES = {"vits14": (384, 6, 1536), "vitb14": (768, 12, 3072)}
+SHAPES = {"vits14": (384, 6, 1536), "vitb14": (768, 12, 3072),
+          # one layer, 32 wide: the search role's placeholder where only the copy role is measured
+          "tiny": (32, 2, 64)}
 
 
 def dinov2_dir(root: Path, shape: str = "vits14") -> Path:
@@ -80,7 +82,7 @@ def dinov2_dir(root: Path, shape: str = "vits14") -> Path:
     path = root / f"dinov2-{shape}-random"
     if not (path / "config.json").exists():
         torch.manual_seed(0)
-        config = Dinov2Config(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=heads,
+        config = Dinov2Config(hidden_size=hidden, num_hidden_layers=1 if shape == "tiny" else 12, num_attention_heads=heads,
                               intermediate_size=mlp, patch_size=14, image_size=518)
         Dinov2Model(config).save_pretrained(path)
         BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,

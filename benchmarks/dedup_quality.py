@@ -23,9 +23,11 @@ precision is >= --target-precision (0.97). Score normalisation (centring and PCA
 the corpus, and SSCD-style neighbour normalisation) is compared against raw cosine at equal recall.
 
 "Our pipeline" is one function, `ours(features, config)`: the recommended combination of stages.
-`--ours-index SETTINGS_JSON` also runs the real `retrieval index` + `retrieval dedup` on the folder
-(`ours_via_index`) and scores it as "ours-index": after the copy embedder role is merged, pass the
-copy model there, e.g. '{"model": DIR, "copy_model": "sscd-int8"}' (today: the search role only).
+The rows "...+verify0.5" add geometric verification (retrieval.curation.verify) of the SSCD pairs
+between the floor and the threshold, with its chain-safe merges, on the same features. The rows
+"retrieval-cli MODEL" are the product itself (`ours_via_cli`): the real `retrieval index
+--copy-model MODEL` and `retrieval dedup` (its defaults, and --no-verify) as processes on the same
+folder; the default one is the headline (`--ours-cli`, default sscd-distilled).
 
 Peers on the same folder: Immaculate 0.3.0 (its own Python 3.12 env; methods pdq, phash, sscd,
 sscd_distilled), imagededup PHash (max_distance_threshold 10, its default) and cleanvision.
@@ -413,42 +415,74 @@ def ours(feats: dict[str, dict[str, np.ndarray]], cfg: Config, cache: dict[str, 
     """Our dedup pipeline on per-file features: union of the stages' edges, connected components.
 
     Returns a group label per file. This is the function to switch to the copy role once it is
-    merged: `ours_via_index` runs the real index + dedup and returns labels the same way.
+    merged: `ours_via_cli` runs the real CLI and returns groups the same way.
     """
     return component_labels(len(feats["exact"]["names"]), adjacency(feats, cfg, cache))
 
 
-def ours_via_index(corpus: Path, work: Path, names: list[str], settings: dict[str, Any],
-                   dedup: dict[str, Any]) -> tuple[np.ndarray, float]:
-    """`retrieval index` then `retrieval dedup` through the library; labels per file and wall time.
+def ours_via_cli(corpus: Path, work: Path, copy_model: str, variants: dict[str, list[str]],
+                 timeout: float) -> dict[str, Any]:
+    """The product end to end: `retrieval index --copy-model M` once, then `retrieval dedup` per variant.
 
-    Pass the copy model (e.g. {"copy_model": "sscd-int8"}) in `settings` once that role exists; with
-    today's search role only the exact and hash stages mean anything without real DINOv2 weights.
+    Each command is its own process (its wall time, CPU and peak RSS are its own); the groups come
+    from the run's duplicates.json. The search role gets a one-layer random DINOv2 (no DINOv2
+    weights exist here): dedup runs on the copy role, so the search model takes no part in it.
     """
-    from retrieval.curation.dedup import DedupOptions, load_run, run_dedup
-    from retrieval.indexer.pipeline import IndexOptions, run_index
-    from retrieval.search import IndexLayout, IndexReader
-    from retrieval.settings import Settings
-
     import shutil
 
-    shutil.rmtree(work, ignore_errors=True)
-    s = Settings(index_dir=work / "idx", **settings)
-    t0 = time.perf_counter()
-    run_index(IndexOptions(corpus=corpus, settings=s, progress=False))
-    reader = IndexReader(IndexLayout(s.index_dir))
-    try:
-        outcome = run_dedup(reader, DedupOptions(force=True, use_gpu=False, **dedup))
-        doc = load_run(reader, outcome.run_id)
-    finally:
-        reader.close()
-    wall = time.perf_counter() - t0
-    labels = np.arange(len(names))
-    pos = {n: i for i, n in enumerate(names)}
-    for g, group in enumerate(doc["groups"]):
-        for m in group["members"]:
-            labels[pos[Path(m["path"]).name]] = len(names) + g
-    return labels, wall
+    from benchmarks.common import dinov2_dir
+
+    base = work / f"cli-{copy_model}"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cli = [sys.executable, "-m", "retrieval.cli"]
+    model = dinov2_dir(base, "tiny")
+    out, wall, rss, rc, cpu = run_timed(cli + ["index", str(corpus), "--index-dir", str(base / "idx"), "--model",
+                                              str(model), "--copy-model", copy_model, "--no-progress", "--json"],
+                                        timeout)
+    if rc != 0:
+        return {"error": f"retrieval index exited {rc}: {out[-400:]}"}
+    result: dict[str, Any] = {"index": {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss, 1)},
+                              "dedup": {}}
+    for label, args in variants.items():
+        report = base / f"report-{label}"
+        out, wall, rss, rc, cpu = run_timed(cli + ["dedup", "--index-dir", str(base / "idx"), "--report-dir",
+                                                  str(report), "--json", "--no-progress", *args], timeout)
+        if rc != 0:
+            result["dedup"][label] = {"error": f"retrieval dedup exited {rc}: {out[-400:]}"}
+            continue
+        summary = json.loads(out).get("summary", {})
+        doc = json.loads((report / "duplicates.json").read_text())
+        result["dedup"][label] = {
+            "args": args, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss, 1),
+            "groups": [[m["path"] for m in g["members"]] for g in doc["groups"]],
+            "params": doc["run"]["params"], "verify": summary.get("verify"),
+            "reasons": summary.get("removed_by_reason"), "warnings": [w["kind"] for w in summary.get("warnings", [])]}
+    return result
+
+
+def verified_labels(feats: dict[str, dict[str, np.ndarray]], cfg: Config, cache: dict[str, np.ndarray], stage: str,
+                    floor: float, corpus: Path, verifier: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """`ours` plus retrieval.curation.verify on the pairs in [floor, threshold) of `stage` (what dedup does)."""
+    from PIL import Image
+
+    from retrieval.curation import verify as vf
+    from retrieval.curation.graph import Edges
+
+    names = list(feats["exact"]["names"])
+    adj = adjacency(feats, cfg, cache)
+    a, b = np.nonzero(np.triu(adj, 1))
+    confident = Edges(a, b, np.ones(len(a), np.float32))
+    band = np.triu((cache[stage] >= floor) & (cache[stage] < cfg.cosine[stage]), 1) & ~adj
+    a, b = np.nonzero(band)
+    candidates = Edges(a, b, cache[stage][a, b].astype(np.float32))
+    area = np.array([float(np.prod(Image.open(corpus / n).size)) for n in names])
+    stats = vf.VerifyStats()
+    accepted = vf.verified_merges(len(names), confident, candidates, verifier, area, stats=stats)
+    adj = adj.copy()
+    adj[accepted.src, accepted.dst] = True
+    return component_labels(len(names), adj | adj.T), stats.as_dict()
 
 
 # ---------------------------------------------------------------- peers
@@ -583,10 +617,11 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES,
                         help="exact, phash and pdq always run; the SSCD models only when listed (default: all)")
-    parser.add_argument("--ours-index", default=None, metavar="SETTINGS_JSON",
-                        help="also run retrieval index + dedup with these Settings fields (JSON object)")
-    parser.add_argument("--ours-dedup", default="{}", metavar="OPTIONS_JSON",
-                        help="DedupOptions fields for --ours-index (JSON object)")
+    parser.add_argument("--ours-cli", nargs="*", default=["sscd-distilled"], metavar="COPY_MODEL",
+                        help="run the real CLI end to end (retrieval index --copy-model M, then retrieval dedup with "
+                             "its defaults and with --no-verify) per model (default: sscd-distilled; none: skip)")
+    parser.add_argument("--verify-floor", type=float, default=0.5,
+                        help="floor of the cosine band that geometric verification checks in the verified rows")
     parser.add_argument("--peers-only", action="store_true",
                         help="run only the peers on an existing corpus (cached for a later --reuse analysis)")
     parser.add_argument("--peer", action="append", choices=PEERS, help="with --peers-only: only these")
@@ -706,17 +741,60 @@ def main() -> None:
         add(f"{label}@{thr}", labels, sum(stage_info[p]["wall_s"] for p in parts) + g,
             max(stage_info[p]["peak_rss_mb"] for p in parts), threshold=thr, stages=parts, cpu_s=cpu(*parts))
 
-    if args.ours_index:
-        t0, c0 = time.perf_counter(), cpu_total()
-        labels, _ = ours_via_index(corpus, work / "ours-index", names, json.loads(args.ours_index),
-                                   json.loads(args.ours_dedup))
-        add("ours-index", labels, time.perf_counter() - t0, round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                                                   / 1024, 1), cpu_s=round(cpu_total() - c0, 2),
-            settings=json.loads(args.ours_index), dedup=json.loads(args.ours_dedup))
+    # The hash stages and SSCD at its threshold, plus geometric verification of the pairs between the
+    # floor and the threshold (retrieval.curation.verify, chain-safe merges): what `dedup` does by default.
+    from retrieval.curation import verify as vf
+
+    verify_info: dict[str, Any] = {}
+    if vf.available():
+        verifier = vf.Verifier(lambda i: vf.grey_thumbnail(corpus / names[i]), cache_size=4096)
+        for s in models:
+            label = f"exact+phash8+pdq31+{s}"
+            combo = combos.get(label)
+            if not combo or combo["chosen"] is None:
+                continue
+            thr = combo["chosen"]["threshold"]
+            t0, c0 = time.perf_counter(), cpu_total()
+            labels, vstats = verified_labels(feats, Config(pdq_radius=31, phash_radius=8, cosine={s: thr}), cache, s,
+                                             args.verify_floor, corpus, verifier)
+            v_wall, v_cpu = time.perf_counter() - t0, cpu_total() - c0
+            parts = ["exact", s, "pdq", "phash"]
+            vlabel = f"{label}@{thr}+verify{args.verify_floor}"
+            add(vlabel, labels, sum(stage_info[p]["wall_s"] for p in parts) + v_wall,
+                max(stage_info[p]["peak_rss_mb"] for p in parts), threshold=thr, stages=parts + ["verify"],
+                cpu_s=round(cpu(*parts) + v_cpu, 2), verify=vstats, verify_wall_s=round(v_wall, 2),
+                verify_cpu_s=round(v_cpu, 2))
+            verify_info[vlabel] = {"floor": args.verify_floor, **vstats, "wall_s": round(v_wall, 2),
+                                   "cpu_s": round(v_cpu, 2)}
+            print(f"{vlabel}: {tools[vlabel]['precision']} {tools[vlabel]['recall']} {vstats}", flush=True)
+
+    # The product itself: the real CLI on the same folder, with its defaults (verification on) and without
+    # verification. Its default row is the headline.
+    headline = None
+    for model in args.ours_cli or []:
+        res = cached(work / f"ours-cli-{model}.json", args.reuse,
+                     lambda model=model: ours_via_cli(corpus, work, model, {"default": [], "no-verify": ["--no-verify"]},
+                                                      7200))
+        if "error" in res:
+            tools[f"retrieval-cli {model}"] = {"error": res["error"]}
+            continue
+        for variant, r in res["dedup"].items():
+            label = f"retrieval-cli {model}" + ("" if variant == "default" else f" --{variant}")
+            if "error" in r:
+                tools[label] = {"error": r["error"]}
+                continue
+            add(label, labels_from_groups(r["groups"], names), res["index"]["wall_s"] + r["wall_s"],
+                max(res["index"]["peak_rss_mb"], r["peak_rss_mb"]), cpu_s=round(res["index"]["cpu_s"] + r["cpu_s"], 2),
+                index_wall_s=res["index"]["wall_s"], index_cpu_s=res["index"]["cpu_s"], dedup_wall_s=r["wall_s"],
+                dedup_cpu_s=r["cpu_s"], params=r["params"], verify=r["verify"], reasons=r["reasons"],
+                warnings=r["warnings"])
+            if variant == "default" and headline is None:
+                headline = label
+            print(f"{label}: {tools[label]['precision']} {tools[label]['recall']}", flush=True)
 
     # The recommended default: the combination with the highest recall at the target precision;
     # within 0.005 of it, the one that costs the least CPU.
-    candidates = {k: v for k, v in tools.items() if k.startswith("exact+") and "recall" in v}
+    candidates = {k: v for k, v in tools.items() if k.startswith("exact+") and "recall" in v and "verify" not in k}
     recommended = None
     if candidates:
         top = max(v["recall"] for v in candidates.values())
@@ -772,6 +850,8 @@ def main() -> None:
         "embedding_img_per_cpu_s": {s: round(t.n / stage_info[s]["cpu_s"], 2) for s in models},
         "chosen": chosen,
         "recommended": recommended,
+        "headline": headline,  # the real CLI with its defaults: the product's own number
+        "verify": verify_info,
         "calibration": calibration,
         "combinations": combos,
         "tools": tools,

@@ -451,12 +451,13 @@ def _dedup_goal(d: dict[str, Any]) -> str:
     """Issue 11's goal from the numbers: the recommended default reaches precision >= 0.97 at pair
     recall >= 0.85, and beats the best Immaculate method by >= 0.15 recall at equal or better precision."""
     tools = d.get("tools", {})
-    rec = d.get("recommended")
+    rec = d.get("headline") if "recall" in tools.get(d.get("headline") or "", {}) else d.get("recommended")
     ours = tools.get(rec or "", {})
     if "recall" not in ours:
         return "**Goal**: not measured (no recommended combination reached the target precision)."
     p, r = ours["precision"], ours["recall"]
-    parts = [f"default `{rec}`: precision {_n(p, 4)} (>= 0.97: {_at_least(p, 0.97)}) at pair recall {_n(r, 4)} "
+    what = "the product's defaults end to end" if rec == d.get("headline") else "default"
+    parts = [f"{what} `{rec}`: precision {_n(p, 4)} (>= 0.97: {_at_least(p, 0.97)}) at pair recall {_n(r, 4)} "
              f"(>= 0.85: {_at_least(r, 0.85)})"]
     imm = {k: v for k, v in tools.items() if k.startswith("immaculate-") and "recall" in v}
     if imm:
@@ -495,7 +496,8 @@ def _dedup_quality(d: dict[str, Any]) -> list[str]:
         if "error" in t:
             rows.append([name, f"error: {_short(t['error'], 100)}"] + [""] * 9)
             continue
-        label = f"**{name}** (recommended)" if name == d.get("recommended") else name
+        label = (f"**{name}** (the product, defaults: the headline)" if name == d.get("headline") else
+                 f"**{name}** (recommended hash + SSCD combination)" if name == d.get("recommended") else name)
         rows.append([label, _n(t.get("precision"), 4), _n(t.get("recall"), 4), _n(t.get("recall_original_copy"), 4),
                      _n(t.get("found_false")), _n(t.get("sibling_false")), _n(t.get("precision_without_siblings"), 4),
                      _n(t.get("largest_group")),
@@ -543,7 +545,15 @@ def _dedup_quality(d: dict[str, Any]) -> list[str]:
                          f"recall {_n(cw['recall'], 4)})")
     loose_line = ("If the two halves of one photograph were not counted as false pairs (distinct photographs as the "
                   f"only distractors), the thresholds reaching {target} would be: " + "; ".join(loose) + ".") if loose else ""
-    return [x for x in (desc, summary, per, calib, loose_line, speed_line, _dedup_goal(d)) if x]
+    verify_line = ""
+    if d.get("verify"):
+        verify_line = ("Geometric verification (`retrieval.curation.verify`, rows `+verify`): of the SSCD candidate pairs "
+                       "between the floor and the threshold, " + "; ".join(
+                           f"{k}: {_n(v.get('candidates'))} candidates, {_n(v.get('checked'))} pairs checked, "
+                           f"{_n(v.get('accepted'))} merges accepted, {_n(v.get('refused_pair'))} refused as pairs and "
+                           f"{_n(v.get('refused_chain'))} as chains, {_n(v.get('cpu_s'))} CPU s"
+                           for k, v in d["verify"].items()) + ".")
+    return [x for x in (desc, summary, per, calib, verify_line, loose_line, speed_line, _dedup_goal(d)) if x]
 
 
 def _api(d: dict[str, Any]) -> list[str]:

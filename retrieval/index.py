@@ -420,7 +420,8 @@ class Index:
     def dedup(self, *, threshold: float | None = None, k: int = 64, phash_distance: int = 8, pdq_distance: int = 31,
               role: str = "auto", keep: str = "highest-resolution", max_group_diameter: float | None = None,
               against: str | os.PathLike[str] | None = None, embeddings: bool = True, force: bool = False,
-              progress: bool | None = None, ray: str | None = None) -> "DedupResult":
+              progress: bool | None = None, ray: str | None = None, verify: bool | None = None,
+              verify_floor: float | None = None) -> "DedupResult":
         """Find exact, near-exact (pHash, PDQ with flips/rotations) and embedding duplicates; store them as a run.
 
         The k-NN graph runs on the copy role (`role="auto"`) when the index has one (`update` with
@@ -430,7 +431,10 @@ class Index:
         that survives (retrieval.curation.policy.POLICIES). An identical rerun on an unchanged
         index returns the stored run (`reused`), unless `force`. Nothing moves: see `apply_dedup`.
         `ray` builds the k-NN graph on a Ray cluster ("auto", "local" or an address; by default
-        RETRIEVAL_RAY_ADDRESS, else no Ray) with the same groups as a local run.
+        RETRIEVAL_RAY_ADDRESS, else no Ray) with the same groups as a local run. `verify`: check the
+        copy role's pairs between `verify_floor` (default per copy model, VERIFY_FLOORS) and the
+        threshold geometrically (retrieval.curation.verify); None = on for the copy role when OpenCV
+        is installed, False = off, True = on or an error saying why not.
 
         Example: ``[g.members for g in index.dedup(threshold=0.9).groups]``
         """
@@ -443,7 +447,7 @@ class Index:
             threshold=threshold, k=k, phash_distance=phash_distance, pdq_distance=pdq_distance, role=role, keep=keep,
             max_group_diameter=max_group_diameter, against=os.fspath(against) if against is not None else None, embeddings=embeddings,
             progress=show_progress(progress), force=force, max_pixels=s.max_pixels, batch_size=s.batch_size,
-            workers=s.workers or 0, ray=resolve_address(ray)))
+            workers=s.workers or 0, ray=resolve_address(ray), verify=verify, verify_floor=verify_floor))
         return DedupResult.from_document(load_run(self.writer, outcome.run_id), reused=outcome.reused)
 
     def dedup_run(self, run_id: int | None = None) -> "DedupResult":

@@ -69,7 +69,7 @@ def review_groups(
     handle: ReaderDep, run_id: RunId, page: Page = 1,
     per_page: Annotated[int, Query(ge=1, le=200)] = 20,
     sort: Annotated[Literal["size", "weakest"], Query(description="size: largest first; weakest: lowest joining similarity first.")] = "size",
-    reason: Annotated[Literal["exact", "phash", "embedding", "reference"] | None, Query(description="Only groups with a member joined by this stage.")] = None,
+    reason: Annotated[Literal["exact", "phash", "pdq", "copy", "verified", "embedding", "reference"] | None, Query(description="Only groups with a member joined by this stage.")] = None,
     folder: Annotated[str | None, Query(max_length=1024, description="Only groups with a member under this corpus folder.")] = None,
 ) -> ReviewPageOut:
     p = queries.review_page(handle.store, run_id, sort, reason, folder, page, per_page)

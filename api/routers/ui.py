@@ -160,7 +160,7 @@ async def search_upload_fragment(request: Request, handle: ReaderDep, state: Sta
 def review_page(request: Request, handle: ReaderDep,
                 run: Annotated[int | None, Query(ge=1, le=2**62)] = None,
                 sort: Literal["size", "weakest"] = "size",
-                reason: Literal["exact", "phash", "embedding", "reference", ""] = "",
+                reason: Literal["exact", "phash", "pdq", "copy", "verified", "embedding", "reference", ""] = "",
                 folder: Annotated[str, Query(max_length=1024)] = "",
                 page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
                 per_page: Annotated[int, Query(ge=1, le=200)] = 20) -> HTMLResponse:

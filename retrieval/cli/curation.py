@@ -50,6 +50,8 @@ def dedup(
     max_group_diameter: Optional[float] = typer.Option(None, "--max-group-diameter", help="Split groups so every member is within this cosine distance (1 - cos) of its representative [default: off, plain connected components as in the paper]."),
     against: Optional[str] = typer.Option(None, "--against", help="Reference set (e.g. benchmark images): a folder, URL prefix, list or shards; embedded, not indexed; every group touching it is removed whole."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Run the embedding (copy detection) stage."),
+    verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Geometric verification of copy-role pairs between --verify-floor and the threshold (local features + RANSAC; needs OpenCV, the [verify] extra) [default: on with a copy role when OpenCV is installed]."),
+    verify_floor: Optional[float] = typer.Option(None, "--verify-floor", help="Lowest copy-role cosine that geometric verification looks at [default: per copy model, retrieval.curation.dedup.VERIFY_FLOORS]."),
     report_dir: Path = typer.Option(Path("dedup-report"), "--report-dir", "-o", help="Where the reports are written."),
     apply: bool = typer.Option(False, "--apply", help="Move the files marked remove to --move-to and drop them from the index (default: dry run). For a remote or list source: write manifest.csv and a filtered kept.parquet instead."),
     move_to: Optional[Path] = typer.Option(None, "--move-to", help="Folder outside the corpus that removed files move to, keeping their relative paths."),
@@ -102,7 +104,8 @@ def dedup(
         result = index.dedup_run(run) if run is not None else index.dedup(
             threshold=threshold, k=k, phash_distance=phash_distance, pdq_distance=pdq_distance, role=role,
             keep=keep.value, max_group_diameter=max_group_diameter,
-            against=against, embeddings=embeddings, progress=progress, force=force, ray=ray)
+            against=against, embeddings=embeddings, progress=progress, force=force, ray=ray, verify=verify,
+            verify_floor=verify_floor)
         files = index.write_report(result, report_dir, progress)
         applied = manifest = None
         if apply and run is None and not result.reused:

@@ -8,7 +8,9 @@ Results are stored in SQLite; a rerun with the same parameters on an unchanged i
 The graph uses the index's copy role (a copy-detection model such as SSCD, `index --copy-model`)
 when it has one, as the paper does; otherwise the search role (DINOv2), whose thresholds are
 provisional. Stages: exact bytes / pixels, pHash, PDQ with flips and rotations, the embedding
-k-NN graph. Every member's reason is the stage of the edge that joined it to its group.
+k-NN graph, and on the copy role geometric verification (retrieval.curation.verify) of the pairs
+between a loose floor and the threshold. Every member's reason is the stage of the edge that joined
+it to its group.
 """
 
 from __future__ import annotations
@@ -95,7 +97,16 @@ DEFAULT_PDQ_DISTANCE = 31
 PDQ_MIN_QUALITY = 50
 
 # Stages by the strength of their evidence: a member joined by several edges is credited to the strongest.
-STAGE_RANK = {"exact": 0, "phash": 1, "pdq": 2, "copy": 3, "embedding": 3}
+STAGE_RANK = {"exact": 0, "phash": 1, "pdq": 2, "copy": 3, "embedding": 3, "verified": 4}
+
+# Geometric verification (retrieval.curation.verify) on the copy role: pairs whose cosine is at
+# least this floor but below the threshold become edges only when local features, RANSAC and the
+# aligned images agree. Measured with benchmarks/dedup_quality.py like the thresholds: different
+# photographs stay below the floor there, and with verification on, the self-dedup thresholds
+# above still give the highest recall at the precision target (a lower one lets sibling halves in
+# unverified, a higher one sends true pairs with too few keypoints to verification, which refuses them).
+VERIFY_FLOORS: dict[str, float] = {"sscd": 0.5, "sscd-int8": 0.5, "sscd-distilled": 0.5}
+DEFAULT_VERIFY_FLOOR = 0.5
 
 # Safety of the result: say so when a group holds more than this share of the corpus (and at least
 # GIANT_GROUP_MIN images), when a group's weakest pair is this far below the threshold, or when a
@@ -127,6 +138,9 @@ class DedupOptions:
     batch_size: int = 32
     ray: str | None = None  # a Ray cluster address (retrieval.distributed): the k-NN graph runs there
     recall_sample: int = RECALL_SAMPLE  # nodes whose exact k-NN edges check the graph (0: not measured)
+    verify: bool | None = None  # geometric verification: None = on for the copy role when OpenCV is installed
+    verify_floor: float | None = None  # lowest cosine a verified pair may have (None: per copy model)
+    verify_missing: bool = False  # set by run_dedup: verification was wanted by default but OpenCV is missing
 
     @property
     def effective_threshold(self) -> float:
@@ -148,13 +162,16 @@ class DedupOptions:
             raise RetrievalError(f"--role must be auto, copy or search, got {self.role!r}")
         if self.max_group_diameter is not None and not 0.0 <= self.max_group_diameter <= 2.0:
             raise RetrievalError(f"--max-group-diameter is a cosine distance in [0, 2], got {self.max_group_diameter}")
+        if self.verify_floor is not None and not 0.0 < self.verify_floor <= 1.0:
+            raise RetrievalError(f"--verify-floor must be in (0, 1], got {self.verify_floor}")
         check_policy(self.keep)
 
     def params(self) -> dict[str, Any]:
         return {"threshold": self.effective_threshold, "k": self.k, "phash_distance": self.phash_distance,
                 "pdq_distance": self.pdq_distance, "role": self.role, "keep": self.keep, "max_group_diameter": self.max_group_diameter,
                 "against": source_id(self.against) if self.against else None,
-                "embeddings": self.embeddings, "pixels": self.pixels}
+                "embeddings": self.embeddings, "pixels": self.pixels, "verify": self.verify,
+                "verify_floor": self.verify_floor}
 
 
 @dataclass
@@ -198,6 +215,25 @@ def default_threshold(reader: IndexReader, role: str, against: bool) -> tuple[fl
     measured = pair is not None and ref in COPY_THRESHOLDS_MEASURED
     pair = pair or DEFAULT_COPY_THRESHOLD
     return (pair[1] if against else pair[0]), not measured
+
+
+def resolve_verify(reader: IndexReader, opts: DedupOptions) -> bool:
+    """Whether this run verifies copy-role pairs geometrically; asked-for but impossible is an error."""
+    from retrieval.curation import verify as vf
+
+    if opts.verify is False:
+        return False
+    why = None
+    if opts.role != "copy" or not opts.embeddings:
+        why = ("geometric verification checks copy-role pairs and this run has none (add a copy model with "
+               "`retrieval index CORPUS --copy-model sscd-distilled`)")
+    elif opts.against is not None:
+        why = "geometric verification is for self-dedup; with --against the threshold alone decides"
+    elif not vf.available():
+        why = "geometric verification needs OpenCV: pip install 'retrieval[verify]' (opencv-python-headless)"
+    if why is not None and opts.verify:
+        raise RetrievalError(why)
+    return why is None
 
 
 def _role_view(reader: IndexReader, role: str, use_gpu: bool) -> RoleView:
@@ -250,6 +286,14 @@ def run_dedup(reader: IndexReader, opts: DedupOptions) -> DedupOutcome:
     role = choose_role(reader, opts.role)
     default, provisional = default_threshold(reader, role, opts.against is not None)
     opts = replace(opts, role=role, threshold=default if opts.threshold is None else opts.threshold)
+    from retrieval.curation import verify as vf
+
+    wanted_by_default = opts.verify is None and role == "copy" and opts.embeddings and opts.against is None
+    opts = replace(opts, verify=resolve_verify(reader, opts))
+    opts = replace(opts, verify_missing=wanted_by_default and not vf.available())
+    if opts.verify and opts.verify_floor is None:
+        opts = replace(opts, verify_floor=VERIFY_FLOORS.get(str(reader.meta.get("copy_model_ref") or ""),
+                                                            DEFAULT_VERIFY_FLOOR))
     opts.validate()
     params = opts.params()
     params["model"] = reader.meta.get("copy_model_ref" if role == "copy" else "model_ref")
@@ -290,6 +334,13 @@ def _compute(reader: IndexReader, opts: DedupOptions,
     else:
         role_name, read, dim, stage = role.name, role.read, role.dim, role.stage
     warnings: list[dict[str, Any]] = []
+    verifying = bool(opts.verify) and role is not None and role_name == "copy"
+    band = Edges.empty()
+    if opts.verify_missing:
+        message = ("geometric verification is off: OpenCV is not installed (pip install 'retrieval[verify]'), so "
+                   "copies the copy model scores below the threshold (heavy crops, rotations, padding) are missed")
+        logger.warning("%s", message)
+        warnings.append({"kind": "verification_off", "message": message})
     if role_name == "search" and provisional:
         message = ("the thresholds are provisional: this index has no copy-detection model, so dedup runs on "
                    "the search model's embeddings, whose thresholds nobody has measured; add one with "
@@ -372,11 +423,12 @@ def _compute(reader: IndexReader, opts: DedupOptions,
                                   int(copy_spec.get("nprobe") or 1), reader.copy_vectors)
             else:
                 on_ray = RayGraph(opts.ray, str(reader.layout.faiss_path.resolve()), reader.nprobe, reader.vectors)
-        emb = knn_edges(role.index, query_ids, role.read, k, threshold, opts.batch, opts.progress, extra,
+        low = min(threshold, opts.verify_floor) if verifying else threshold
+        emb = knn_edges(role.index, query_ids, role.read, k, low, opts.batch, opts.progress, extra,
                         stats=graph_stats, ray=on_ray) if len(query_ids) else Edges.empty()
         if opts.recall_sample > 0 and len(query_ids) and not scores_are_exact(role.index):
             t_recall = time.perf_counter()
-            graph_stats["edge_recall_sample"] = sampled_edge_recall(emb, query_ids, role.read, k, threshold,
+            graph_stats["edge_recall_sample"] = sampled_edge_recall(emb, query_ids, role.read, k, low,
                                                                     sample=opts.recall_sample)
             timings["graph_recall_check_s"] = time.perf_counter() - t_recall
         # A FAISS id the database no longer holds (an index run killed before its sync) must not
@@ -386,11 +438,23 @@ def _compute(reader: IndexReader, opts: DedupOptions,
         emb = Edges(emb.src[known], emb.dst[known], emb.sim[known])
         is_ref_dst = emb.dst >= offset
         dst = np.where(is_ref_dst, n + (emb.dst - offset), np.searchsorted(ids, np.minimum(emb.dst, offset - 1)))
-        parts.append((role.stage, Edges(np.searchsorted(ids, emb.src), dst, emb.sim)))
+        emb = Edges(np.searchsorted(ids, emb.src), dst, emb.sim)
+        sure = emb.sim >= threshold
+        parts.append((role.stage, Edges(emb.src[sure], emb.dst[sure], emb.sim[sure])))
+        band = Edges(emb.src[~sure], emb.dst[~sure], emb.sim[~sure])
     timings["graph_s"] = time.perf_counter() - t - timings.get("graph_recall_check_s", 0.0)
     peaks["graph"] = _peak_rss_mb()
     resident["graph"] = _memory_mb()
     cpu["graph"] = time.process_time() - cpu0 - sum(cpu.values())
+    verify_stats: dict[str, Any] = {}
+    if verifying and len(band):
+        t = time.perf_counter()
+        parts.append(("verified", _verified_edges(reader, nodes, Edges.concat([e for _, e in parts]).canonical(),
+                                                  band.canonical(), verify_stats)))
+        verify_stats["floor"] = opts.verify_floor
+        timings["verify_s"] = time.perf_counter() - t
+        peaks["verify"] = _peak_rss_mb()
+        cpu["verify"] = time.process_time() - cpu0 - sum(cpu.values())
     edges = Edges.concat([e for _, e in parts]).canonical()
     stages = edge_stages(edges, parts, len(nodes))
 
@@ -431,8 +495,27 @@ def _compute(reader: IndexReader, opts: DedupOptions,
         counts["pdq"] = pdq_stats
     if graph_stats:
         counts["graph"] = graph_stats  # e.g. the measured ANN pre-filter margin, for the record
-    counts["warnings"] = warnings + safety_warnings(groups, n, threshold, counts, opts.max_group_diameter)
+    if verify_stats:
+        counts["verify"] = verify_stats
+    floor = min(threshold, opts.verify_floor) if verifying and opts.verify_floor is not None else threshold
+    counts["warnings"] = warnings + safety_warnings(groups, n, floor, counts, opts.max_group_diameter)
     return counts, groups, nodes, failures
+
+
+def _verified_edges(reader: IndexReader, nodes: Nodes, confident: Edges, band: Edges,
+                    stats: dict[str, Any]) -> Edges:
+    """The band's pairs that verify geometrically and keep their groups chain-safe (verify.verified_merges)."""
+    from retrieval.curation import verify as vf
+
+    max_pixels = 89_478_485
+    verifier = vf.Verifier(lambda p: vf.grey_thumbnail(reader.locate(nodes.path[p]), vf.MAX_SIDE, max_pixels))
+    area = nodes.width.astype(np.float64) * nodes.height.astype(np.float64)
+    st = vf.VerifyStats()
+    accepted = vf.verified_merges(len(nodes), confident, band, verifier, area, stats=st)
+    stats.update(st.as_dict())
+    logger.info("geometric verification: %d of %d candidate pairs checked, %d accepted", st.checked, st.candidates,
+                st.accepted)
+    return accepted
 
 
 def _with_role_vector(reader: IndexReader, ids: np.ndarray, role: str) -> np.ndarray:

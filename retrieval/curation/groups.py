@@ -50,7 +50,7 @@ class Member:
     pos: int
     action: str  # keep or remove
     similarity: float  # exact cosine to the representative (to the nearest reference in reference groups)
-    reason: str  # representative, exact, phash, embedding, reference
+    reason: str  # representative, exact, phash, pdq, copy, verified, embedding, reference
 
 
 @dataclass

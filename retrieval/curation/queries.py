@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 Action = Literal["keep", "remove"]
 GroupSort = Literal["size", "weakest"]
-REASONS = ("exact", "phash", "embedding", "reference")
+REASONS = ("exact", "phash", "pdq", "copy", "verified", "embedding", "reference")
 # A group this large is rarely a set of copies: usually a chain of near-neighbours joined edge by edge.
 GIANT_GROUP = 50
 

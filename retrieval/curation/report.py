@@ -148,7 +148,7 @@ def write_dedup_reports(doc: dict[str, Any], out_dir: Path, max_pixels: int, pro
                **{k: v for k, v in doc["run"]["params"].items()}, **s}
     notes = ("Numbers are images, not graph edges. Kept images are outlined in green; the score is the exact "
              "cosine to the representative (to the nearest reference file in reference groups); the reason is "
-             "the stage of the edge that joined the image to its group (exact, phash, pdq, copy, embedding).")
+             "the stage of the edge that joined the image to its group (exact, phash, pdq, copy, verified, embedding).")
     warnings = [w["message"] for w in s.get("warnings", [])]
     if warnings:
         notes = " ".join(f"WARNING: {w}" for w in warnings) + " " + notes

