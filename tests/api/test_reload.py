@@ -24,8 +24,10 @@ def test_reindex_is_picked_up_and_old_reader_finishes(private_index: Indexed) ->
             assert after["reloads"] == 1 and after["images"] == before["images"] + 1
             assert after["index_run_id"] > before["index_run_id"]
             assert state.handle is not old and old.retired
-            # the in-flight request can still use its (retired, not yet closed) reader
-            assert len(in_flight.index) == before["images"] + 1
+            # the in-flight request can still use its (retired, not yet closed) reader, which answers
+            # for its own pinned generation: the image indexed meanwhile is not in it
+            assert len(in_flight.index) == before["images"]
+            assert in_flight.index.image("new/fresh.jpg") is None
             assert old.users == 1
         assert old.users == 0
         r = c.get("/search", params={"image": "new/fresh.jpg", "k": 1, "exclude_self": "false"})
