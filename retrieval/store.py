@@ -197,7 +197,12 @@ def _held_connection(dsn: str, options: dict[str, str]) -> Any:
             pass
 
         def rollback(self) -> None:
-            pass
+            # A failed statement aborts the held transaction, and every later query would fail with
+            # "current transaction is aborted": end it and take a new snapshot instead.
+            if self.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                logger.warning("a query failed inside the reader's snapshot; taking a new snapshot")
+                psycopg.Connection.rollback(self)
+                self.execute("SELECT 1").fetchall()
 
     conn = HeldConnection.connect(dsn, **options)
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ

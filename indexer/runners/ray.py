@@ -37,6 +37,7 @@ from retrieval.indexer.stages import Commit, Decode, EmbedCopy, EmbedSearch, Rea
 from retrieval.indexer.writer import BatchCounts
 
 from retrieval.distributed import connect
+from retrieval.errors import RetrievalError
 from retrieval.imaging.decode import DecodeResult, DecodeSpec, WorkItem
 from retrieval.layout import IndexLayout
 from retrieval.settings import Settings
@@ -212,12 +213,17 @@ def embed_all(opts: IndexOptions, source: Source, items: list[WorkItem], embedde
                           fingerprint=embedder.fingerprint)
             copy_args = (dict(model_ref=copy.model_ref, device=s.device, precision=s.precision,
                               fingerprint=copy.fingerprint) if copy is not None else None)
-            ds = build_dataset(ray, batches, remote_decode, search, copy_args)
             ready: dict[int, tuple[Any, ...]] = {}
             following = 0
+            # A dataset copies the current DataContext when it is created, so these are set first:
+            # a batch that still fails after Ray's retries is skipped (and redone on the driver below),
+            # and rows arrive in plan order, so the driver commits as they come and holds few of them.
             context = ray.data.DataContext.get_current()
             errored_before, context.max_errored_blocks = context.max_errored_blocks, -1
+            order_before = context.execution_options.preserve_order
+            context.execution_options.preserve_order = True
             try:
+                ds = build_dataset(ray, batches, remote_decode, search, copy_args)
                 t = time.perf_counter()
                 for row in ds.iter_rows():
                     wait += time.perf_counter() - t
@@ -227,8 +233,13 @@ def embed_all(opts: IndexOptions, source: Source, items: list[WorkItem], embedde
                         put(results, vecs, copy_vecs)
                         following += 1
                     t = time.perf_counter()
+            except RetrievalError:
+                raise
+            except Exception as exc:  # Ray wraps our errors (UserCodeException ...): one line, ours if any
+                raise _one_line(exc) from exc
             finally:
                 context.max_errored_blocks = errored_before
+                context.execution_options.preserve_order = order_before
             lost = [i for i in range(following, len(batches)) if i not in ready]
             if lost:
                 logger.warning("%d batch(es) failed on the cluster after retries; decoding them on the driver, "
@@ -241,6 +252,19 @@ def embed_all(opts: IndexOptions, source: Source, items: list[WorkItem], embedde
                     on_driver(batches[i])
     timings.update(decode_wait_s=wait, write_s=write, embed_loop_s=time.perf_counter() - loop_start)
     return total
+
+
+def _one_line(exc: BaseException) -> RetrievalError:
+    """The RetrievalError a worker raised (Ray wraps it, maybe twice), or one line naming the failure."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, RetrievalError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return RetrievalError(f"the Ray cluster failed to index: {type(exc).__name__}: {first}", kind="unavailable")
 
 
 def add_copy_role(opts: IndexOptions, source: Source, copy: Any, store: Store, layout: IndexLayout) -> int:

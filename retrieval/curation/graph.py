@@ -377,8 +377,11 @@ class EdgeSink:
         try:
             sizes, done = [], []
             for p, files in enumerate(self.files):
-                loaded = [np.load(f) for f in files]
-                part = Edges.concat([Edges(d["src"], d["dst"], d["sim"]) for d in loaded]).canonical()
+                pieces = []
+                for f in files:
+                    with np.load(f) as d:
+                        pieces.append(Edges(d["src"], d["dst"], d["sim"]))
+                part = Edges.concat(pieces).canonical()
                 path = self.folder / f"c{p:02d}.npz"
                 np.savez(path, src=part.src, dst=part.dst, sim=part.sim)
                 sizes.append(len(part))

@@ -204,7 +204,7 @@ class ShardSource(Source):
                 return [(m.name, m.size, int(m.mtime * 1e9), m.offset_data) for m in tar if m.isreg()]
         sid = self.shard_id(location)
         self._drop_spool(sid)
-        keep = 0 <= size <= self._spool_left
+        keep = 0 < size <= self._spool_left  # an unknown size (0) is never spooled: the budget holds
         spool = self._spool_path(sid) if keep else None
         sink = open(spool, "wb") if spool else None
         try:

@@ -134,3 +134,21 @@ def test_readers_see_committed_batches_while_an_index_run_writes(postgres_url: s
         assert counts, "every reader got answers while the run wrote"
         assert counts == sorted(counts), "committed rows never disappear"
         assert all(n % 4 == 0 for n in counts), "readers only ever see whole committed batches"
+
+
+def test_a_failed_query_does_not_break_a_snapshot_reader(postgres_url: str) -> None:
+    """A statement that fails inside the held snapshot (a bad cast, a cancelled query) must not leave
+    the reader answering "current transaction is aborted" for the rest of its life."""
+    import pytest
+    from sqlalchemy.exc import DBAPIError
+
+    Store(postgres_url).close()  # migrated
+    reader = Store(postgres_url, readonly=True, snapshot=True)
+    try:
+        with pytest.raises(DBAPIError):
+            with reader.session() as s:
+                s.execute(text("SELECT 1 / 0")).all()
+        with reader.session() as s:
+            assert s.execute(text("SELECT count(*) FROM images")).scalar_one() >= 0
+    finally:
+        reader.close()
