@@ -311,6 +311,8 @@ class ShardSource(Source):
                     continue
                 path = f"{shard_id}#{member.name}"
                 key, ext = split_member(member.name)
+                if key not in wanted_keys and len(files) >= len(wanted) and wanted.issubset(files):
+                    break  # every wanted member and the sidecars of its sample are behind us: stop reading
                 if path in wanted and path not in files:
                     if member.size > self.limits.max_bytes:
                         continue  # read() reports it; the stream skips its bytes

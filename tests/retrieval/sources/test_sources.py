@@ -200,3 +200,41 @@ def test_shard_members_are_listed_with_sidecars_and_staged_in_one_pass(tmp_path:
     with pytest.raises(ReadFailure):
         staged.read("000001.tar#000001_0001.jpg", -1)  # not wanted, not staged
     assert source.owns("000001.tar#000001_0002.jpg") and not source.owns("../../etc/passwd#x")
+
+
+def test_staging_part_of_a_shard_stops_reading_after_the_last_wanted_sample(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that wants the first samples of a shard (how `index --ray` cuts shards into batches)
+    reads up to them and their sidecars, not the rest of the tar."""
+    webdataset = pytest.importorskip("webdataset")
+    with webdataset.TarWriter(str(tmp_path / "000000.tar")) as sink:
+        for i in range(20):
+            sink.write({"__key__": f"000000_{i:04d}", "jpg": encode(photo(64, 48, seed=i), "JPEG"),
+                        "json": json.dumps({"caption": f"c{i}"}).encode()})
+    source = open_source(str(tmp_path / "{000000..000000}.tar"))
+    list(source.scan(cache_dir=tmp_path / "cache"))
+    read = []
+    original = type(source)._open
+
+    def counting_open(self, location, block_size=None):  # type: ignore[no-untyped-def]
+        f = original(self, location, block_size=block_size)
+        inner_read = f.read
+
+        def counted(n=-1):  # type: ignore[no-untyped-def]
+            data = inner_read(n)
+            read.append(len(data))
+            return data
+
+        f.read = counted
+        return f
+
+    monkeypatch.setattr(type(source), "_open", counting_open)
+    (tmp_path / "staged").mkdir()
+    (tmp_path / "staged2").mkdir()
+    wanted = {"000000.tar#000000_0000.jpg", "000000.tar#000000_0001.jpg"}
+    staged = source.stage("000000.tar", wanted, tmp_path / "staged")
+    assert staged.meta("000000.tar#000000_0001.jpg") == {"json": {"caption": "c1"}}
+    assert 0 < sum(read) < (tmp_path / "000000.tar").stat().st_size / 2
+    read.clear()
+    staged = source.stage("000000.tar", {"000000.tar#000000_0019.jpg"}, tmp_path / "staged2")
+    assert staged.meta("000000.tar#000000_0019.jpg") == {"json": {"caption": "c19"}}  # the last sample's sidecar too
