@@ -153,19 +153,24 @@ def decode_batches(root: str, items: Sequence[WorkItem], config: PreprocessConfi
         delivered = 0
         loader = _loader(root, todo, config, max_pixels, batch_size, workers, markers, pin_memory, timeout_s)
         it = iter(loader)
-        try:
-            with _worker_deaths_reported_by_next() if workers else nullcontext():
+        # torch's handler stays off until the dead loader is dropped: a worker's SIGCHLD can arrive
+        # after next() already failed (on its half-sent batch), and the handler would raise it again
+        # wherever this code then is.
+        with _worker_deaths_reported_by_next() if workers else nullcontext():
+            try:
                 for batch in it:
                     delivered += len(batch[0])
                     yield batch
-            return
-        except (RuntimeError, EOFError, ConnectionError) as exc:
-            if not _worker_died(exc, workers):
-                raise
-            logger.warning("a decode worker died (%s); decoding the files it may have been on in isolation", exc)
-        # Drop the dead DataLoader (its iterator shuts the other workers down, which finish or
-        # drop their current file first) before reading what was left in flight.
-        it = loader = None  # type: ignore[assignment]
+                return
+            except (RuntimeError, EOFError, ConnectionError) as exc:
+                if not _worker_died(exc, workers):
+                    raise
+                logger.warning("a decode worker died (%s); decoding the files it may have been on in isolation",
+                               exc)
+            # Drop the dead DataLoader (its iterator shuts the other workers down, which finish or
+            # drop their current file first, and unregisters their pids from torch's handler) before
+            # reading what was left in flight.
+            it = loader = None  # type: ignore[assignment]
         rest = todo[delivered:]
         if not rest:
             return
