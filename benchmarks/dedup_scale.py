@@ -53,14 +53,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def make_corpus(n: int, dim: int = DIM, seed: int = 0, spill: Path | None = None) -> dict[str, Any]:
     """Synthetic vectors, hashes and the planted copy pairs (original position, copy position).
 
-    With `spill`, the vectors live in a memory-mapped .npy file there (10M x 384 float32 is 15 GB)."""
+    With `spill`, the vectors live in a memory-mapped float16 .npy file there (the precision the index
+    stores them in; 10M x 384 float32 would take 15 GB of disk beside the index's own copy)."""
     rng = np.random.default_rng(seed)
     n_centres = max(16, n // 100)
     centres = _unit(rng.standard_normal((n_centres, dim), dtype=np.float32))
     # cos between two members of one cluster ~ 1 / (1 + sigma^2 d): 0.6 at sigma^2 d = 2/3
     sigma = np.float32(np.sqrt((2 / 3) / dim))
     if spill is not None:
-        vecs = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=(n, dim))
+        vecs = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float16, shape=(n, dim))
     else:
         vecs = np.empty((n, dim), np.float32)
     for start in range(0, n, 100_000):
@@ -94,8 +95,13 @@ def make_corpus(n: int, dim: int = DIM, seed: int = 0, spill: Path | None = None
             "exact": exact, "phash_near": near}
 
 
-def build_index_dir(root: Path, corpus: dict[str, Any]) -> dict[str, Any]:
-    """An index directory as `retrieval index` would leave it, written straight from the arrays."""
+def build_index_dir(root: Path, corpus: dict[str, Any], ann_index: bool | None = None) -> dict[str, Any]:
+    """An index directory as `retrieval index` would leave it, written straight from the arrays.
+
+    `ann_index`: also build the FAISS index (`sync_index` with default settings). By default only where
+    the dedup reads it: below partition.MIN_VECTORS (larger corpora are joined from the vectors file,
+    and the index build, about half an hour at 1M on two cores, measures the indexer, not the dedup)."""
+    from retrieval.curation import partition
     from sqlalchemy import insert
 
     from retrieval.layout import IndexLayout
@@ -124,8 +130,15 @@ def build_index_dir(root: Path, corpus: dict[str, Any]) -> dict[str, Any]:
     vector_store = VectorStore(layout.vectors_path, dim)
     for start in range(0, n, 100_000):
         stop = min(n, start + 100_000)
-        vector_store.write(np.arange(start + 1, stop + 1), vecs[start:stop])
+        vector_store.write(np.arange(start + 1, stop + 1), np.asarray(vecs[start:stop], np.float32))
     write_s = time.perf_counter() - t
+    if ann_index is None:
+        ann_index = n < partition.MIN_VECTORS
+    if not ann_index:
+        store.close()
+        return {"write_rows_and_vectors_s": round(write_s, 1), "index_build_s": None,
+                "index": "not built (the dedup joins the vectors file: retrieval.curation.partition)",
+                "index_params": {}}
     settings = Settings()
     t = time.perf_counter()
     result = sync_index(store, vector_store, layout, SyncOptions(
@@ -306,6 +319,8 @@ def main() -> None:
     parser.add_argument("--peer-timeout", type=float, default=900.0)
     parser.add_argument("--keep-other", action="store_true",
                         help="keep the saved sizes (or side by side) when this run measures only the other part")
+    parser.add_argument("--ann-index", action="store_true",
+                        help="build the FAISS index at every size (by default only where the dedup reads it)")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global KEEP_OTHER
@@ -334,8 +349,8 @@ def main() -> None:
             corpus = make_corpus(n, spill=tmp / f"vectors-{n}.npy" if n > SPILL_ABOVE else None)
             make_s = time.perf_counter() - t
             index_dir = tmp / f"idx-{n}"
-            build = build_index_dir(index_dir, corpus)
-            print(f"N={n}: index {build['index']} built in {build['index_build_s']} s", flush=True)
+            build = build_index_dir(index_dir, corpus, ann_index=True if args.ann_index else None)
+            print(f"N={n}: index {build['index']} ({build['index_build_s']} s)", flush=True)
             dedup = _spawn_child(index_dir)
             quality = graph_quality(corpus, found_groups(index_dir, dedup["run_id"]))
             row = {"n": n, "dim": DIM, "make_corpus_s": round(make_s, 1), **build, "dedup": dedup, "quality": quality}

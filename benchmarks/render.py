@@ -314,8 +314,10 @@ def _dedup_scale(d: dict[str, Any]) -> list[str]:
     dims = sorted({s.get("dim") for s in sizes if s.get("dim")})
     desc = ("`benchmarks/dedup_scale.py`: `retrieval dedup` with its defaults (sha256 + pHash + k = 64 k-NN graph "
             f"at cosine >= 0.95 + groups in SQLite, pixel stage off) over N = {', '.join(_n(s['n']) for s in sizes)} "
-            f"synthetic clustered vectors (d = {', '.join(map(str, dims))}) with 1% planted copies; the index is "
-            "built first and timed apart; the dedup runs in a child process of its own (its peak RSS).")
+            f"synthetic clustered vectors (d = {', '.join(map(str, dims))}) with 1% planted copies; the FAISS index is "
+            "built first and timed apart where the dedup reads it (below 20k vectors; above, the graph is a "
+            "partitioned join of the vectors file and needs no index); the dedup runs in a child process of "
+            "its own (its peak RSS).")
     rows = []
     for s in sizes:
         dd = s["dedup"]
@@ -417,6 +419,8 @@ def _graph_cells(counts: dict[str, Any]) -> str:
     cand = g.get("candidates", "–")
     if g.get("nprobe") is not None:
         cand += f" ({g['nprobe']})"
+    if g.get("cells") is not None:
+        cand += f" ({_n(g['cells'])} cells, {_n(g.get('probes_per_vector'))} per vector, rho {_n(g.get('probe_rho'))})"
     mem = f"{_n(anon, 0)} / {_n(file, 0)}" if anon is not None else "–"
     return f"{cand}; {mem}"
 

@@ -260,6 +260,14 @@ class VectorStore:
             self._map_rows = rows
         return self._map
 
+    def release(self) -> None:
+        """Unmap the file (the next read maps it again): its pages leave this process's resident set but
+        stay in the page cache. Long scans call it now and then so that RSS stays the process's own
+        memory; a pinned store keeps its map (it must keep reading one generation of the file)."""
+        if not getattr(self, "_pinned", False):
+            self._map = None
+            self._map_rows = 0
+
     def read(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Vectors of `ids` as float32, shape (len(ids), dim)."""
         ids = np.asarray(ids, dtype=np.int64)

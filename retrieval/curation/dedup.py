@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +190,17 @@ class RoleView:
     stage: str  # the reason its edges give: copy or embedding
     model_ref: str
     dim: int
-    index: Any
-    read: Any
+    load_index: Any  # () -> the FAISS index (loaded only by the paths that search it)
+    vectors: Any  # the role's VectorStore
     provisional: bool  # thresholds not measured for this model
+
+    @property
+    def read(self) -> Any:
+        return self.vectors.read
+
+    @cached_property
+    def index(self) -> Any:
+        return self.load_index()
 
 
 def choose_role(reader: IndexReader, wanted: str = "auto") -> str:
@@ -239,23 +248,46 @@ def resolve_verify(reader: IndexReader, opts: DedupOptions) -> bool:
 def _role_view(reader: IndexReader, role: str, use_gpu: bool) -> RoleView:
     if role == "copy":
         return RoleView("copy", "copy", str(reader.meta.get("copy_model_ref")), int(reader.copy_dim or 0),
-                        maybe_gpu(reader.copy_index, use_gpu), reader.copy_vectors.read, False)
+                        lambda: maybe_gpu(reader.copy_index, use_gpu), reader.copy_vectors, False)
     return RoleView("search", "embedding", str(reader.meta.get("model_ref")), reader.dim,
-                    maybe_gpu(reader.index, use_gpu), reader.vectors.read, True)
+                    lambda: maybe_gpu(reader.index, use_gpu), reader.vectors, True)
 
 
-def load_nodes(reader: IndexReader) -> Nodes:
+def graph_method(n: int, opts: DedupOptions) -> str:
+    """How the k-NN graph is built: `partition` (retrieval.curation.partition: the vectors file only)
+    on CPU from MIN_VECTORS up; `index` (graph.knn_edges through the FAISS index) for small corpora,
+    on a GPU, and on a Ray cluster."""
+    from retrieval import ann
+    from retrieval.curation import partition
+
+    if opts.ray is not None or n < partition.MIN_VECTORS or (opts.use_gpu and ann.gpu_count()):
+        return "index"
+    return "partition"
+
+
+def load_nodes(reader: IndexReader, chunk: int = 100_000) -> Nodes:
+    """Every image row as node arrays, read `chunk` rows at a time: at ten million images a list of
+    row objects would hold several GB before the arrays exist."""
+    ints: dict[str, list[np.ndarray]] = {k: [] for k in ("id", "phash", "width", "height", "size", "mtime_ns")}
+    paths: list[str] = []
+    sha: list[str] = []
+    stmt = select(Image.id, Image.path, Image.sha256, Image.phash, Image.width, Image.height, Image.size,
+                  Image.mtime_ns).order_by(Image.id)
     with reader.store.session() as s:
-        rows = s.execute(select(Image.id, Image.path, Image.sha256, Image.phash, Image.width, Image.height,
-                                Image.size, Image.mtime_ns).order_by(Image.id)).all()
-    if not rows:
+        for part in s.execute(stmt, execution_options={"yield_per": chunk}).partitions():
+            cols = list(zip(*part))
+            paths.extend(cols[1])
+            sha.extend(cols[2])
+            for key, col in zip(("id", "phash", "width", "height", "size", "mtime_ns"), (0, 3, 4, 5, 6, 7)):
+                ints[key].append(np.array(cols[col], np.int64))
+            del cols, part
+    if not paths:
         raise RetrievalError("the index holds no images; run `retrieval index CORPUS` first")
-    cols = list(zip(*rows))
-    n = len(rows)
-    return Nodes(image_id=np.array(cols[0], np.int64), path=list(cols[1]), sha256=np.array(cols[2], dtype=object),
-                 phash=np.array(cols[3], np.int64), width=np.array(cols[4], np.int64),
-                 height=np.array(cols[5], np.int64), size=np.array(cols[6], np.int64),
-                 mtime_ns=np.array(cols[7], np.int64), is_ref=np.zeros(n, bool),
+    arr = {key: np.concatenate(parts) for key, parts in ints.items()}
+    sha256 = np.empty(len(sha), dtype=object)
+    sha256[:] = sha
+    return Nodes(image_id=arr["id"], path=paths, sha256=sha256, phash=arr["phash"], width=arr["width"],
+                 height=arr["height"], size=arr["size"], mtime_ns=arr["mtime_ns"], is_ref=np.zeros(len(paths), bool),
                  root=reader.source.local_root)
 
 
@@ -424,12 +456,21 @@ def _compute(reader: IndexReader, opts: DedupOptions,
             else:
                 on_ray = RayGraph(opts.ray, str(reader.layout.faiss_path.resolve()), reader.nprobe, reader.vectors)
         low = min(threshold, opts.verify_floor) if verifying else threshold
-        emb = knn_edges(role.index, query_ids, role.read, k, low, opts.batch, opts.progress, extra,
-                        stats=graph_stats, ray=on_ray) if len(query_ids) else Edges.empty()
-        if opts.recall_sample > 0 and len(query_ids) and not scores_are_exact(role.index):
+        method = graph_method(len(query_ids), opts)
+        if method == "partition":
+            from retrieval.curation.partition import partition_edges
+
+            emb = partition_edges(query_ids, role.read, k, low, extra, stats=graph_stats, progress=opts.progress,
+                                  release=role.vectors.release)
+        else:
+            emb = knn_edges(role.index, query_ids, role.read, k, low, opts.batch, opts.progress, extra,
+                            stats=graph_stats, ray=on_ray) if len(query_ids) else Edges.empty()
+        approximate = method == "partition" or (len(query_ids) > 0 and not scores_are_exact(role.index))
+        if opts.recall_sample > 0 and len(query_ids) and approximate:
             t_recall = time.perf_counter()
             graph_stats["edge_recall_sample"] = sampled_edge_recall(emb, query_ids, role.read, k, low,
-                                                                    sample=opts.recall_sample)
+                                                                    sample=opts.recall_sample,
+                                                                    release=role.vectors.release)
             timings["graph_recall_check_s"] = time.perf_counter() - t_recall
         # A FAISS id the database no longer holds (an index run killed before its sync) must not
         # become an edge: searchsorted below would map it onto an unrelated image.
@@ -530,15 +571,15 @@ def _with_role_vector(reader: IndexReader, ids: np.ndarray, role: str) -> np.nda
 
 
 def _load_pdq(reader: IndexReader, ids: np.ndarray) -> list[bytes | None]:
-    with reader.store.session() as s:
-        rows = dict(s.execute(select(Image.id, Image.pdq)).all())
-    return [rows.get(int(i)) for i in ids]
+    with reader.store.session() as s:  # only the hashed rows: most corpora at scale have none yet
+        rows = dict(s.execute(select(Image.id, Image.pdq).where(Image.pdq.is_not(None))).all())
+    return [rows.get(int(i)) for i in ids] if rows else [None] * len(ids)
 
 
 def _load_pdq_quality(reader: IndexReader, ids: np.ndarray, ref: Any) -> np.ndarray:
     with reader.store.session() as s:
-        rows = dict(s.execute(select(Image.id, Image.pdq_quality)).all())
-    q = [rows.get(int(i)) or 0 for i in ids]
+        rows = dict(s.execute(select(Image.id, Image.pdq_quality).where(Image.pdq_quality.is_not(None))).all())
+    q = [rows.get(int(i)) or 0 for i in ids] if rows else [0] * len(ids)
     if ref is not None:
         q += [100 if p is not None else 0 for p in ref.pdq]  # reference files are always matched
     return np.asarray(q, np.int64)

@@ -1,0 +1,390 @@
+"""The k-NN graph at scale by a partitioned similarity join: cells of a spherical k-means, joined by BLAS.
+
+Why not the ANN index: at a dedup threshold the graph keeps only pairs a short distance apart
+(cos >= t means ||x - y|| <= r = sqrt(2 - 2t)), so each vector needs only the cells that can hold
+such a neighbour, and the work is dense matrix products instead of per-query list scans and
+gathers. It reads only the vectors file, never the FAISS index.
+
+1. Cells: spherical k-means (FAISS) on a sample; every vector goes to the cell of its most similar
+   centroid (its home).
+2. Probes: y can lie in cell j only if x is near the boundary between its home i and j. The gap
+   g_j(x) = <x, c_i> - <x, c_j> and the boundary's spread ||c_i - c_j|| say how near; for a pair
+   (x, y) the two gaps sum to <x - y, c_i - c_j> = z ||x - y|| ||c_i - c_j||, where z is the cosine
+   between the pair's difference and the centroids' difference. A pair is found from the side with
+   the smaller gap, so probing every cell with g_j(x) <= rho * r * ||c_i - c_j|| finds each pair
+   whose z <= 2 rho. rho is measured on every run: z of the exact nearest neighbours of sampled
+   vectors, whose largest value (halved, with headroom) becomes rho (z is scale-free: the
+   neighbours need not be above the threshold). rho = 1 would be exact by the triangle
+   inequality but, in hundreds of dimensions, probes nearly every cell.
+3. Join: per cell, the rows (its members, then the visitors probing it) are multiplied with its
+   members in bfloat16 (AMX/AVX-512 where the CPU has them); a product within BF16_SLACK of the
+   threshold (a bound on bfloat16's rounding for unit vectors) is re-scored in float32, so the
+   result is the float32 answer for every pair the probes reach.
+4. Each vector keeps its k best (by cosine, ties by id) over all the cells it met; the edges are
+   made canonical with graph.EdgeSink (spilled to disk when large).
+
+The loss is in step 2 only; `retrieval dedup` measures it on every run (graph.sampled_edge_recall).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from retrieval.curation.graph import SPILL_EDGES, EdgeSink, Edges, _above, _topk_per_row
+from retrieval.vectors import clip_cosine
+
+logger = logging.getLogger(__name__)
+
+MIN_VECTORS = 20_000  # below this the exact scan (graph.scan_edges) is cheap enough
+CELLS_PER_ROOT_N = 2.0  # cells ~ 1.5 sqrt(N): balances assigning (N * cells) against joining (N^2 * probes / cells)
+MAX_CELLS = 16_384
+TRAIN_POINTS_PER_CELL = 16  # k-means sample per cell (FAISS wants at least 39 to avoid a warning; it subsamples)
+KMEANS_ITERATIONS = 6
+CALIBRATION_QUERIES = 256
+CALIBRATION_NEIGHBOURS = 10
+RHO_QUANTILE = 0.99
+RHO_HEADROOM = 1.25
+RHO_MIN = 0.05
+ASSIGN_BLOCK = 4096  # vectors scored against every centroid at once (4096 x cells float32)
+ROW_BLOCK = 4096  # rows x columns of one bfloat16 product in the join
+COL_BLOCK = 8192
+# |bf16(x).bf16(y) - x.y| for |x|, |y| <= 1.001: inputs rounded with u = 2^-8 give at most (2u + u^2)|x||y|,
+# the bfloat16 output another u * |x.y|; 0.0125 covers both with room.
+BF16_SLACK = 0.0125
+RELEASE_ROWS = 1 << 18  # vector rows read between releases of the mapped file (its pages leave this process's RSS)
+
+
+@dataclass
+class Plan:
+    """The partition: home cell per position, and the (position, cell) probes beyond the home."""
+
+    centroids: np.ndarray
+    home: np.ndarray  # int32, per position
+    probe_pos: np.ndarray  # int64, sorted by (cell, position)
+    probe_cell: np.ndarray  # int32
+    rho: float
+
+
+def n_cells(n: int) -> int:
+    """Cells for n vectors: ~CELLS_PER_ROOT_N sqrt(n), at most n / 39 so that k-means has points for each
+    (a small corpus is one cell: an exact join)."""
+    return int(max(1, min(MAX_CELLS, round(CELLS_PER_ROOT_N * math.sqrt(n)), n // 39)))
+
+
+def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int, threshold: float,
+                    extra: Any = None, stats: dict[str, Any] | None = None, progress: bool = False,
+                    release: Callable[[], None] | None = None, seed: int = 0) -> Edges:
+    """Edges (i, j, cosine) with j among the k most similar of i and cosine >= threshold.
+
+    `ids` sorted image ids, `read(ids)` their unit vectors (float32). `extra`: (flat reference index,
+    id offset), searched for every vector as in graph.knn_edges. `release`: called now and then to
+    drop the mapped vector file's pages from this process (they stay in the page cache).
+    Example:
+        edges = partition_edges(ids, store.read, k=64, threshold=0.95)
+    """
+    ids = np.asarray(ids, np.int64)
+    if len(ids) < 2:
+        return Edges.empty()
+    if np.any(np.diff(ids) <= 0):
+        raise ValueError("ids must be sorted and unique")
+    reader = _Reader(read, release)
+    radius = math.sqrt(max(0.0, 2.0 - 2.0 * threshold))
+    cells = n_cells(len(ids))
+    clock = _Clock()
+    centroids = clock("train", train_centroids(ids, reader, cells, seed))
+    rho = clock("calibrate", calibrate_rho(ids, reader, centroids, seed))
+    plan = clock("assign", assign(ids, reader, centroids, radius, rho, progress))
+    directed, ref_edges = clock("join", _join(ids, reader, plan, k, threshold, extra, progress))
+    logger.info("k-NN graph: %d cells, %.2f probes per vector (rho %.3f); seconds per step %s", cells,
+                1.0 + len(plan.probe_pos) / len(ids), rho, clock.seconds)
+    if stats is not None:
+        stats["partition_s"] = clock.seconds
+        stats["candidates"] = "partitioned join"
+        stats["cells"] = cells
+        stats["probe_rho"] = round(rho, 4)
+        stats["probes_per_vector"] = round(1.0 + len(plan.probe_pos) / len(ids), 3)
+    out = directed.result(k, ids)
+    if ref_edges:
+        out = Edges.concat([out, Edges.concat(ref_edges).canonical()]).canonical()
+    reader.release()
+    return out
+
+
+class _Clock:
+    """Wall seconds per step: clock(name, value) records the time since the previous call."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, value: Any) -> Any:
+        now = self._now()
+        self.seconds[name] = round(now - self._last, 2)
+        self._last = now
+        return value
+
+
+class _Reader:
+    """`read` plus a release of the mapped pages every RELEASE_ROWS rows."""
+
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray], release: Callable[[], None] | None):
+        self._read, self._release, self._since = read, release, 0
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        out = np.ascontiguousarray(self._read(ids), dtype=np.float32)
+        self._since += len(ids)
+        if self._since >= RELEASE_ROWS:
+            self.release()
+        return out
+
+    def release(self) -> None:
+        self._since = 0
+        if self._release is not None:
+            self._release()
+
+
+def train_centroids(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: int, seed: int = 0) -> np.ndarray:
+    """Unit centroids of a spherical k-means (FAISS) on a sample of the vectors."""
+    import faiss
+
+    if cells == 1:
+        c = read(ids[:1])
+        return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(ids, size=min(len(ids), cells * TRAIN_POINTS_PER_CELL), replace=False))
+    x = np.concatenate([read(sample[s : s + 65_536]) for s in range(0, len(sample), 65_536)])
+    km = faiss.Kmeans(x.shape[1], cells, niter=KMEANS_ITERATIONS, spherical=True, seed=seed + 1,
+                      max_points_per_centroid=TRAIN_POINTS_PER_CELL, min_points_per_centroid=1, verbose=False)
+    km.train(x)
+    c = np.asarray(km.centroids, np.float32)
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def _scores(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    import torch
+
+    return (torch.from_numpy(x) @ torch.from_numpy(centroids).T).numpy()
+
+
+def _centroid_distances(centroids: np.ndarray) -> np.ndarray:
+    g = centroids @ centroids.T
+    sq = np.einsum("cd,cd->c", centroids, centroids)
+    return np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * g, 0.0)).astype(np.float32)
+
+
+def calibrate_rho(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], centroids: np.ndarray,
+                  seed: int = 0) -> float:
+    """The probe bound rho: half the largest z (module docstring) over the exact nearest neighbours of
+    sampled vectors whose homes differ, with RHO_HEADROOM; never below RHO_MIN, never above 1 (exact)."""
+    rng = np.random.default_rng(seed + 2)
+    q_ids = np.sort(rng.choice(ids, size=min(CALIBRATION_QUERIES, len(ids)), replace=False))
+    queries = read(q_ids)
+    nn_ids = exact_neighbours(q_ids, queries, ids, read, min(CALIBRATION_NEIGHBOURS, len(ids) - 1))
+    a = np.repeat(np.arange(len(q_ids)), nn_ids.shape[1])
+    b = nn_ids.ravel()
+    valid = b >= 0
+    a, b = a[valid], b[valid]
+    if not len(a):
+        return 1.0
+    xa, xb = queries[a], read(b) if len(b) else np.empty((0, queries.shape[1]), np.float32)
+    sa, sb = _scores(xa, centroids), _scores(xb, centroids)
+    ha, hb = sa.argmax(1), sb.argmax(1)
+    rows = np.arange(len(a))
+    cross = ha != hb
+    if not cross.any():
+        return RHO_MIN
+    gaps = (sa[rows, ha] - sa[rows, hb]) + (sb[rows, hb] - sb[rows, ha])
+    spread = np.linalg.norm(centroids[ha] - centroids[hb], axis=1) * np.linalg.norm(xa - xb, axis=1)
+    z = gaps[cross] / np.maximum(spread[cross], 1e-12)
+    return float(min(1.0, max(RHO_MIN, float(np.quantile(z, RHO_QUANTILE)) / 2 * RHO_HEADROOM)))
+
+
+def exact_neighbours(q_ids: np.ndarray, queries: np.ndarray, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray],
+                     k: int, block: int = 65_536) -> np.ndarray:
+    """Ids of the exact top k of each query over every vector of `ids` (itself excluded), -1 padded."""
+    import torch
+
+    q = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
+    best_s = torch.full((len(q_ids), 0), -math.inf)
+    best_i = torch.full((len(q_ids), 0), -1, dtype=torch.int64)
+    own = torch.from_numpy(q_ids)
+    for start in range(0, len(ids), block):
+        b = torch.from_numpy(ids[start : start + block])
+        s = q @ torch.from_numpy(read(ids[start : start + block])).T
+        s[own[:, None] == b[None, :]] = -math.inf
+        s = torch.cat([best_s, s], dim=1)
+        i = torch.cat([best_i, b.expand(len(q_ids), -1)], dim=1)
+        top = torch.topk(s, min(k, s.shape[1]), dim=1)
+        best_s, best_i = top.values, torch.gather(i, 1, top.indices)
+    return np.where(np.isfinite(best_s.numpy()), best_i.numpy(), -1)
+
+
+def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], centroids: np.ndarray, radius: float,
+           rho: float, progress: bool = False) -> Plan:
+    """Home cell of every vector, and the cells it probes: g_j <= rho * radius * ||c_home - c_j||."""
+    from tqdm import tqdm
+
+    import torch
+
+    spread = _centroid_distances(centroids) * np.float32(rho * radius)
+    widest = torch.from_numpy(spread.max(axis=1))
+    cents = torch.from_numpy(centroids)
+    home = np.empty(len(ids), np.int32)
+    pos_parts: list[np.ndarray] = []
+    cell_parts: list[np.ndarray] = []
+    for start in tqdm(range(0, len(ids), ASSIGN_BLOCK), desc="k-NN graph: cells", unit="block",
+                      disable=not progress):
+        s = torch.from_numpy(read(ids[start : start + ASSIGN_BLOCK])) @ cents.T
+        best, h = s.max(dim=1)
+        home[start : start + len(s)] = h.numpy()
+        # a cheap first cut by the widest spread of each home, then the exact bound on what is left
+        r, c = torch.nonzero(s >= (best - widest[h])[:, None], as_tuple=True)
+        r, c = r.numpy(), c.numpy()
+        hr = h.numpy()[r]
+        ok = (c != hr) & (best.numpy()[r] - s.numpy()[r, c] <= spread[hr, c])
+        pos_parts.append((r[ok] + start).astype(np.int64))
+        cell_parts.append(c[ok].astype(np.int32))
+    pos = np.concatenate(pos_parts) if pos_parts else np.empty(0, np.int64)
+    cell = np.concatenate(cell_parts) if cell_parts else np.empty(0, np.int32)
+    order = np.argsort(cell.astype(np.int64) * len(ids) + pos)  # by (cell, position)
+    return Plan(centroids, home, pos[order], cell[order], rho)
+
+
+def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan, k: int, threshold: float,
+          extra: Any, progress: bool) -> tuple["DirectedSink", list[Edges]]:
+    import torch
+    from tqdm import tqdm
+
+    cells = len(plan.centroids)
+    members_order = np.argsort(plan.home, kind="stable")
+    m_bounds = np.searchsorted(plan.home[members_order], np.arange(cells + 1))
+    v_bounds = np.searchsorted(plan.probe_cell, np.arange(cells + 1))
+    sink = DirectedSink(len(ids))
+    ref_edges: list[Edges] = []
+    low = np.float32(threshold - BF16_SLACK)
+    for j in tqdm(range(cells), desc="k-NN graph: join", unit="cell", disable=not progress):
+        members = members_order[m_bounds[j] : m_bounds[j + 1]]
+        if not len(members):
+            continue
+        visitors = plan.probe_pos[v_bounds[j] : v_bounds[j + 1]]
+        rows = np.concatenate([members, visitors])
+        x_rows = read(ids[rows])
+        x_cols = x_rows[: len(members)]
+        cols_t = torch.from_numpy(x_cols).to(torch.bfloat16).T.contiguous()
+        rows_bf = torch.from_numpy(x_rows).to(torch.bfloat16)
+        for r0 in range(0, len(rows), ROW_BLOCK):
+            r1 = min(len(rows), r0 + ROW_BLOCK)
+            for c0 in range(0, len(members), COL_BLOCK):
+                c1 = min(len(members), c0 + COL_BLOCK)
+                s = rows_bf[r0:r1] @ cols_t[:, c0:c1]
+                if r0 < len(members):
+                    s.diagonal(r0 - c0).fill_(-1.0)  # members against themselves: (r, r) globally
+                if float(s.max()) < low:
+                    continue
+                hit = torch.nonzero(s >= float(low)).numpy()
+                if not len(hit):
+                    continue
+                ri, ci = hit[:, 0] + r0, hit[:, 1] + c0
+                sims = np.einsum("nd,nd->n", x_rows[ri], x_cols[ci])
+                keep = sims >= threshold
+                src, dst, sims = rows[ri[keep]], members[ci[keep]], sims[keep]
+                if len(src) > k * (r1 - r0):
+                    src, dst, sims = _topk_per_row(src, dst, sims, k)
+                sink.add(src, dst, sims)
+    if extra is not None:
+        ref_index, offset = extra
+        kk = min(k, ref_index.ntotal)
+        if kk:
+            for start in range(0, len(ids), ASSIGN_BLOCK):
+                chunk = ids[start : start + ASSIGN_BLOCK]
+                s2, n2 = ref_index.search(read(chunk), kk)
+                ref_edges.append(_above(chunk, s2, np.where(n2 >= 0, n2 + offset, -1), threshold))
+    return sink, ref_edges
+
+
+class DirectedSink:
+    """Directed (position, position, cosine) hits, kept to the k best per source position at the end.
+
+    A source meets its neighbours in several cells, so its k best are only known once every cell is
+    joined. Past SPILL_EDGES hits they go to disk in SPILL_PARTS source ranges; each range is cut to
+    k per source on its own (a source lives in one range), then the survivors become canonical edges.
+    """
+
+    PARTS = 16
+
+    def __init__(self, n: int, limit: int | None = None):
+        self.n = n
+        self.limit = SPILL_EDGES if limit is None else limit
+        self.width = max(1, -(-n // self.PARTS))
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.held = 0
+        self.folder: Path | None = None
+        self.files: list[list[Path]] = [[] for _ in range(self.PARTS)]
+
+    def add(self, src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> None:
+        if not len(src):
+            return
+        self.parts.append((src.astype(np.int64), dst.astype(np.int64), sim.astype(np.float32)))
+        self.held += len(src)
+        if self.held >= self.limit:
+            self._spill()
+
+    def _take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.parts:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        out = tuple(np.concatenate([p[i] for p in self.parts]) for i in range(3))
+        self.parts, self.held = [], 0
+        return out  # type: ignore[return-value]
+
+    def _spill(self) -> None:
+        src, dst, sim = self._take()
+        if not len(src):
+            return
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="retrieval-hits-"))
+            logger.info("k-NN graph: more than %d hits, writing them to %s", self.limit, self.folder)
+        part = np.minimum(src // self.width, self.PARTS - 1)
+        for p in np.unique(part).tolist():
+            sel = part == p
+            path = self.folder / f"p{p:02d}-{len(self.files[p]):05d}.npz"
+            np.savez(path, src=src[sel], dst=dst[sel], sim=sim[sel])
+            self.files[p].append(path)
+
+    def result(self, k: int, ids: np.ndarray) -> Edges:
+        """The k best per source, as canonical edges between image ids."""
+        edges = EdgeSink(int(ids.max()) + 1 if len(ids) else 1)
+
+        def emit(src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> None:
+            if len(src):
+                src, dst, sim = _topk_per_row(src, dst, sim, k)
+                edges.add(Edges(ids[src], ids[dst], clip_cosine(sim).astype(np.float32)))
+
+        if self.folder is None:
+            emit(*self._take())
+            return edges.result()
+        self._spill()
+        try:
+            for files in self.files:
+                pieces = []
+                for f in files:
+                    with np.load(f) as d:
+                        pieces.append((d["src"], d["dst"], d["sim"]))
+                if pieces:
+                    emit(*(np.concatenate([p[i] for p in pieces]) for i in range(3)))
+                for f in files:
+                    f.unlink()
+            return edges.result()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None

@@ -1,0 +1,162 @@
+"""The partitioned join (retrieval.curation.partition) against brute force, and its use by `dedup`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.curation import partition
+from retrieval.curation.graph import brute_force_edges, sampled_edge_recall
+from retrieval.curation.partition import DirectedSink, n_cells, partition_edges
+from tests.retrieval.curation.test_graph_oracles import planted_vectors
+
+
+def _pairs(e) -> set[tuple[int, int]]:
+    return set(zip(e.src.tolist(), e.dst.tolist()))
+
+
+def _reader(x: np.ndarray, ids: np.ndarray):
+    rows = {int(i): r for r, i in enumerate(ids)}
+    return lambda q: x[[rows[int(i)] for i in q]]
+
+
+def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With rho = 1 the probes follow the triangle inequality (every cell a neighbour within the radius can
+    live in), so the edges must be brute force's exactly: the join, the bfloat16 pre-filter and the k best
+    per vector across cells lose nothing."""
+    monkeypatch.setattr(partition, "RHO_MIN", 1.0)
+    n, dim = 3000, 32
+    x = planted_vectors(n, dim, n_groups=120, per_group=5, noise=0.07, seed=11)
+    ids = np.arange(n, dtype=np.int64) * 2 + 7
+    read = _reader(x, ids)
+    assert n_cells(n) > 16  # a real partition, not one cell
+    for k, threshold in [(64, 0.9), (2, 0.9), (3, 0.6)]:
+        stats: dict = {}
+        got = partition_edges(ids, read, k, threshold, stats=stats)
+        want = brute_force_edges(ids, x, threshold, k=k)
+        assert len(want) > 100
+        assert _pairs(got) == _pairs(want), (k, threshold)
+        np.testing.assert_allclose(got.sim, want.sim, atol=1e-5)
+        assert stats["probe_rho"] == 1.0 and stats["cells"] == n_cells(n)
+
+
+def test_pairs_at_the_threshold_are_decided_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pairs planted within +-0.004 of the threshold (inside bfloat16's rounding) fall on the side their
+    float32 cosine says."""
+    monkeypatch.setattr(partition, "RHO_MIN", 1.0)
+    rng = np.random.default_rng(5)
+    n, dim, t = 2500, 48, 0.93
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cosines = t + rng.uniform(-0.004, 0.004, 300)
+    for j, c in enumerate(cosines):
+        a = x[2 * j]
+        u = rng.normal(size=dim).astype(np.float32)
+        u -= (u @ a) * a
+        u /= np.linalg.norm(u)
+        x[2 * j + 1] = c * a + np.sqrt(1 - c * c) * u
+    ids = np.arange(n, dtype=np.int64)
+    got = partition_edges(ids, lambda q: x[q], 64, t)
+    want = brute_force_edges(ids, x, t, k=64)
+    assert 100 < len(want) < 300
+    assert _pairs(got) == _pairs(want)
+
+
+def test_calibrated_probes_find_planted_copies_and_report_the_partition() -> None:
+    n, dim = 6000, 64
+    x = planted_vectors(n, dim, n_groups=300, per_group=3, noise=0.05, seed=2)
+    ids = np.arange(n, dtype=np.int64)
+    read = lambda q: x[np.asarray(q)]  # noqa: E731
+    stats: dict = {}
+    got = partition_edges(ids, read, 64, 0.9, stats=stats)
+    want = brute_force_edges(ids, x, 0.9, k=64)
+    assert _pairs(got) <= _pairs(want)  # never an edge brute force does not have
+    assert len(_pairs(got)) >= 0.995 * len(want)
+    assert stats["candidates"] == "partitioned join"
+    assert partition.RHO_MIN <= stats["probe_rho"] < 1.0
+    assert 1.0 <= stats["probes_per_vector"] < stats["cells"]
+    assert set(stats["partition_s"]) == {"train", "calibrate", "assign", "join"}
+    assert sampled_edge_recall(got, ids, read, 64, 0.9, sample=500)["recall"] >= 0.99
+
+
+def test_many_copies_keep_k_per_vector_across_cells(monkeypatch: pytest.MonkeyPatch) -> None:
+    """400 near-identical vectors spread over several cells: each keeps its k best over all cells met."""
+    monkeypatch.setattr(partition, "RHO_MIN", 1.0)
+    rng = np.random.default_rng(9)
+    n, dim = 3000, 32
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    x[:400] = x[0] / np.linalg.norm(x[0]) + rng.normal(0, 0.04, (400, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(n, dtype=np.int64)
+    got = partition_edges(ids, lambda q: x[q], 5, 0.9)
+    want = brute_force_edges(ids, x, 0.9, k=5)
+    assert _pairs(got) == _pairs(want)
+
+
+def test_spilled_hits_give_the_same_edges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(partition, "RHO_MIN", 1.0)
+    n, dim = 2500, 32
+    x = planted_vectors(n, dim, n_groups=100, per_group=6, noise=0.06, seed=4)
+    ids = np.arange(n, dtype=np.int64)
+    kept = partition_edges(ids, lambda q: x[q], 3, 0.85)
+    monkeypatch.setattr(partition, "SPILL_EDGES", 50)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    spilled = partition_edges(ids, lambda q: x[q], 3, 0.85)
+    assert _pairs(spilled) == _pairs(kept) and len(kept) > 100
+    assert not list(tmp_path.iterdir())  # the spill folder is gone
+
+
+def test_directed_sink_keeps_k_best_per_source_over_parts() -> None:
+    sink = DirectedSink(10, limit=3)
+    ids = np.arange(10, dtype=np.int64) * 10
+    sink.add(np.array([0, 0]), np.array([1, 2]), np.array([0.91, 0.99], np.float32))
+    sink.add(np.array([0, 5]), np.array([3, 9]), np.array([0.95, 0.97], np.float32))
+    sink.add(np.array([9]), np.array([5]), np.array([0.97], np.float32))
+    out = sink.result(2, ids)
+    assert _pairs(out) == {(0, 20), (0, 30), (50, 90)}
+
+
+def test_reference_set_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    n, dim = 2000, 32
+    x = planted_vectors(n, dim, n_groups=0, per_group=1, noise=0.0, seed=8)
+    ref = x[:50] + np.random.default_rng(1).normal(0, 0.02, (50, dim)).astype(np.float32)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(ref)
+    ids = np.arange(n, dtype=np.int64)
+    got = partition_edges(ids, lambda q: x[q], 64, 0.9, extra=(flat, 10_000))
+    assert _pairs(got) == {(i, 10_000 + i) for i in range(50)}
+
+
+def test_dedup_uses_the_partition_without_the_faiss_index(planted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above MIN_VECTORS on CPU, `dedup` joins the vectors file and never loads the FAISS index; the groups
+    are those of the index path."""
+    from retrieval import ann
+    from retrieval.curation.dedup import DedupOptions, run_dedup
+    from retrieval.layout import IndexLayout
+    from retrieval.search import IndexReader
+
+    _, index_dir, _ = planted
+    opts = DedupOptions(threshold=0.95, use_gpu=False, force=True)
+
+    def groups(run: dict) -> tuple:
+        return (run["groups"], run["images_in_groups"], run["removed_by_reason"])
+
+    reader = IndexReader(IndexLayout(index_dir), writable=True)
+    by_index = run_dedup(reader, opts).counts
+    reader.close()
+    assert by_index["graph"]["candidates"] == "exact scan"
+    monkeypatch.setattr(partition, "MIN_VECTORS", 2)
+    monkeypatch.setattr(ann, "load_index", lambda *a, **k: (_ for _ in ()).throw(AssertionError("FAISS loaded")))
+    reader = IndexReader(IndexLayout(index_dir), writable=True)
+    by_join = run_dedup(reader, opts).counts
+    reader.close()
+    assert by_join["graph"]["candidates"] == "partitioned join"
+    assert by_join["graph"]["edge_recall_sample"]["queries"] > 0
+    assert groups(by_join) == groups(by_index)
+    json.dumps(by_join)  # the run record stays JSON
