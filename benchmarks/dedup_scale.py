@@ -397,7 +397,8 @@ def save(results: list[dict[str, Any]], peers: list[dict[str, Any]], quick: bool
         old_path = RESULTS / ("dedup_scale" + ("_quick" if quick else "") + ".json")
         if old_path.exists():
             old = json.loads(old_path.read_text())
-            results = results or old.get("sizes", [])
+            measured = {r["n"] for r in results}  # sizes this run measured replace their old rows only
+            results = sorted([r for r in old.get("sizes", []) if r["n"] not in measured] + results, key=lambda r: r["n"])
             peers = peers or old.get("side_by_side", [])
     if not results and not peers:
         return None

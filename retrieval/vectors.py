@@ -286,6 +286,57 @@ class VectorStore:
             yield chunk, self.read(chunk)
 
 
+FILE_RSS_BUDGET = 1 << 30  # mapped vector pages a long scan may keep resident before it unmaps the file
+
+
+def _file_rss_bytes() -> int | None:
+    """File-backed and shared resident memory of this process (/proc/self/statm), None off Linux."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[2]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class BoundedReader:
+    """`store.read` for scans that touch the whole file: the mapped pages it leaves resident are kept
+    near `budget` bytes by unmapping the file (`VectorStore.release`) whenever they grow past it.
+
+    A read of scattered rows faults in far more than the rows (the kernel maps whole folios around
+    each), so without this a scan of a 10M-vector file ends with all of it counted in the process's
+    RSS. Reads go in CHUNK_ROWS pieces with a look at /proc/self/statm after each, so the overshoot is
+    one piece's pages. The pages stay in the page cache.
+    Example:
+        read = BoundedReader(reader.vectors)
+        vectors = read(ids)
+    """
+
+    CHUNK_ROWS = 512
+
+    def __init__(self, store: "VectorStore", budget: int = FILE_RSS_BUDGET):
+        self.store = store
+        self.budget = budget
+        store.release()
+        self._base = _file_rss_bytes()  # libraries and other maps, resident before the scan
+
+    def __call__(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._base is None or len(ids) <= self.CHUNK_ROWS:
+            out = self.store.read(ids)
+            self._check()
+            return out
+        out = np.empty((len(ids), self.store.dim), np.float32)
+        for start in range(0, len(ids), self.CHUNK_ROWS):
+            out[start : start + self.CHUNK_ROWS] = self.store.read(ids[start : start + self.CHUNK_ROWS])
+            self._check()
+        return out
+
+    def _check(self) -> None:
+        now = _file_rss_bytes()
+        if now is not None and self._base is not None and now - self._base > self.budget:
+            self.store.release()
+
+
 def role_vectors(layout, role: str = "search", dim: int | None = None) -> VectorStore:  # noqa: ANN001 - IndexLayout
     """The vector store of an embedder role in an index folder (the search role reads a legacy
     `vectors.f16` until its first write converts it)."""

@@ -34,7 +34,7 @@ from retrieval.curation.policy import DEFAULT_POLICY, check_policy
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
 from retrieval.sources.open import source_id
-from retrieval.vectors import clip_cosine
+from retrieval.vectors import BoundedReader, clip_cosine
 from retrieval.store import (
     DedupRun,
     DuplicateGroup,
@@ -365,6 +365,8 @@ def _compute(reader: IndexReader, opts: DedupOptions,
         stage = "copy" if role_name == "copy" else "embedding"
     else:
         role_name, read, dim, stage = role.name, role.read, role.dim, role.stage
+    # scans over the whole vector file keep only a bounded share of it resident in this process
+    read = BoundedReader(reader.copy_vectors if role_name == "copy" else reader.vectors)
     warnings: list[dict[str, Any]] = []
     verifying = bool(opts.verify) and role is not None and role_name == "copy"
     band = Edges.empty()
@@ -460,17 +462,15 @@ def _compute(reader: IndexReader, opts: DedupOptions,
         if method == "partition":
             from retrieval.curation.partition import partition_edges
 
-            emb = partition_edges(query_ids, role.read, k, low, extra, stats=graph_stats, progress=opts.progress,
-                                  release=role.vectors.release)
+            emb = partition_edges(query_ids, read, k, low, extra, stats=graph_stats, progress=opts.progress)
         else:
             emb = knn_edges(role.index, query_ids, role.read, k, low, opts.batch, opts.progress, extra,
                             stats=graph_stats, ray=on_ray) if len(query_ids) else Edges.empty()
         approximate = method == "partition" or (len(query_ids) > 0 and not scores_are_exact(role.index))
         if opts.recall_sample > 0 and len(query_ids) and approximate:
             t_recall = time.perf_counter()
-            graph_stats["edge_recall_sample"] = sampled_edge_recall(emb, query_ids, role.read, k, low,
-                                                                    sample=opts.recall_sample,
-                                                                    release=role.vectors.release)
+            graph_stats["edge_recall_sample"] = sampled_edge_recall(emb, query_ids, read, k, low,
+                                                                    sample=opts.recall_sample)
             timings["graph_recall_check_s"] = time.perf_counter() - t_recall
         # A FAISS id the database no longer holds (an index run killed before its sync) must not
         # become an edge: searchsorted below would map it onto an unrelated image.

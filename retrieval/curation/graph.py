@@ -505,15 +505,13 @@ def _edges_on_ray(address: str, ids: np.ndarray, job: ShardJob, progress: bool) 
 
 
 def sampled_edge_recall(edges: Edges, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int,
-                        threshold: float, sample: int = 256, block: int = 16_384, seed: int = 0,
-                        release: Callable[[], None] | None = None) -> dict[str, Any]:
+                        threshold: float, sample: int = 256, block: int = 16_384, seed: int = 0) -> dict[str, Any]:
     """Edge recall at the threshold against brute force, on `sample` query nodes.
 
     For each sampled node the exact top k (by a scan of every stored vector, in blocks of `block`
     rows, so memory stays O(sample * block)) gives the true edges at or above the threshold; the
     recall is the share of them present in `edges` (ids, canonical). This is the graph's loss from
-    the approximate index, measured in every run instead of assumed. `release` (a VectorStore's) is
-    called every few blocks so that the scan does not keep the whole mapped file resident.
+    the approximate index, measured in every run instead of assumed.
     """
     ids = np.asarray(ids, np.int64)
     if len(ids) < 2 or sample <= 0:
@@ -534,10 +532,6 @@ def sampled_edge_recall(edges: Edges, ids: np.ndarray, read: Callable[[np.ndarra
             top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
             s, i = np.take_along_axis(s, top, axis=1), np.take_along_axis(i, top, axis=1)
         best_s, best_i = s, i
-        if release is not None and (start // block) % 16 == 15:
-            release()
-    if release is not None:
-        release()
     rows, cols = np.nonzero(best_s >= threshold)
     a = np.minimum(q_ids[rows], best_i[rows, cols])
     b = np.maximum(q_ids[rows], best_i[rows, cols])

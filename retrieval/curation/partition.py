@@ -17,9 +17,10 @@ gathers. It reads only the vectors file, never the FAISS index.
    neighbours need not be above the threshold). rho = 1 would be exact by the triangle
    inequality but, in hundreds of dimensions, probes nearly every cell.
 3. Join: per cell, the rows (its members, then the visitors probing it) are multiplied with its
-   members in bfloat16 (AMX/AVX-512 where the CPU has them); a product within BF16_SLACK of the
-   threshold (a bound on bfloat16's rounding for unit vectors) is re-scored in float32, so the
-   result is the float32 answer for every pair the probes reach.
+   members (float32 BLAS through torch); a product within SLACK of the threshold is re-scored one
+   pair at a time, as every other path of the graph scores pairs, so a pair the probes reach is
+   decided exactly as brute force decides it. (bfloat16 products were slower here: oneDNN compiles
+   a kernel per matrix shape, and its kernel cache kept hundreds of MB.)
 4. Each vector keeps its k best (by cosine, ties by id) over all the cells it met; the edges are
    made canonical with graph.EdgeSink (spilled to disk when large).
 
@@ -54,12 +55,10 @@ RHO_QUANTILE = 0.99
 RHO_HEADROOM = 1.25
 RHO_MIN = 0.05
 ASSIGN_BLOCK = 4096  # vectors scored against every centroid at once (4096 x cells float32)
-ROW_BLOCK = 4096  # rows x columns of one bfloat16 product in the join
+ROW_BLOCK = 4096  # rows x columns of one product in the join
 COL_BLOCK = 8192
-# |bf16(x).bf16(y) - x.y| for |x|, |y| <= 1.001: inputs rounded with u = 2^-8 give at most (2u + u^2)|x||y|,
-# the bfloat16 output another u * |x.y|; 0.0125 covers both with room.
-BF16_SLACK = 0.0125
-RELEASE_ROWS = 1 << 18  # vector rows read between releases of the mapped file (its pages leave this process's RSS)
+# float32 products of unit vectors in a different summation order differ by at most ~d * 2^-24 (d <= 2048)
+SLACK = 1e-4
 
 
 @dataclass
@@ -81,21 +80,21 @@ def n_cells(n: int) -> int:
 
 def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int, threshold: float,
                     extra: Any = None, stats: dict[str, Any] | None = None, progress: bool = False,
-                    release: Callable[[], None] | None = None, seed: int = 0) -> Edges:
+                    seed: int = 0) -> Edges:
     """Edges (i, j, cosine) with j among the k most similar of i and cosine >= threshold.
 
-    `ids` sorted image ids, `read(ids)` their unit vectors (float32). `extra`: (flat reference index,
-    id offset), searched for every vector as in graph.knn_edges. `release`: called now and then to
-    drop the mapped vector file's pages from this process (they stay in the page cache).
+    `ids` sorted image ids, `read(ids)` their unit vectors (float32; a vectors.BoundedReader keeps the
+    mapped file's pages out of RSS). `extra`: (flat reference index, id offset), searched for every
+    vector as in graph.knn_edges.
     Example:
-        edges = partition_edges(ids, store.read, k=64, threshold=0.95)
+        edges = partition_edges(ids, BoundedReader(store), k=64, threshold=0.95)
     """
     ids = np.asarray(ids, np.int64)
     if len(ids) < 2:
         return Edges.empty()
     if np.any(np.diff(ids) <= 0):
         raise ValueError("ids must be sorted and unique")
-    reader = _Reader(read, release)
+    reader = _float32(read)
     radius = math.sqrt(max(0.0, 2.0 - 2.0 * threshold))
     cells = n_cells(len(ids))
     clock = _Clock()
@@ -114,8 +113,11 @@ def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k
     out = directed.result(k, ids)
     if ref_edges:
         out = Edges.concat([out, Edges.concat(ref_edges).canonical()]).canonical()
-    reader.release()
     return out
+
+
+def _float32(read: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda ids: np.ascontiguousarray(read(ids), dtype=np.float32)
 
 
 class _Clock:
@@ -133,25 +135,6 @@ class _Clock:
         self.seconds[name] = round(now - self._last, 2)
         self._last = now
         return value
-
-
-class _Reader:
-    """`read` plus a release of the mapped pages every RELEASE_ROWS rows."""
-
-    def __init__(self, read: Callable[[np.ndarray], np.ndarray], release: Callable[[], None] | None):
-        self._read, self._release, self._since = read, release, 0
-
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        out = np.ascontiguousarray(self._read(ids), dtype=np.float32)
-        self._since += len(ids)
-        if self._since >= RELEASE_ROWS:
-            self.release()
-        return out
-
-    def release(self) -> None:
-        self._since = 0
-        if self._release is not None:
-            self._release()
 
 
 def train_centroids(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: int, seed: int = 0) -> np.ndarray:
@@ -272,7 +255,7 @@ def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan,
     v_bounds = np.searchsorted(plan.probe_cell, np.arange(cells + 1))
     sink = DirectedSink(len(ids))
     ref_edges: list[Edges] = []
-    low = np.float32(threshold - BF16_SLACK)
+    low = np.float32(threshold - SLACK)
     for j in tqdm(range(cells), desc="k-NN graph: join", unit="cell", disable=not progress):
         members = members_order[m_bounds[j] : m_bounds[j + 1]]
         if not len(members):
@@ -281,13 +264,13 @@ def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan,
         rows = np.concatenate([members, visitors])
         x_rows = read(ids[rows])
         x_cols = x_rows[: len(members)]
-        cols_t = torch.from_numpy(x_cols).to(torch.bfloat16).T.contiguous()
-        rows_bf = torch.from_numpy(x_rows).to(torch.bfloat16)
+        cols_t = torch.from_numpy(x_cols).T
+        rows_t = torch.from_numpy(x_rows)
         for r0 in range(0, len(rows), ROW_BLOCK):
             r1 = min(len(rows), r0 + ROW_BLOCK)
             for c0 in range(0, len(members), COL_BLOCK):
                 c1 = min(len(members), c0 + COL_BLOCK)
-                s = rows_bf[r0:r1] @ cols_t[:, c0:c1]
+                s = rows_t[r0:r1] @ cols_t[:, c0:c1]
                 if r0 < len(members):
                     s.diagonal(r0 - c0).fill_(-1.0)  # members against themselves: (r, r) globally
                 if float(s.max()) < low:

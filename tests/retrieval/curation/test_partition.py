@@ -25,7 +25,7 @@ def _reader(x: np.ndarray, ids: np.ndarray):
 
 def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
     """With rho = 1 the probes follow the triangle inequality (every cell a neighbour within the radius can
-    live in), so the edges must be brute force's exactly: the join, the bfloat16 pre-filter and the k best
+    live in), so the edges must be brute force's exactly: the join, the pre-filter below the threshold and the k best
     per vector across cells lose nothing."""
     monkeypatch.setattr(partition, "RHO_MIN", 1.0)
     n, dim = 3000, 32
@@ -44,8 +44,7 @@ def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_pairs_at_the_threshold_are_decided_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pairs planted within +-0.004 of the threshold (inside bfloat16's rounding) fall on the side their
-    float32 cosine says."""
+    """Pairs planted within +-0.004 of the threshold fall on the side brute force puts them."""
     monkeypatch.setattr(partition, "RHO_MIN", 1.0)
     rng = np.random.default_rng(5)
     n, dim, t = 2500, 48, 0.93
