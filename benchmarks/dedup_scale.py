@@ -235,17 +235,19 @@ def graph_quality(corpus: dict[str, Any], groups: dict[int, int], k: int = 64, t
 
 def exact_topk(vecs: np.ndarray, rows: np.ndarray, k: int, block: int = 131_072) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k (inner product) of vecs[rows] over all of vecs, scanned in blocks (bounded memory)."""
-    q = np.asarray(vecs[rows], np.float32)
-    best_s = np.full((len(rows), 0), -np.inf, np.float32)
-    best_i = np.full((len(rows), 0), -1, np.int64)
+    import torch
+
+    q = torch.from_numpy(np.asarray(vecs[rows], np.float32))
+    best_s = torch.full((len(rows), 0), -np.inf)
+    best_i = torch.full((len(rows), 0), -1, dtype=torch.int64)
     for start in range(0, len(vecs), block):
-        s = q @ np.asarray(vecs[start : start + block], np.float32).T
-        i = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
-        s, i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i], axis=1)
-        top = np.argpartition(-s, min(k, s.shape[1]) - 1, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(s, top, axis=1), np.take_along_axis(i, top, axis=1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+        s = q @ torch.from_numpy(np.asarray(vecs[start : start + block], np.float32)).T
+        top = torch.topk(s, min(k, s.shape[1]), dim=1)
+        s = torch.cat([best_s, top.values], dim=1)
+        i = torch.cat([best_i, top.indices + start], dim=1)
+        keep = torch.topk(s, min(k, s.shape[1]), dim=1)
+        best_s, best_i = keep.values, torch.gather(i, 1, keep.indices)
+    return best_s.numpy(), best_i.numpy()
 
 
 def partition(labels: dict[int, int]) -> set[frozenset[int]]:

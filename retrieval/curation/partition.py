@@ -5,15 +5,17 @@ Why not the ANN index: at a dedup threshold the graph keeps only pairs a short d
 such a neighbour, and the work is dense matrix products instead of per-query list scans and
 gathers. It reads only the vectors file, never the FAISS index.
 
-1. Cells: spherical k-means (FAISS) on a sample; every vector goes to the cell of its most similar
-   centroid (its home).
+1. Cells: spherical k-means (FAISS) on a sample, in the vectors' top PROJECTED_DIM principal
+   directions (a projection never lengthens a difference, so the bound below still holds, and
+   assigning N vectors to the cells costs d' (d + cells) each instead of d * cells); every vector
+   goes to the cell of its most similar centroid (its home).
 2. Probes: y can lie in cell j only if x is near the boundary between its home i and j. The gap
    g_j(x) = <x, c_i> - <x, c_j> and the boundary's spread ||c_i - c_j|| say how near; for a pair
    (x, y) the two gaps sum to <x - y, c_i - c_j> = z ||x - y|| ||c_i - c_j||, where z is the cosine
    between the pair's difference and the centroids' difference. A pair is found from the side with
    the smaller gap, so probing every cell with g_j(x) <= rho * r * ||c_i - c_j|| finds each pair
    whose z <= 2 rho. rho is measured on every run: z of the exact nearest neighbours of sampled
-   vectors, whose largest value (halved, with headroom) becomes rho (z is scale-free: the
+   vectors, at its RHO_QUANTILE quantile, halved, with RHO_HEADROOM (z is scale-free: the
    neighbours need not be above the threshold). rho = 1 would be exact by the triangle
    inequality but, in hundreds of dimensions, probes nearly every cell.
 3. Join: per cell, the rows (its members, then the visitors probing it) are multiplied with its
@@ -45,8 +47,9 @@ from retrieval.vectors import clip_cosine
 logger = logging.getLogger(__name__)
 
 MIN_VECTORS = 20_000  # below this the exact scan (graph.scan_edges) is cheap enough
-CELLS_PER_ROOT_N = 2.0  # cells ~ 1.5 sqrt(N): balances assigning (N * cells) against joining (N^2 * probes / cells)
+CELLS_PER_ROOT_N = 3.0  # cells ~ 3 sqrt(N): balances assigning (N * cells) against joining (N^2 * probes / cells)
 MAX_CELLS = 16_384
+PROJECTED_DIM = 128  # principal directions the cells live in (Cells)
 TRAIN_POINTS_PER_CELL = 16  # k-means sample per cell (FAISS wants at least 39 to avoid a warning; it subsamples)
 KMEANS_ITERATIONS = 6
 CALIBRATION_QUERIES = 256
@@ -98,9 +101,9 @@ def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k
     radius = math.sqrt(max(0.0, 2.0 - 2.0 * threshold))
     cells = n_cells(len(ids))
     clock = _Clock()
-    centroids = clock("train", train_centroids(ids, reader, cells, seed))
-    rho = clock("calibrate", calibrate_rho(ids, reader, centroids, seed))
-    plan = clock("assign", assign(ids, reader, centroids, radius, rho, progress))
+    partition = clock("train", train_cells(ids, reader, cells, seed))
+    rho = clock("calibrate", calibrate_rho(ids, reader, partition, seed))
+    plan = clock("assign", assign(ids, reader, partition, radius, rho, progress))
     directed, ref_edges = clock("join", _join(ids, reader, plan, k, threshold, extra, progress))
     logger.info("k-NN graph: %d cells, %.2f probes per vector (rho %.3f); seconds per step %s", cells,
                 1.0 + len(plan.probe_pos) / len(ids), rho, clock.seconds)
@@ -137,27 +140,55 @@ class _Clock:
         return value
 
 
-def train_centroids(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: int, seed: int = 0) -> np.ndarray:
-    """Unit centroids of a spherical k-means (FAISS) on a sample of the vectors."""
+@dataclass
+class Cells:
+    """Unit centroids in the top principal directions of the vectors (`basis`, orthonormal columns).
+
+    Projecting onto orthonormal directions never lengthens a difference, so a pair within r stays
+    within r and the probe bound holds in the projected space; assigning then costs d' (d + cells)
+    per vector instead of d * cells.
+    """
+
+    centroids: np.ndarray  # (cells, d')
+    basis: np.ndarray | None  # (d, d'); None: the vectors themselves (d <= PROJECTED_DIM)
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        if self.basis is None:
+            return x
+        import torch
+
+        return (torch.from_numpy(x) @ torch.from_numpy(self.basis)).numpy()
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        return (torch.from_numpy(self.project(x)) @ torch.from_numpy(self.centroids).T).numpy()
+
+
+def train_cells(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: int, seed: int = 0) -> Cells:
+    """Spherical k-means (FAISS) on a sample of the vectors, in their top PROJECTED_DIM principal
+    directions (of the uncentred second moment: the directions cosine similarity lives in)."""
     import faiss
 
-    if cells == 1:
-        c = read(ids[:1])
-        return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(ids, size=min(len(ids), cells * TRAIN_POINTS_PER_CELL), replace=False))
+    sample = np.sort(rng.choice(ids, size=min(len(ids), max(cells, 1) * TRAIN_POINTS_PER_CELL), replace=False))
     x = np.concatenate([read(sample[s : s + 65_536]) for s in range(0, len(sample), 65_536)])
-    km = faiss.Kmeans(x.shape[1], cells, niter=KMEANS_ITERATIONS, spherical=True, seed=seed + 1,
-                      max_points_per_centroid=TRAIN_POINTS_PER_CELL, min_points_per_centroid=1, verbose=False)
-    km.train(x)
-    c = np.asarray(km.centroids, np.float32)
-    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-
-
-def _scores(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    import torch
-
-    return (torch.from_numpy(x) @ torch.from_numpy(centroids).T).numpy()
+    basis = None
+    if x.shape[1] > PROJECTED_DIM:
+        _, vecs = np.linalg.eigh((x.T @ x).astype(np.float64))
+        basis = np.ascontiguousarray(vecs[:, ::-1][:, :PROJECTED_DIM], dtype=np.float32)
+    out = Cells(np.empty((0, 0), np.float32), basis)
+    xp = out.project(x)
+    xp = xp / np.maximum(np.linalg.norm(xp, axis=1, keepdims=True), 1e-12)
+    if cells == 1:
+        c = xp[:1]
+    else:
+        km = faiss.Kmeans(xp.shape[1], cells, niter=KMEANS_ITERATIONS, spherical=True, seed=seed + 1,
+                          max_points_per_centroid=TRAIN_POINTS_PER_CELL, min_points_per_centroid=1, verbose=False)
+        km.train(np.ascontiguousarray(xp))
+        c = np.asarray(km.centroids, np.float32)
+    out.centroids = np.ascontiguousarray(c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12))
+    return out
 
 
 def _centroid_distances(centroids: np.ndarray) -> np.ndarray:
@@ -166,10 +197,10 @@ def _centroid_distances(centroids: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * g, 0.0)).astype(np.float32)
 
 
-def calibrate_rho(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], centroids: np.ndarray,
-                  seed: int = 0) -> float:
-    """The probe bound rho: half the largest z (module docstring) over the exact nearest neighbours of
-    sampled vectors whose homes differ, with RHO_HEADROOM; never below RHO_MIN, never above 1 (exact)."""
+def calibrate_rho(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cells, seed: int = 0) -> float:
+    """The probe bound rho: half the RHO_QUANTILE quantile of z (module docstring) over the exact nearest
+    neighbours of sampled vectors whose homes differ, with RHO_HEADROOM; never below RHO_MIN, never above
+    1 (exact). z uses the pair's full distance, since the bound is stated with the full radius r."""
     rng = np.random.default_rng(seed + 2)
     q_ids = np.sort(rng.choice(ids, size=min(CALIBRATION_QUERIES, len(ids)), replace=False))
     queries = read(q_ids)
@@ -181,14 +212,16 @@ def calibrate_rho(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cen
     if not len(a):
         return 1.0
     xa, xb = queries[a], read(b) if len(b) else np.empty((0, queries.shape[1]), np.float32)
-    sa, sb = _scores(xa, centroids), _scores(xb, centroids)
+    sa, sb = cells.scores(xa), cells.scores(xb)
     ha, hb = sa.argmax(1), sb.argmax(1)
     rows = np.arange(len(a))
     cross = ha != hb
     if not cross.any():
         return RHO_MIN
     gaps = (sa[rows, ha] - sa[rows, hb]) + (sb[rows, hb] - sb[rows, ha])
-    spread = np.linalg.norm(centroids[ha] - centroids[hb], axis=1) * np.linalg.norm(xa - xb, axis=1)
+    c = cells.centroids
+    # the full distance, not the projected one: the probe bound is stated in terms of r, the full radius
+    spread = np.linalg.norm(c[ha] - c[hb], axis=1) * np.linalg.norm(xa - xb, axis=1)
     z = gaps[cross] / np.maximum(spread[cross], 1e-12)
     return float(min(1.0, max(RHO_MIN, float(np.quantile(z, RHO_QUANTILE)) / 2 * RHO_HEADROOM)))
 
@@ -213,22 +246,22 @@ def exact_neighbours(q_ids: np.ndarray, queries: np.ndarray, ids: np.ndarray, re
     return np.where(np.isfinite(best_s.numpy()), best_i.numpy(), -1)
 
 
-def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], centroids: np.ndarray, radius: float,
+def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cells, radius: float,
            rho: float, progress: bool = False) -> Plan:
     """Home cell of every vector, and the cells it probes: g_j <= rho * radius * ||c_home - c_j||."""
     from tqdm import tqdm
 
     import torch
 
-    spread = _centroid_distances(centroids) * np.float32(rho * radius)
+    spread = _centroid_distances(cells.centroids) * np.float32(rho * radius)
     widest = torch.from_numpy(spread.max(axis=1))
-    cents = torch.from_numpy(centroids)
+    cents = torch.from_numpy(cells.centroids)
     home = np.empty(len(ids), np.int32)
     pos_parts: list[np.ndarray] = []
     cell_parts: list[np.ndarray] = []
     for start in tqdm(range(0, len(ids), ASSIGN_BLOCK), desc="k-NN graph: cells", unit="block",
                       disable=not progress):
-        s = torch.from_numpy(read(ids[start : start + ASSIGN_BLOCK])) @ cents.T
+        s = torch.from_numpy(cells.project(read(ids[start : start + ASSIGN_BLOCK]))) @ cents.T
         best, h = s.max(dim=1)
         home[start : start + len(s)] = h.numpy()
         # a cheap first cut by the widest spread of each home, then the exact bound on what is left
@@ -241,7 +274,7 @@ def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], centroids:
     pos = np.concatenate(pos_parts) if pos_parts else np.empty(0, np.int64)
     cell = np.concatenate(cell_parts) if cell_parts else np.empty(0, np.int32)
     order = np.argsort(cell.astype(np.int64) * len(ids) + pos)  # by (cell, position)
-    return Plan(centroids, home, pos[order], cell[order], rho)
+    return Plan(cells.centroids, home, pos[order], cell[order], rho)
 
 
 def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan, k: int, threshold: float,
@@ -273,12 +306,11 @@ def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan,
                 s = rows_t[r0:r1] @ cols_t[:, c0:c1]
                 if r0 < len(members):
                     s.diagonal(r0 - c0).fill_(-1.0)  # members against themselves: (r, r) globally
-                if float(s.max()) < low:
+                near = torch.nonzero(s.amax(dim=1) >= float(low)).flatten()  # rows with a hit: one pass
+                if not len(near):
                     continue
-                hit = torch.nonzero(s >= float(low)).numpy()
-                if not len(hit):
-                    continue
-                ri, ci = hit[:, 0] + r0, hit[:, 1] + c0
+                hit = torch.nonzero(s[near] >= float(low)).numpy()
+                ri, ci = near.numpy()[hit[:, 0]] + r0, hit[:, 1] + c0
                 sims = np.einsum("nd,nd->n", x_rows[ri], x_cols[ci])
                 keep = sims >= threshold
                 src, dst, sims = rows[ri[keep]], members[ci[keep]], sims[keep]

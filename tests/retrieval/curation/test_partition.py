@@ -23,11 +23,14 @@ def _reader(x: np.ndarray, ids: np.ndarray):
     return lambda q: x[[rows[int(i)] for i in q]]
 
 
-def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("projected_dim", [64, 8])
+def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch, projected_dim: int) -> None:
     """With rho = 1 the probes follow the triangle inequality (every cell a neighbour within the radius can
-    live in), so the edges must be brute force's exactly: the join, the pre-filter below the threshold and the k best
-    per vector across cells lose nothing."""
+    live in), so the edges must be brute force's exactly: the join, the pre-filter below the threshold and
+    the k best per vector across cells lose nothing; nor do cells made in 8 principal directions of the
+    32 (a projection never lengthens a difference)."""
     monkeypatch.setattr(partition, "RHO_MIN", 1.0)
+    monkeypatch.setattr(partition, "PROJECTED_DIM", projected_dim)
     n, dim = 3000, 32
     x = planted_vectors(n, dim, n_groups=120, per_group=5, noise=0.07, seed=11)
     ids = np.arange(n, dtype=np.int64) * 2 + 7
