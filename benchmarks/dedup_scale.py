@@ -99,8 +99,9 @@ def build_index_dir(root: Path, corpus: dict[str, Any], ann_index: bool | None =
     """An index directory as `retrieval index` would leave it, written straight from the arrays.
 
     `ann_index`: also build the FAISS index (`sync_index` with default settings). By default only where
-    the dedup reads it: below partition.MIN_VECTORS (larger corpora are joined from the vectors file,
-    and the index build, about half an hour at 1M on two cores, measures the indexer, not the dedup)."""
+    the dedup reads it: where the index is flat (below the default exact threshold) or below
+    partition.MIN_VECTORS; larger corpora are joined from the vectors file, and the index build (about
+    half an hour at 1M on two cores) measures the indexer, not the dedup."""
     from retrieval.curation import partition
     from sqlalchemy import insert
 
@@ -133,7 +134,7 @@ def build_index_dir(root: Path, corpus: dict[str, Any], ann_index: bool | None =
         vector_store.write(np.arange(start + 1, stop + 1), np.asarray(vecs[start:stop], np.float32))
     write_s = time.perf_counter() - t
     if ann_index is None:
-        ann_index = n < partition.MIN_VECTORS
+        ann_index = n < max(partition.MIN_VECTORS, Settings().exact_threshold)
     if not ann_index:
         store.close()
         return {"write_rows_and_vectors_s": round(write_s, 1), "index_build_s": None,

@@ -315,9 +315,9 @@ def _dedup_scale(d: dict[str, Any]) -> list[str]:
     desc = ("`benchmarks/dedup_scale.py`: `retrieval dedup` with its defaults (sha256 + pHash + k = 64 k-NN graph "
             f"at cosine >= 0.95 + groups in SQLite, pixel stage off) over N = {', '.join(_n(s['n']) for s in sizes)} "
             f"synthetic clustered vectors (d = {', '.join(map(str, dims))}) with 1% planted copies; the FAISS index is "
-            "built first and timed apart where the dedup reads it (below 20k vectors; above, the graph is a "
-            "partitioned join of the vectors file and needs no index); the dedup runs in a child process of "
-            "its own (its peak RSS).")
+            "built first and timed apart where the dedup reads it (a flat index, below 50k vectors: an exact scan; "
+            "above, the graph is a partitioned join of the vectors file and needs no index); the dedup runs in "
+            "a child process of its own (its peak RSS).")
     rows = []
     for s in sizes:
         dd = s["dedup"]

@@ -335,6 +335,8 @@ class BoundedReader:
         now = _file_rss_bytes()
         if now is not None and self._base is not None and now - self._base > self.budget:
             self.store.release()
+            # other maps may have grown meanwhile (a model, an index): the budget counts from here
+            self._base = _file_rss_bytes()
 
 
 def role_vectors(layout, role: str = "search", dim: int | None = None) -> VectorStore:  # noqa: ANN001 - IndexLayout

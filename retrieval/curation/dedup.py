@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from retrieval import runs
+from retrieval import ann, runs
 from retrieval.curation import hashing
 from retrieval.curation.graph import Edges, RayGraph, knn_edges, maybe_gpu, sampled_edge_recall, scores_are_exact
 from retrieval.curation.hamming import range_pairs_dihedral
@@ -253,14 +253,16 @@ def _role_view(reader: IndexReader, role: str, use_gpu: bool) -> RoleView:
                     lambda: maybe_gpu(reader.index, use_gpu), reader.vectors, True)
 
 
-def graph_method(n: int, opts: DedupOptions) -> str:
+def graph_method(n: int, opts: DedupOptions, spec: Any = None) -> str:
     """How the k-NN graph is built: `partition` (retrieval.curation.partition: the vectors file only)
     on CPU from MIN_VECTORS up; `index` (graph.knn_edges through the FAISS index) for small corpora,
-    on a GPU, and on a Ray cluster."""
+    where the index is flat (an exact scan: the user asked for exact search there), on a GPU, and
+    on a Ray cluster."""
     from retrieval import ann
     from retrieval.curation import partition
 
-    if opts.ray is not None or n < partition.MIN_VECTORS or (opts.use_gpu and ann.gpu_count()):
+    flat = spec is not None and getattr(spec, "kind", None) == "flat"
+    if opts.ray is not None or n < partition.MIN_VECTORS or flat or (opts.use_gpu and ann.gpu_count()):
         return "index"
     return "partition"
 
@@ -458,13 +460,14 @@ def _compute(reader: IndexReader, opts: DedupOptions,
             else:
                 on_ray = RayGraph(opts.ray, str(reader.layout.faiss_path.resolve()), reader.nprobe, reader.vectors)
         low = min(threshold, opts.verify_floor) if verifying else threshold
-        method = graph_method(len(query_ids), opts)
+        spec_data = reader.meta.get("copy_index" if role.name == "copy" else "index")
+        method = graph_method(len(query_ids), opts, ann.IndexSpec.from_dict(spec_data) if spec_data else None)
         if method == "partition":
             from retrieval.curation.partition import partition_edges
 
             emb = partition_edges(query_ids, read, k, low, extra, stats=graph_stats, progress=opts.progress)
         else:
-            emb = knn_edges(role.index, query_ids, role.read, k, low, opts.batch, opts.progress, extra,
+            emb = knn_edges(role.index, query_ids, read, k, low, opts.batch, opts.progress, extra,
                             stats=graph_stats, ray=on_ray) if len(query_ids) else Edges.empty()
         approximate = method == "partition" or (len(query_ids) > 0 and not scores_are_exact(role.index))
         if opts.recall_sample > 0 and len(query_ids) and approximate:

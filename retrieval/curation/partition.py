@@ -16,15 +16,17 @@ gathers. It reads only the vectors file, never the FAISS index.
    the smaller gap, so probing every cell with g_j(x) <= rho * r * ||c_i - c_j|| finds each pair
    whose z <= 2 rho. rho is measured on every run: z of the exact nearest neighbours of sampled
    vectors, at its RHO_QUANTILE quantile, halved, with RHO_HEADROOM (z is scale-free: the
-   neighbours need not be above the threshold). rho = 1 would be exact by the triangle
-   inequality but, in hundreds of dimensions, probes nearly every cell.
+   neighbours need not be above the threshold). rho = 1/2 is exact (the two gaps sum to at most
+   r ||c_i - c_j||) but, in hundreds of dimensions, probes nearly every cell.
 3. Join: per cell, the rows (its members, then the visitors probing it) are multiplied with its
    members (float32 BLAS through torch); a product within SLACK of the threshold is re-scored one
-   pair at a time, as every other path of the graph scores pairs, so a pair the probes reach is
-   decided exactly as brute force decides it. (bfloat16 products were slower here: oneDNN compiles
+   pair at a time, as brute force scores pairs, so a pair the probes reach falls on the side of
+   the threshold brute force puts it. (bfloat16 products were slower here: oneDNN compiles
    a kernel per matrix shape, and its kernel cache kept hundreds of MB.)
-4. Each vector keeps its k best (by cosine, ties by id) over all the cells it met; the edges are
-   made canonical with graph.EdgeSink (spilled to disk when large).
+   A visitor's hit is recorded both ways, since the member may never probe the visitor's cell.
+   Within a block a row keeps at most its k largest products, so a cell of copies costs k per row.
+4. Each vector keeps its k best (by cosine, ties by id) over every hit it took part in; the edges
+   are made canonical with graph.EdgeSink (both spill to disk when large).
 
 The loss is in step 2 only; `retrieval dedup` measures it on every run (graph.sampled_edge_recall).
 """
@@ -57,11 +59,13 @@ CALIBRATION_NEIGHBOURS = 10
 RHO_QUANTILE = 0.99
 RHO_HEADROOM = 1.25
 RHO_MIN = 0.05
+RHO_EXACT = 0.5  # g_x + g_y <= r ||c_i - c_j||, so one side's gap is at most half: every pair is found
+GATHER_PAIRS = 1 << 15  # pairs re-scored at once
 ASSIGN_BLOCK = 4096  # vectors scored against every centroid at once (4096 x cells float32)
 ROW_BLOCK = 4096  # rows x columns of one product in the join
 COL_BLOCK = 8192
-# float32 products of unit vectors in a different summation order differ by at most ~d * 2^-24 (d <= 2048)
-SLACK = 1e-4
+# float32 products of unit vectors in another summation order differ by at most ~d * 2^-24 (4096 dims: 2.4e-4)
+SLACK = 2.5e-4
 
 
 @dataclass
@@ -104,18 +108,23 @@ def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k
     partition = clock("train", train_cells(ids, reader, cells, seed))
     rho = clock("calibrate", calibrate_rho(ids, reader, partition, seed))
     plan = clock("assign", assign(ids, reader, partition, radius, rho, progress))
-    directed, ref_edges = clock("join", _join(ids, reader, plan, k, threshold, extra, progress))
-    logger.info("k-NN graph: %d cells, %.2f probes per vector (rho %.3f); seconds per step %s", cells,
-                1.0 + len(plan.probe_pos) / len(ids), rho, clock.seconds)
+    probes = 1.0 + len(plan.probe_pos) / len(ids)
+    sink = DirectedSink(len(ids), k)
+    try:
+        clock("join", _join(ids, reader, plan, k, threshold, sink, progress))
+        del plan
+        ref = _reference_edges(ids, reader, extra, k, threshold) if extra is not None else []
+        out = sink.result(ids, ref)
+    finally:
+        sink.close()
+    logger.info("k-NN graph: %d cells, %.2f probes per vector (rho %.3f); seconds per step %s", cells, probes, rho,
+                clock.seconds)
     if stats is not None:
         stats["partition_s"] = clock.seconds
         stats["candidates"] = "partitioned join"
         stats["cells"] = cells
         stats["probe_rho"] = round(rho, 4)
-        stats["probes_per_vector"] = round(1.0 + len(plan.probe_pos) / len(ids), 3)
-    out = directed.result(k, ids)
-    if ref_edges:
-        out = Edges.concat([out, Edges.concat(ref_edges).canonical()]).canonical()
+        stats["probes_per_vector"] = round(probes, 3)
     return out
 
 
@@ -192,9 +201,14 @@ def train_cells(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells
 
 
 def _centroid_distances(centroids: np.ndarray) -> np.ndarray:
-    g = centroids @ centroids.T
+    """cells x cells float32, computed in place (at 10k cells each temporary would be 400 MB)."""
+    d = centroids @ centroids.T
     sq = np.einsum("cd,cd->c", centroids, centroids)
-    return np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * g, 0.0)).astype(np.float32)
+    d *= -2
+    d += sq[:, None]
+    d += sq[None, :]
+    np.maximum(d, 0.0, out=d)
+    return np.sqrt(d, out=d).astype(np.float32, copy=False)
 
 
 def calibrate_rho(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cells, seed: int = 0) -> float:
@@ -210,20 +224,20 @@ def calibrate_rho(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cel
     valid = b >= 0
     a, b = a[valid], b[valid]
     if not len(a):
-        return 1.0
+        return RHO_EXACT
     xa, xb = queries[a], read(b) if len(b) else np.empty((0, queries.shape[1]), np.float32)
     sa, sb = cells.scores(xa), cells.scores(xb)
     ha, hb = sa.argmax(1), sb.argmax(1)
     rows = np.arange(len(a))
     cross = ha != hb
     if not cross.any():
-        return RHO_MIN
+        return min(RHO_MIN, RHO_EXACT)
     gaps = (sa[rows, ha] - sa[rows, hb]) + (sb[rows, hb] - sb[rows, ha])
     c = cells.centroids
     # the full distance, not the projected one: the probe bound is stated in terms of r, the full radius
     spread = np.linalg.norm(c[ha] - c[hb], axis=1) * np.linalg.norm(xa - xb, axis=1)
     z = gaps[cross] / np.maximum(spread[cross], 1e-12)
-    return float(min(1.0, max(RHO_MIN, float(np.quantile(z, RHO_QUANTILE)) / 2 * RHO_HEADROOM)))
+    return float(min(RHO_EXACT, max(RHO_MIN, float(np.quantile(z, RHO_QUANTILE)) / 2 * RHO_HEADROOM)))
 
 
 def exact_neighbours(q_ids: np.ndarray, queries: np.ndarray, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray],
@@ -253,8 +267,9 @@ def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cel
 
     import torch
 
-    spread = _centroid_distances(cells.centroids) * np.float32(rho * radius)
-    widest = torch.from_numpy(spread.max(axis=1))
+    spread = _centroid_distances(cells.centroids)
+    spread *= np.float32(rho * radius)
+    spread_t = torch.from_numpy(spread)
     cents = torch.from_numpy(cells.centroids)
     home = np.empty(len(ids), np.int32)
     pos_parts: list[np.ndarray] = []
@@ -264,21 +279,22 @@ def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cel
         s = torch.from_numpy(cells.project(read(ids[start : start + ASSIGN_BLOCK]))) @ cents.T
         best, h = s.max(dim=1)
         home[start : start + len(s)] = h.numpy()
-        # a cheap first cut by the widest spread of each home, then the exact bound on what is left
-        r, c = torch.nonzero(s >= (best - widest[h])[:, None], as_tuple=True)
-        r, c = r.numpy(), c.numpy()
-        hr = h.numpy()[r]
-        ok = (c != hr) & (best.numpy()[r] - s.numpy()[r, c] <= spread[hr, c])
-        pos_parts.append((r[ok] + start).astype(np.int64))
-        cell_parts.append(c[ok].astype(np.int32))
+        s.neg_().add_(best[:, None])  # the gaps, in place
+        near = s <= spread_t[h]
+        near[torch.arange(len(h)), h] = False
+        r, c = torch.nonzero(near, as_tuple=True)
+        pos_parts.append(r.numpy().astype(np.int64) + start)  # row-major: positions stay increasing
+        cell_parts.append(c.numpy().astype(np.int32))
     pos = np.concatenate(pos_parts) if pos_parts else np.empty(0, np.int64)
     cell = np.concatenate(cell_parts) if cell_parts else np.empty(0, np.int32)
-    order = np.argsort(cell.astype(np.int64) * len(ids) + pos)  # by (cell, position)
+    order = np.argsort(cell, kind="stable")  # by (cell, position)
     return Plan(cells.centroids, home, pos[order], cell[order], rho)
 
 
 def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan, k: int, threshold: float,
-          extra: Any, progress: bool) -> tuple["DirectedSink", list[Edges]]:
+          sink: "DirectedSink", progress: bool) -> None:
+    """Every cell's rows (members, then visitors) against its members; hits go to `sink` both ways
+    (a visitor's hit is also the member's: the pair may be found from one side only)."""
     import torch
     from tqdm import tqdm
 
@@ -286,9 +302,7 @@ def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan,
     members_order = np.argsort(plan.home, kind="stable")
     m_bounds = np.searchsorted(plan.home[members_order], np.arange(cells + 1))
     v_bounds = np.searchsorted(plan.probe_cell, np.arange(cells + 1))
-    sink = DirectedSink(len(ids))
-    ref_edges: list[Edges] = []
-    low = np.float32(threshold - SLACK)
+    low = float(threshold - SLACK)
     for j in tqdm(range(cells), desc="k-NN graph: join", unit="cell", disable=not progress):
         members = members_order[m_bounds[j] : m_bounds[j + 1]]
         if not len(members):
@@ -305,41 +319,78 @@ def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan,
                 c1 = min(len(members), c0 + COL_BLOCK)
                 s = rows_t[r0:r1] @ cols_t[:, c0:c1]
                 if r0 < len(members):
-                    s.diagonal(r0 - c0).fill_(-1.0)  # members against themselves: (r, r) globally
-                near = torch.nonzero(s.amax(dim=1) >= float(low)).flatten()  # rows with a hit: one pass
-                if not len(near):
+                    s.diagonal(r0 - c0).fill_(-math.inf)  # members against themselves: (r, r) globally
+                ri, ci, val = _block_hits(s, low, min(k, c1 - c0))
+                if not len(ri):
                     continue
-                hit = torch.nonzero(s[near] >= float(low)).numpy()
-                ri, ci = near.numpy()[hit[:, 0]] + r0, hit[:, 1] + c0
-                sims = np.einsum("nd,nd->n", x_rows[ri], x_cols[ci])
-                keep = sims >= threshold
-                src, dst, sims = rows[ri[keep]], members[ci[keep]], sims[keep]
-                if len(src) > k * (r1 - r0):
-                    src, dst, sims = _topk_per_row(src, dst, sims, k)
-                sink.add(src, dst, sims)
-    if extra is not None:
-        ref_index, offset = extra
-        kk = min(k, ref_index.ntotal)
-        if kk:
-            for start in range(0, len(ids), ASSIGN_BLOCK):
-                chunk = ids[start : start + ASSIGN_BLOCK]
-                s2, n2 = ref_index.search(read(chunk), kk)
-                ref_edges.append(_above(chunk, s2, np.where(n2 >= 0, n2 + offset, -1), threshold))
-    return sink, ref_edges
+                ri, ci = ri + r0, ci + c0
+                band = val < threshold + SLACK  # near the threshold: decided by the pair's own product
+                if band.any():
+                    val[band] = _pair_cosines(x_rows, x_cols, ri[band], ci[band])
+                keep = val >= threshold
+                ri, ci, val = ri[keep], ci[keep], val[keep]
+                sink.add(rows[ri], members[ci], val)
+                back = ri >= len(members)  # visitor -> member hits, also as member -> visitor
+                sink.add(members[ci[back]], rows[ri[back]], val[back])
+
+
+def _block_hits(s: Any, low: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, product) of the entries >= low; a row with more than k keeps its k largest (all
+    it can keep overall), so a block of copies costs k per row, not its width."""
+    import torch
+
+    near = torch.nonzero(s.amax(dim=1) >= low).flatten()  # rows with a hit: one pass over the block
+    if not len(near):
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+    sub = s[near]
+    hits = sub >= low
+    if int(hits.sum()) > k * len(near):
+        vals, idx = torch.topk(sub, k, dim=1)
+        rr, cc = torch.nonzero(vals >= low, as_tuple=True)
+        return near[rr].numpy(), idx[rr, cc].numpy(), vals[rr, cc].numpy().copy()
+    rr, cc = torch.nonzero(hits, as_tuple=True)
+    return near[rr].numpy(), cc.numpy(), sub[rr, cc].numpy().copy()
+
+
+def _pair_cosines(x_rows: np.ndarray, x_cols: np.ndarray, ri: np.ndarray, ci: np.ndarray) -> np.ndarray:
+    out = np.empty(len(ri), np.float32)
+    for start in range(0, len(ri), GATHER_PAIRS):
+        sl = slice(start, start + GATHER_PAIRS)
+        out[sl] = np.einsum("nd,nd->n", x_rows[ri[sl]], x_cols[ci[sl]])
+    return out
+
+
+def _reference_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], extra: Any, k: int,
+                     threshold: float) -> list[Edges]:
+    ref_index, offset = extra
+    kk = min(k, ref_index.ntotal)
+    out: list[Edges] = []
+    for start in range(0, len(ids), ASSIGN_BLOCK) if kk else ():
+        chunk = ids[start : start + ASSIGN_BLOCK]
+        s2, n2 = ref_index.search(read(chunk), kk)
+        out.append(_above(chunk, s2, np.where(n2 >= 0, n2 + offset, -1), threshold))
+    return out
+
+
+def _k_best(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, n: int, k: int) -> tuple[np.ndarray, ...]:
+    """Each (src, dst) once (found from both sides it arrives twice), then the k best per source."""
+    _, first = np.unique(src * np.int64(n) + dst, return_index=True)
+    return _topk_per_row(src[first], dst[first], sim[first], k)
 
 
 class DirectedSink:
-    """Directed (position, position, cosine) hits, kept to the k best per source position at the end.
+    """Directed (position, position, cosine) hits, kept to the k best per source position.
 
     A source meets its neighbours in several cells, so its k best are only known once every cell is
-    joined. Past SPILL_EDGES hits they go to disk in SPILL_PARTS source ranges; each range is cut to
-    k per source on its own (a source lives in one range), then the survivors become canonical edges.
+    joined. Past SPILL_EDGES hits the held ones are cut to k per source (the k best of a union are
+    among the k best of its parts) and go to disk in PARTS source ranges; each range is cut again on
+    its own (a source lives in one range), then the survivors become canonical edges.
     """
 
     PARTS = 16
 
-    def __init__(self, n: int, limit: int | None = None):
-        self.n = n
+    def __init__(self, n: int, k: int, limit: int | None = None):
+        self.n, self.k = n, k
         self.limit = SPILL_EDGES if limit is None else limit
         self.width = max(1, -(-n // self.PARTS))
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -360,7 +411,7 @@ class DirectedSink:
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
         out = tuple(np.concatenate([p[i] for p in self.parts]) for i in range(3))
         self.parts, self.held = [], 0
-        return out  # type: ignore[return-value]
+        return _k_best(*out, self.n, self.k)  # type: ignore[return-value]
 
     def _spill(self) -> None:
         src, dst, sim = self._take()
@@ -376,30 +427,34 @@ class DirectedSink:
             np.savez(path, src=src[sel], dst=dst[sel], sim=sim[sel])
             self.files[p].append(path)
 
-    def result(self, k: int, ids: np.ndarray) -> Edges:
-        """The k best per source, as canonical edges between image ids."""
+    def result(self, ids: np.ndarray, more: list[Edges] | None = None) -> Edges:
+        """The k best per source as canonical edges between image ids, with `more` (edges between ids)."""
         edges = EdgeSink(int(ids.max()) + 1 if len(ids) else 1)
+        for e in more or []:
+            edges.add(e)
 
         def emit(src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> None:
             if len(src):
-                src, dst, sim = _topk_per_row(src, dst, sim, k)
+                src, dst, sim = _k_best(src, dst, sim, self.n, self.k)
                 edges.add(Edges(ids[src], ids[dst], clip_cosine(sim).astype(np.float32)))
 
         if self.folder is None:
             emit(*self._take())
             return edges.result()
         self._spill()
-        try:
-            for files in self.files:
-                pieces = []
-                for f in files:
-                    with np.load(f) as d:
-                        pieces.append((d["src"], d["dst"], d["sim"]))
-                if pieces:
-                    emit(*(np.concatenate([p[i] for p in pieces]) for i in range(3)))
-                for f in files:
-                    f.unlink()
-            return edges.result()
-        finally:
+        for files in self.files:
+            pieces = []
+            for f in files:
+                with np.load(f) as d:
+                    pieces.append((d["src"], d["dst"], d["sim"]))
+            if pieces:
+                emit(*(np.concatenate([p[i] for p in pieces]) for i in range(3)))
+            for f in files:
+                f.unlink()
+        return edges.result()
+
+    def close(self) -> None:
+        """Remove the spill folder (also after a failure)."""
+        if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None

@@ -25,11 +25,11 @@ def _reader(x: np.ndarray, ids: np.ndarray):
 
 @pytest.mark.parametrize("projected_dim", [64, 8])
 def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch, projected_dim: int) -> None:
-    """With rho = 1 the probes follow the triangle inequality (every cell a neighbour within the radius can
-    live in), so the edges must be brute force's exactly: the join, the pre-filter below the threshold and
+    """With rho = 1/2 every pair within the radius is reached from one side or the other (the two gaps
+    sum to at most r ||c_i - c_j||), so the edges must be brute force's exactly: the join, the pre-filter below the threshold and
     the k best per vector across cells lose nothing; nor do cells made in 8 principal directions of the
     32 (a projection never lengthens a difference)."""
-    monkeypatch.setattr(partition, "RHO_MIN", 1.0)
+    monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
     monkeypatch.setattr(partition, "PROJECTED_DIM", projected_dim)
     n, dim = 3000, 32
     x = planted_vectors(n, dim, n_groups=120, per_group=5, noise=0.07, seed=11)
@@ -43,12 +43,12 @@ def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch, project
         assert len(want) > 100
         assert _pairs(got) == _pairs(want), (k, threshold)
         np.testing.assert_allclose(got.sim, want.sim, atol=1e-5)
-        assert stats["probe_rho"] == 1.0 and stats["cells"] == n_cells(n)
+        assert stats["probe_rho"] == partition.RHO_EXACT and stats["cells"] == n_cells(n)
 
 
 def test_pairs_at_the_threshold_are_decided_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pairs planted within +-0.004 of the threshold fall on the side brute force puts them."""
-    monkeypatch.setattr(partition, "RHO_MIN", 1.0)
+    monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
     rng = np.random.default_rng(5)
     n, dim, t = 2500, 48, 0.93
     x = rng.normal(size=(n, dim)).astype(np.float32)
@@ -78,7 +78,7 @@ def test_calibrated_probes_find_planted_copies_and_report_the_partition() -> Non
     assert _pairs(got) <= _pairs(want)  # never an edge brute force does not have
     assert len(_pairs(got)) >= 0.995 * len(want)
     assert stats["candidates"] == "partitioned join"
-    assert partition.RHO_MIN <= stats["probe_rho"] < 1.0
+    assert partition.RHO_MIN <= stats["probe_rho"] < partition.RHO_EXACT
     assert 1.0 <= stats["probes_per_vector"] < stats["cells"]
     assert set(stats["partition_s"]) == {"train", "calibrate", "assign", "join"}
     assert sampled_edge_recall(got, ids, read, 64, 0.9, sample=500)["recall"] >= 0.99
@@ -86,7 +86,7 @@ def test_calibrated_probes_find_planted_copies_and_report_the_partition() -> Non
 
 def test_many_copies_keep_k_per_vector_across_cells(monkeypatch: pytest.MonkeyPatch) -> None:
     """400 near-identical vectors spread over several cells: each keeps its k best over all cells met."""
-    monkeypatch.setattr(partition, "RHO_MIN", 1.0)
+    monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
     rng = np.random.default_rng(9)
     n, dim = 3000, 32
     x = rng.normal(size=(n, dim)).astype(np.float32)
@@ -99,7 +99,7 @@ def test_many_copies_keep_k_per_vector_across_cells(monkeypatch: pytest.MonkeyPa
 
 
 def test_spilled_hits_give_the_same_edges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(partition, "RHO_MIN", 1.0)
+    monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
     n, dim = 2500, 32
     x = planted_vectors(n, dim, n_groups=100, per_group=6, noise=0.06, seed=4)
     ids = np.arange(n, dtype=np.int64)
@@ -112,13 +112,37 @@ def test_spilled_hits_give_the_same_edges(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def test_directed_sink_keeps_k_best_per_source_over_parts() -> None:
-    sink = DirectedSink(10, limit=3)
+    sink = DirectedSink(10, 2, limit=3)
     ids = np.arange(10, dtype=np.int64) * 10
     sink.add(np.array([0, 0]), np.array([1, 2]), np.array([0.91, 0.99], np.float32))
-    sink.add(np.array([0, 5]), np.array([3, 9]), np.array([0.95, 0.97], np.float32))
-    sink.add(np.array([9]), np.array([5]), np.array([0.97], np.float32))
-    out = sink.result(2, ids)
-    assert _pairs(out) == {(0, 20), (0, 30), (50, 90)}
+    sink.add(np.array([0, 5, 0]), np.array([3, 9, 2]), np.array([0.95, 0.97, 0.99], np.float32))  # (0, 2) twice
+    sink.add(np.array([9, 0]), np.array([5, 4]), np.array([0.97, 0.92], np.float32))
+    assert sink.folder is not None  # spilled
+    out = sink.result(ids)
+    sink.close()
+    assert _pairs(out) == {(0, 20), (0, 30), (50, 90)} and sink.folder is None
+
+
+def test_a_cell_of_identical_vectors_costs_k_per_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,500 identical vectors (a placeholder image) share one cell: the join keeps k per row instead
+    of gathering every pair, and the graph still links them all."""
+    import tracemalloc
+
+    rng = np.random.default_rng(4)
+    n, dim = 4000, 64
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    x[:1500] = x[0]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(n, dtype=np.int64)
+    tracemalloc.start()
+    got = partition_edges(ids, lambda q: x[q], 4, 0.95)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    from retrieval.curation.groups import components
+
+    comps = components(n, got)
+    assert [len(c) for c in comps] == [1500]
+    assert peak < 150 << 20  # gathering all 2.2M pairs' vectors would take over 1 GB
 
 
 def test_reference_set_edges(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,7 +177,11 @@ def test_dedup_uses_the_partition_without_the_faiss_index(planted, monkeypatch: 
     by_index = run_dedup(reader, opts).counts
     reader.close()
     assert by_index["graph"]["candidates"] == "exact scan"
+    from retrieval.curation import dedup
+
     monkeypatch.setattr(partition, "MIN_VECTORS", 2)
+    real = dedup.graph_method
+    monkeypatch.setattr(dedup, "graph_method", lambda n, o, spec=None: real(n, o, None))  # as if not flat
     monkeypatch.setattr(ann, "load_index", lambda *a, **k: (_ for _ in ()).throw(AssertionError("FAISS loaded")))
     reader = IndexReader(IndexLayout(index_dir), writable=True)
     by_join = run_dedup(reader, opts).counts
@@ -162,3 +190,20 @@ def test_dedup_uses_the_partition_without_the_faiss_index(planted, monkeypatch: 
     assert by_join["graph"]["edge_recall_sample"]["queries"] > 0
     assert groups(by_join) == groups(by_index)
     json.dumps(by_join)  # the run record stays JSON
+
+
+def test_graph_method_keeps_exact_search_where_the_index_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from retrieval import ann
+    from retrieval.curation.dedup import DedupOptions, graph_method
+
+    monkeypatch.setattr(ann, "gpu_count", lambda: 0)
+    cpu = DedupOptions(use_gpu=False)
+    flat = ann.IndexSpec(kind="flat", factory="IDMap2,Flat", n=40_000, dim=8)
+    ivf = ann.IndexSpec(kind="ivfpq", factory="IVF256,PQ8", n=200_000, dim=8)
+    assert graph_method(40_000, cpu, flat) == "index"  # a flat index: the exact scan
+    assert graph_method(200_000, cpu, ivf) == "partition"
+    assert graph_method(200_000, cpu, None) == "partition"  # no FAISS index at all
+    assert graph_method(partition.MIN_VECTORS - 1, cpu, ivf) == "index"
+    assert graph_method(200_000, DedupOptions(use_gpu=False, ray="127.0.0.1:6379"), ivf) == "index"
+    monkeypatch.setattr(ann, "gpu_count", lambda: 1)
+    assert graph_method(200_000, DedupOptions(use_gpu=True), ivf) == "index"
