@@ -387,7 +387,7 @@ def _dedup_scale(d: dict[str, Any]) -> list[str]:
         if rss is not None:
             parts.append(f"peak RSS {_n(rss / 1024)} GiB (< 8 GiB: {_below(rss, 8192)})")
         if s["n"] < 10_000_000:
-            parts.append("10M vectors < 1 hour and < 8 GiB: not run yet")
+            parts.append("10M vectors < 1 hour and < 8 GiB: no completed run in the results (see the text below the table)")
     else:
         largest = max((s["n"] for s in sizes), default=0)
         parts.append(f"1M vectors < 3 min, 10M < 1 hour and < 8 GiB: not measured yet (largest N run: {_n(largest)})")

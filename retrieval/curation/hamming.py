@@ -322,40 +322,71 @@ def _range_pairs(codes: np.ndarray, radius: int, method: str) -> Pairs:
     keys = [_chunk_keys([codes], s, w)[0] for s, w in zip(plan.starts, plan.widths)]
     reach = [2 * (-(-s // 2)) for s in plan.radii]  # chunk distance each chunk's join finds
     flat = words[:, 0] if words.shape[1] == 1 else None  # 64-bit hashes: one word, no row sums
+    # Chunks are independent (a pair is kept by the first chunk that finds it, decided from the keys
+    # alone), so they run in threads: numpy releases the GIL in the sorts and array operations that
+    # are all of the work. Each thread sorts a share of ENTRY_BATCH, so memory stays the same.
+    workers = max(1, min(len(plan.widths), _cpu_count()))
+    out = [_empty()] * len(plan.widths)
+
+    def run(c: int) -> None:
+        out[c] = _self_chunk(c, plan, keys, reach, words, flat, radius, n, ENTRY_BATCH // workers)
+
+    if workers == 1:
+        for c in range(len(plan.widths)):
+            run(c)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(run, range(len(plan.widths))))
+    return _finish([o[0] for o in out], [o[1] for o in out], [o[2] for o in out])
+
+
+def _cpu_count() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _self_chunk(c: int, plan: _Plan, keys: list[np.ndarray], reach: list[int], words: np.ndarray,
+                flat: np.ndarray | None, radius: int, n: int, entry_batch: int) -> Pairs:
+    """The pairs within `radius` that chunk c is the first to find (see _range_pairs)."""
     out_i, out_j, out_d = [], [], []
-    for c in range(len(plan.widths)):
-        h = -(-plan.radii[c] // 2)
-        patterns = plan.patterns_h(c, h)
-        for a, b, pa, pb in _meet(keys[c], patterns, n):
-            if flat is not None:
-                d = np.bitwise_count(flat[a] ^ flat[b])
-            else:
-                d = _distance(words[a], words[b])
-            ok = np.flatnonzero(d <= radius)
-            a, b, pa, pb, d = a[ok], b[ok], pa[ok], pb[ok], d[ok].astype(np.int32)
-            # one (p, q) per pair: the smaller item takes the lowest ceil(t / 2) differing bits
-            lo = a < b
-            p_lo, i_lo, i_hi = np.where(lo, pa, pb), np.minimum(a, b), np.maximum(a, b)
-            x = keys[c][i_lo] ^ keys[c][i_hi]
-            take = (np.bitwise_count(x).astype(np.int64) + 1) // 2
-            low = np.zeros_like(x)
-            rest = x.copy()
-            for step in range(h):
-                bit = rest & -rest
-                use = step < take
-                low |= np.where(use, bit, 0)
-                rest ^= np.where(use, bit, 0)
-            keep = patterns[p_lo] == low
-            if c:
-                for e in range(c):
-                    keep &= np.bitwise_count(keys[e][i_lo] ^ keys[e][i_hi]) > reach[e]
-            out_i.append(i_lo[keep])
-            out_j.append(i_hi[keep])
-            out_d.append(d[keep])
+    h = -(-plan.radii[c] // 2)
+    patterns = plan.patterns_h(c, h)
+    for a, b, pa, pb in _meet(keys[c], patterns, n, entry_batch):
+        if flat is not None:
+            d = np.bitwise_count(flat[a] ^ flat[b])
+        else:
+            d = _distance(words[a], words[b])
+        ok = np.flatnonzero(d <= radius)
+        a, b, pa, pb, d = a[ok], b[ok], pa[ok], pb[ok], d[ok].astype(np.int32)
+        # one (p, q) per pair: the smaller item takes the lowest ceil(t / 2) differing bits
+        lo = a < b
+        p_lo, i_lo, i_hi = np.where(lo, pa, pb), np.minimum(a, b), np.maximum(a, b)
+        x = keys[c][i_lo] ^ keys[c][i_hi]
+        take = (np.bitwise_count(x).astype(np.int64) + 1) // 2
+        low = np.zeros_like(x)
+        rest = x.copy()
+        for step in range(h):
+            bit = rest & -rest
+            use = step < take
+            low |= np.where(use, bit, 0)
+            rest ^= np.where(use, bit, 0)
+        keep = patterns[p_lo] == low
+        if c:
+            for e in range(c):
+                keep &= np.bitwise_count(keys[e][i_lo] ^ keys[e][i_hi]) > reach[e]
+        out_i.append(i_lo[keep])
+        out_j.append(i_hi[keep])
+        out_d.append(d[keep])
     return _finish(out_i, out_j, out_d)
 
 
-def _meet(keys: np.ndarray, patterns: np.ndarray, n: int):
+def _meet(keys: np.ndarray, patterns: np.ndarray, n: int, entry_batch: int = ENTRY_BATCH):
     """Yield (item a, item b, pattern index of a, pattern index of b) for entries sharing a key
     (keys[a] ^ patterns[pa] == keys[b] ^ patterns[pb]), in bounded batches.
 
@@ -365,7 +396,7 @@ def _meet(keys: np.ndarray, patterns: np.ndarray, n: int):
     pat_bits = max(0, int(len(patterns) - 1).bit_length())
     shift = item_bits + pat_bits
     key_max = int(keys.max() | patterns.max()) + 1 if len(keys) else 1
-    parts = max(1, -(-n * len(patterns) // ENTRY_BATCH))
+    parts = max(1, -(-n * len(patterns) // entry_batch))
     bounds = np.linspace(0, key_max, parts + 1).astype(np.int64)
     items = np.arange(n, dtype=np.int64)
     for k0, k1 in zip(bounds[:-1], bounds[1:]):

@@ -169,7 +169,7 @@ def test_dedup_scale_goals(tmp_path: Path) -> None:
     _write(tmp_path, "dedup_scale", {"env": ENV, "when": "x", "sizes": [size], "side_by_side": side})
     text = render_section("dedup_scale", tmp_path)
     assert "4.00 min (< 3 min: missed: 1.33x the limit)" in text
-    assert "10M vectors < 1 hour and < 8 GiB: not run yet" in text
+    assert "10M vectors < 1 hour and < 8 GiB: no completed run in the results (see the text below the table)" in text
     assert "300 (1.00 / 35.0 / 250 / 9.00)" in text  # CPU per stage
     assert "100 / 900 / 4,000 / 4,096" in text  # peak RSS after each stage
     assert "0.9900 (400 edges)" in text and "lowest 0.9900 (missed)" in text
