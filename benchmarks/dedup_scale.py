@@ -234,21 +234,12 @@ def graph_quality(corpus: dict[str, Any], groups: dict[int, int], k: int = 64, t
     }
 
 
-def exact_topk(vecs: np.ndarray, rows: np.ndarray, k: int, block: int = 131_072) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k (inner product) of vecs[rows] over all of vecs, scanned in blocks (bounded memory)."""
-    import torch
+def exact_topk(vecs: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The library's blocked exact top-k (graph.exact_topk) of vecs[rows] over all of vecs, by position."""
+    from retrieval.curation.graph import exact_topk as scan
 
-    q = torch.from_numpy(np.asarray(vecs[rows], np.float32))
-    best_s = torch.full((len(rows), 0), -np.inf)
-    best_i = torch.full((len(rows), 0), -1, dtype=torch.int64)
-    for start in range(0, len(vecs), block):
-        s = q @ torch.from_numpy(np.asarray(vecs[start : start + block], np.float32)).T
-        top = torch.topk(s, min(k, s.shape[1]), dim=1)
-        s = torch.cat([best_s, top.values], dim=1)
-        i = torch.cat([best_i, top.indices + start], dim=1)
-        keep = torch.topk(s, min(k, s.shape[1]), dim=1)
-        best_s, best_i = keep.values, torch.gather(i, 1, keep.indices)
-    return best_s.numpy(), best_i.numpy()
+    read = lambda pos: np.asarray(vecs[pos], np.float32)  # noqa: E731 - float16 spill or float32
+    return scan(np.asarray(rows), read(rows), np.arange(len(vecs)), read, k, block=131_072)
 
 
 def partition(labels: dict[int, int]) -> set[frozenset[int]]:

@@ -258,7 +258,6 @@ def graph_method(n: int, opts: DedupOptions, spec: Any = None) -> str:
     on CPU from MIN_VECTORS up; `index` (graph.knn_edges through the FAISS index) for small corpora,
     where the index is flat (an exact scan: the user asked for exact search there), on a GPU, and
     on a Ray cluster."""
-    from retrieval import ann
     from retrieval.curation import partition
 
     flat = spec is not None and getattr(spec, "kind", None) == "flat"

@@ -326,6 +326,45 @@ def _nprobe(index: Any) -> int | None:
     return int(ivf.nprobe) if ivf is not None else None
 
 
+class RangeFiles:
+    """Triples (src, dst, sim) written to disk split into SPILL_PARTS ranges of a key, and read back one
+    range at a time: how the graph's sinks keep a peak of one range instead of everything at once."""
+
+    def __init__(self, max_key: int, prefix: str):
+        self.width = max(1, -(-max_key // SPILL_PARTS))
+        self.prefix = prefix
+        self.folder: Path | None = None
+        self.files: list[list[Path]] = [[] for _ in range(SPILL_PARTS)]
+
+    def write(self, key: np.ndarray, src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> None:
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix=self.prefix))
+        part = np.minimum(key // self.width, SPILL_PARTS - 1)
+        for p in np.unique(part).tolist():
+            sel = part == p
+            path = self.folder / f"p{p:02d}-{len(self.files[p]):05d}.npz"
+            np.savez(path, src=src[sel], dst=dst[sel], sim=sim[sel])
+            self.files[p].append(path)
+
+    def ranges(self):
+        """(src, dst, sim) of each range in key order, its files removed once read."""
+        for files in self.files:
+            pieces = []
+            for f in files:
+                with np.load(f) as d:
+                    pieces.append((d["src"], d["dst"], d["sim"]))
+                f.unlink()
+            if pieces:
+                yield tuple(np.concatenate([piece[i] for piece in pieces]) for i in range(3))
+            else:
+                yield np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
 class EdgeSink:
     """The graph's edges, collected batch by batch; past `limit` edges they are written to disk.
 
@@ -337,12 +376,10 @@ class EdgeSink:
 
     def __init__(self, max_key: int, limit: int | None = None):
         self.limit = SPILL_EDGES if limit is None else limit
-        self.width = max(1, -(-max_key // SPILL_PARTS))
         self.parts: list[Edges] = []
         self.held = 0
         self.spilled = 0
-        self.folder: Path | None = None
-        self.files: list[list[Path]] = [[] for _ in range(SPILL_PARTS)]
+        self.disk = RangeFiles(max_key, "retrieval-edges-")
 
     def add(self, edges: Edges) -> None:
         if not len(edges):
@@ -357,37 +394,26 @@ class EdgeSink:
         self.parts, self.held = [], 0
         if not len(e):
             return
-        if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="retrieval-edges-"))
-            logger.info("k-NN graph: more than %d edges, writing them to %s", self.limit, self.folder)
-        part = np.minimum(np.minimum(e.src, e.dst) // self.width, SPILL_PARTS - 1)
-        for p in np.unique(part).tolist():
-            sel = part == p
-            path = self.folder / f"p{p:02d}-{len(self.files[p]):05d}.npz"
-            np.savez(path, src=e.src[sel], dst=e.dst[sel], sim=e.sim[sel])
-            self.files[p].append(path)
+        first = self.disk.folder is None
+        self.disk.write(np.minimum(e.src, e.dst), e.src, e.dst, e.sim)
+        if first:
+            logger.info("k-NN graph: more than %d edges, writing them to %s", self.limit, self.disk.folder)
         self.spilled += len(e)
 
     def result(self) -> Edges:
         """All edges, canonical (src < dst, each pair once, sorted)."""
-        if self.folder is None:
+        if self.disk.folder is None:
             return Edges.concat(self.parts).canonical()
         self._spill()
-        assert self.folder is not None
         try:
             sizes, done = [], []
-            for p, files in enumerate(self.files):
-                pieces = []
-                for f in files:
-                    with np.load(f) as d:
-                        pieces.append(Edges(d["src"], d["dst"], d["sim"]))
-                part = Edges.concat(pieces).canonical()
-                path = self.folder / f"c{p:02d}.npz"
+            for p, (src, dst, sim) in enumerate(self.disk.ranges()):
+                part = Edges(src, dst, sim).canonical()
+                assert self.disk.folder is not None
+                path = self.disk.folder / f"c{p:02d}.npz"
                 np.savez(path, src=part.src, dst=part.dst, sim=part.sim)
                 sizes.append(len(part))
                 done.append(path)
-                for f in files:
-                    f.unlink()
             total = int(sum(sizes))
             out_dir = Path(tempfile.mkdtemp(prefix="retrieval-edges-canonical-"))
             cols = {name: np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=dt, shape=(total,))
@@ -405,8 +431,7 @@ class EdgeSink:
             shutil.rmtree(out_dir, ignore_errors=True)  # unlinked: the mapping keeps the data until released
             return Edges(mapped["src"], mapped["dst"], mapped["sim"])
         finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
+            self.disk.close()
 
 
 def batch_edges(index: Any, chunk: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int, threshold: float,
@@ -504,6 +529,28 @@ def _edges_on_ray(address: str, ids: np.ndarray, job: ShardJob, progress: bool) 
     return Edges.concat(map_shards(address, shard_edges, pieces, job, progress=progress, desc="k-NN graph")).canonical()
 
 
+def exact_topk(q_ids: np.ndarray, queries: np.ndarray, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray],
+               k: int, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine, id) of the exact top k of each query over every vector of `ids` (the query's own id
+    excluded), best first, by a blocked scan: memory O(len(queries) * block). Padded with -inf / -1."""
+    import torch
+
+    q = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
+    own = torch.from_numpy(np.asarray(q_ids, np.int64))
+    best_s = torch.full((len(q), 0), -np.inf)
+    best_i = torch.full((len(q), 0), -1, dtype=torch.int64)
+    for start in range(0, len(ids), block):
+        b = torch.from_numpy(np.asarray(ids[start : start + block], np.int64))
+        s = q @ torch.from_numpy(np.ascontiguousarray(read(ids[start : start + block]), np.float32)).T
+        s[own[:, None] == b[None, :]] = -np.inf  # a node is not its own neighbour
+        s = torch.cat([best_s, s], dim=1)
+        i = torch.cat([best_i, b.expand(len(q), -1)], dim=1)
+        top = torch.topk(s, min(k, s.shape[1]), dim=1)
+        best_s, best_i = top.values, torch.gather(i, 1, top.indices)
+    sims = best_s.numpy()
+    return sims, np.where(np.isfinite(sims), best_i.numpy(), -1)
+
+
 def sampled_edge_recall(edges: Edges, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int,
                         threshold: float, sample: int = 256, block: int = 16_384, seed: int = 0) -> dict[str, Any]:
     """Edge recall at the threshold against brute force, on `sample` query nodes.
@@ -519,19 +566,7 @@ def sampled_edge_recall(edges: Edges, ids: np.ndarray, read: Callable[[np.ndarra
     rng = np.random.default_rng(seed)
     q_ids = np.sort(rng.choice(ids, size=min(sample, len(ids)), replace=False))
     queries = read(q_ids)
-    kk = min(k, len(ids) - 1)
-    best_s = np.full((len(q_ids), 0), -np.inf, np.float32)
-    best_i = np.full((len(q_ids), 0), -1, np.int64)
-    for start in range(0, len(ids), block):
-        b = ids[start : start + block]
-        s = queries @ read(b).T
-        s[q_ids[:, None] == b[None, :]] = -np.inf  # a node is not its own neighbour
-        s = np.concatenate([best_s, s], axis=1)
-        i = np.concatenate([best_i, np.broadcast_to(b, (len(q_ids), len(b)))], axis=1)
-        if s.shape[1] > kk:
-            top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            s, i = np.take_along_axis(s, top, axis=1), np.take_along_axis(i, top, axis=1)
-        best_s, best_i = s, i
+    best_s, best_i = exact_topk(q_ids, queries, ids, read, min(k, len(ids) - 1), block)
     rows, cols = np.nonzero(best_s >= threshold)
     a = np.minimum(q_ids[rows], best_i[rows, cols])
     b = np.maximum(q_ids[rows], best_i[rows, cols])

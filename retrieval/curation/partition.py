@@ -35,15 +35,13 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from retrieval.curation.graph import SPILL_EDGES, EdgeSink, Edges, _above, _topk_per_row
+from retrieval.curation.graph import SPILL_EDGES, EdgeSink, Edges, RangeFiles, _above, _topk_per_row, exact_topk
 from retrieval.vectors import clip_cosine
 
 logger = logging.getLogger(__name__)
@@ -218,7 +216,7 @@ def calibrate_rho(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cel
     rng = np.random.default_rng(seed + 2)
     q_ids = np.sort(rng.choice(ids, size=min(CALIBRATION_QUERIES, len(ids)), replace=False))
     queries = read(q_ids)
-    nn_ids = exact_neighbours(q_ids, queries, ids, read, min(CALIBRATION_NEIGHBOURS, len(ids) - 1))
+    _, nn_ids = exact_topk(q_ids, queries, ids, read, min(CALIBRATION_NEIGHBOURS, len(ids) - 1))
     a = np.repeat(np.arange(len(q_ids)), nn_ids.shape[1])
     b = nn_ids.ravel()
     valid = b >= 0
@@ -238,26 +236,6 @@ def calibrate_rho(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cel
     spread = np.linalg.norm(c[ha] - c[hb], axis=1) * np.linalg.norm(xa - xb, axis=1)
     z = gaps[cross] / np.maximum(spread[cross], 1e-12)
     return float(min(RHO_EXACT, max(RHO_MIN, float(np.quantile(z, RHO_QUANTILE)) / 2 * RHO_HEADROOM)))
-
-
-def exact_neighbours(q_ids: np.ndarray, queries: np.ndarray, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray],
-                     k: int, block: int = 65_536) -> np.ndarray:
-    """Ids of the exact top k of each query over every vector of `ids` (itself excluded), -1 padded."""
-    import torch
-
-    q = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
-    best_s = torch.full((len(q_ids), 0), -math.inf)
-    best_i = torch.full((len(q_ids), 0), -1, dtype=torch.int64)
-    own = torch.from_numpy(q_ids)
-    for start in range(0, len(ids), block):
-        b = torch.from_numpy(ids[start : start + block])
-        s = q @ torch.from_numpy(read(ids[start : start + block])).T
-        s[own[:, None] == b[None, :]] = -math.inf
-        s = torch.cat([best_s, s], dim=1)
-        i = torch.cat([best_i, b.expand(len(q_ids), -1)], dim=1)
-        top = torch.topk(s, min(k, s.shape[1]), dim=1)
-        best_s, best_i = top.values, torch.gather(i, 1, top.indices)
-    return np.where(np.isfinite(best_s.numpy()), best_i.numpy(), -1)
 
 
 def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cells, radius: float,
@@ -383,20 +361,20 @@ class DirectedSink:
 
     A source meets its neighbours in several cells, so its k best are only known once every cell is
     joined. Past SPILL_EDGES hits the held ones are cut to k per source (the k best of a union are
-    among the k best of its parts) and go to disk in PARTS source ranges; each range is cut again on
-    its own (a source lives in one range), then the survivors become canonical edges.
+    among the k best of its parts) and go to disk in source ranges (graph.RangeFiles); each range is
+    cut again on its own (a source lives in one range), then the survivors become canonical edges.
     """
-
-    PARTS = 16
 
     def __init__(self, n: int, k: int, limit: int | None = None):
         self.n, self.k = n, k
         self.limit = SPILL_EDGES if limit is None else limit
-        self.width = max(1, -(-n // self.PARTS))
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.held = 0
-        self.folder: Path | None = None
-        self.files: list[list[Path]] = [[] for _ in range(self.PARTS)]
+        self.disk = RangeFiles(n, "retrieval-hits-")
+
+    @property
+    def folder(self) -> Path | None:
+        return self.disk.folder
 
     def add(self, src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> None:
         if not len(src):
@@ -417,15 +395,10 @@ class DirectedSink:
         src, dst, sim = self._take()
         if not len(src):
             return
-        if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="retrieval-hits-"))
-            logger.info("k-NN graph: more than %d hits, writing them to %s", self.limit, self.folder)
-        part = np.minimum(src // self.width, self.PARTS - 1)
-        for p in np.unique(part).tolist():
-            sel = part == p
-            path = self.folder / f"p{p:02d}-{len(self.files[p]):05d}.npz"
-            np.savez(path, src=src[sel], dst=dst[sel], sim=sim[sel])
-            self.files[p].append(path)
+        first = self.disk.folder is None
+        self.disk.write(src, src, dst, sim)
+        if first:
+            logger.info("k-NN graph: more than %d hits, writing them to %s", self.limit, self.disk.folder)
 
     def result(self, ids: np.ndarray, more: list[Edges] | None = None) -> Edges:
         """The k best per source as canonical edges between image ids, with `more` (edges between ids)."""
@@ -438,23 +411,14 @@ class DirectedSink:
                 src, dst, sim = _k_best(src, dst, sim, self.n, self.k)
                 edges.add(Edges(ids[src], ids[dst], clip_cosine(sim).astype(np.float32)))
 
-        if self.folder is None:
+        if self.disk.folder is None:
             emit(*self._take())
             return edges.result()
         self._spill()
-        for files in self.files:
-            pieces = []
-            for f in files:
-                with np.load(f) as d:
-                    pieces.append((d["src"], d["dst"], d["sim"]))
-            if pieces:
-                emit(*(np.concatenate([p[i] for p in pieces]) for i in range(3)))
-            for f in files:
-                f.unlink()
+        for src, dst, sim in self.disk.ranges():
+            emit(src, dst, sim)
         return edges.result()
 
     def close(self) -> None:
         """Remove the spill folder (also after a failure)."""
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
+        self.disk.close()
