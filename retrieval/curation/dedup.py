@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from retrieval import ann, runs
 from retrieval.curation import hashing
 from retrieval.curation.graph import Edges, RayGraph, knn_edges, maybe_gpu, sampled_edge_recall, scores_are_exact
 from retrieval.curation.hamming import range_pairs_dihedral
-from retrieval.curation.groups import Group, Nodes, build_groups
+from retrieval.curation.groups import Group, Nodes, PathColumn, build_groups
 from retrieval.curation.policy import DEFAULT_POLICY, check_policy
 from retrieval.errors import RetrievalError
 from retrieval.search import IndexReader
@@ -266,42 +266,68 @@ def graph_method(n: int, opts: DedupOptions, spec: Any = None) -> str:
     return "partition"
 
 
+# (Nodes field, column of load_nodes's select, dtype): width and height fit int32
+_NODE_INTS = (("image_id", 0, np.int64), ("phash", 3, np.int64), ("width", 4, np.int32), ("height", 5, np.int32),
+              ("size", 6, np.int64), ("mtime_ns", 7, np.int64))
+
+
 def load_nodes(reader: IndexReader, chunk: int = 100_000) -> Nodes:
-    """Every image row as node arrays, read `chunk` rows at a time: at ten million images a list of
-    row objects would hold several GB before the arrays exist."""
-    ints: dict[str, list[np.ndarray]] = {k: [] for k in ("id", "phash", "width", "height", "size", "mtime_ns")}
-    paths: list[str] = []
-    sha: list[str] = []
+    """Every image row as compact node columns, read `chunk` rows at a time.
+
+    The table stays resident for the whole run, so nothing in it is a Python object per image:
+    paths go into one UTF-8 buffer (PathColumn), sha256 into 33-byte content keys
+    (hashing.content_keys), numbers into numpy arrays; only the current chunk's rows exist as
+    Python objects. The columns are sized from a count first and each chunk is written into
+    place: per-chunk arrays kept for a final concatenate interleave on the heap with each chunk's
+    freed rows and pin that heap.
+    """
     stmt = select(Image.id, Image.path, Image.sha256, Image.phash, Image.width, Image.height, Image.size,
                   Image.mtime_ns).order_by(Image.id)
     with reader.store.session() as s:
+        capacity = int(s.execute(select(func.count()).select_from(Image)).scalar_one())
+        cols = {name: np.empty(capacity, dtype) for name, _, dtype in _NODE_INTS}
+        cols["sha256"] = np.empty(capacity, f"S{hashing.KEY_BYTES}")
+        ends = np.zeros(capacity + 1, np.int64)  # path i is path_bytes[ends[i]:ends[i + 1]]
+        path_bytes = bytearray()  # grows in place (a large block is remapped, not copied)
+        n = 0
         for part in s.execute(stmt, execution_options={"yield_per": chunk}).partitions():
-            cols = list(zip(*part))
-            paths.extend(cols[1])
-            sha.extend(cols[2])
-            for key, col in zip(("id", "phash", "width", "height", "size", "mtime_ns"), (0, 3, 4, 5, 6, 7)):
-                ints[key].append(np.array(cols[col], np.int64))
-            del cols, part
-    if not paths:
+            rows = list(zip(*part))
+            del part
+            m = len(rows[0])
+            if n + m > capacity:  # rows added by another process between the count and this read
+                capacity = max(2 * capacity, n + m)
+                cols = {k: np.concatenate([v, np.empty(capacity - len(v), v.dtype)]) for k, v in cols.items()}
+                ends = np.concatenate([ends, np.zeros(capacity + 1 - len(ends), np.int64)])
+            for name, col, _ in _NODE_INTS:
+                cols[name][n : n + m] = rows[col]
+            cols["sha256"][n : n + m] = hashing.content_keys(rows[2], start=n)
+            encoded = [p.encode("utf-8", "surrogatepass") for p in rows[1]]
+            np.cumsum(np.fromiter(map(len, encoded), np.int64, m), out=ends[n + 1 : n + m + 1])
+            ends[n + 1 : n + m + 1] += ends[n]
+            path_bytes += b"".join(encoded)
+            n += m
+            del rows, encoded
+    if not n:
         raise RetrievalError("the index holds no images; run `retrieval index CORPUS` first")
-    arr = {key: np.concatenate(parts) for key, parts in ints.items()}
-    sha256 = np.empty(len(sha), dtype=object)
-    sha256[:] = sha
-    return Nodes(image_id=arr["id"], path=paths, sha256=sha256, phash=arr["phash"], width=arr["width"],
-                 height=arr["height"], size=arr["size"], mtime_ns=arr["mtime_ns"], is_ref=np.zeros(len(paths), bool),
-                 root=reader.source.local_root)
+    if n < capacity:  # rows deleted since the count
+        cols = {k: v[:n].copy() for k, v in cols.items()}
+        ends = ends[: n + 1].copy()
+    return Nodes(path=PathColumn(np.frombuffer(path_bytes, np.uint8), ends), is_ref=np.zeros(n, bool),
+                 root=reader.source.local_root, **cols)
 
 
 def _with_references(nodes: Nodes, ref: Any) -> Nodes:
+    """The corpus nodes followed by the reference files (image id -1, sizes unknown: 0)."""
     from retrieval.store import to_signed64
 
     m = len(ref.paths)
     return Nodes(
         image_id=np.r_[nodes.image_id, np.full(m, -1, np.int64)],
-        path=nodes.path + [ref.full_path(p) for p in ref.paths],
-        sha256=np.r_[nodes.sha256, np.array(ref.sha256, dtype=object)],
+        path=PathColumn.concat([nodes.path, [ref.full_path(p) for p in ref.paths]]),
+        sha256=np.r_[nodes.sha256, hashing.content_keys(ref.sha256, start=len(nodes))],
         phash=np.r_[nodes.phash, np.array([to_signed64(h) for h in ref.phash], np.int64)],
-        width=np.r_[nodes.width, np.zeros(m, np.int64)], height=np.r_[nodes.height, np.zeros(m, np.int64)],
+        width=np.r_[nodes.width, np.zeros(m, nodes.width.dtype)],
+        height=np.r_[nodes.height, np.zeros(m, nodes.height.dtype)],
         size=np.r_[nodes.size, np.zeros(m, np.int64)], mtime_ns=np.r_[nodes.mtime_ns, np.zeros(m, np.int64)],
         is_ref=np.r_[nodes.is_ref, np.ones(m, bool)], root=nodes.root)
 

@@ -5,10 +5,12 @@ Nodes are positions: 0..n-1 are corpus images, n..n+m-1 reference files.
 
 from __future__ import annotations
 
+import operator
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, overload
 
 import numpy as np
 
@@ -19,13 +21,98 @@ from retrieval.curation.policy import Candidate, choose
 PAIRWISE_BLOCK = 4096
 
 
+class PathColumn(Sequence[str]):
+    """Strings packed into one UTF-8 buffer with int64 offsets, decoded one at a time on access.
+
+    At ten million images a list of Python str objects costs ~75 bytes a path beyond its text; here
+    a path costs its UTF-8 bytes plus an 8-byte offset. Lone surrogates (undecodable file names)
+    round-trip (surrogatepass). Contiguous slices share the buffer.
+    """
+
+    __slots__ = ("_buf", "_offsets")
+
+    def __init__(self, buf: np.ndarray, offsets: np.ndarray) -> None:
+        self._buf = buf  # uint8
+        self._offsets = offsets  # int64, len(self) + 1 entries, ascending
+
+    @classmethod
+    def from_strings(cls, strings: Iterable[str]) -> PathColumn:
+        encoded = [s.encode("utf-8", "surrogatepass") for s in strings]
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), np.uint8), offsets)
+
+    @classmethod
+    def of(cls, strings: Sequence[str]) -> PathColumn:
+        """`strings` itself when it is a PathColumn already (no copy)."""
+        return strings if isinstance(strings, PathColumn) else cls.from_strings(strings)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Sequence[str]]) -> PathColumn:
+        """One new column holding every part in order (reference paths after the corpus's)."""
+        cols = [cls.of(p) for p in parts]
+        bufs = [c._buf[c._offsets[0] : c._offsets[-1]] for c in cols]
+        shifts = np.cumsum([0] + [len(b) for b in bufs])
+        offsets = np.concatenate([np.zeros(1, np.int64)]
+                                 + [c._offsets[1:] - c._offsets[0] + shift for c, shift in zip(cols, shifts)])
+        return cls(np.concatenate(bufs) if bufs else np.empty(0, np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> PathColumn: ...
+
+    def __getitem__(self, i: int | slice) -> str | PathColumn:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return PathColumn.from_strings(self[j] for j in range(start, stop, step))
+            return PathColumn(self._buf, self._offsets[start : max(start, stop) + 1])
+        n = len(self)
+        j = operator.index(i)
+        if j < 0:
+            j += n
+        if not 0 <= j < n:
+            raise IndexError(f"path {i} of {n}")
+        a, b = self._offsets[j], self._offsets[j + 1]
+        return self._buf[a:b].tobytes().decode("utf-8", "surrogatepass")
+
+    def __add__(self, other: Sequence[str]) -> PathColumn:
+        return PathColumn.concat([self, other])
+
+    def __eq__(self, other: object) -> bool:
+        """Element-wise against any sequence of strings (a list compares equal to its PathColumn)."""
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(self[i]) for i in range(min(3, len(self))))
+        return f"PathColumn([{head}{', ...' if len(self) > 3 else ''}], n={len(self)})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the strings of this column (a slice counts only its share)."""
+        return int(self._offsets[-1] - self._offsets[0]) + self._offsets.nbytes
+
+
 @dataclass
 class Nodes:
-    """Facts about every node; arrays indexed by position."""
+    """Facts about every node; arrays indexed by position.
+
+    Compact, because at ten million images this table stays resident for the whole run: paths in
+    a PathColumn (a list of str works too, e.g. in tests), sha256 as fixed-width content keys
+    (retrieval.curation.hashing.content_keys; object arrays of hex text work too), width and
+    height as int32.
+    """
 
     image_id: np.ndarray  # -1 for references
-    path: list[str]
-    sha256: np.ndarray
+    path: Sequence[str]  # a PathColumn (or list) relative to `root`; full paths / URIs for references
+    sha256: np.ndarray  # equal values <=> identical bytes (content keys: a missing digest equals nothing)
     phash: np.ndarray  # signed int64
     width: np.ndarray
     height: np.ndarray

@@ -15,13 +15,18 @@ empty. The chunking is picked per call by a cost model of both terms.
 
 * `range_pairs` (self-join) meets in the middle: every hash enters one sorted list per flip pattern
   of at most h = ceil(s_c / 2) bits of its chunk; two hashes within 2h bits on the chunk share a
-  key there (a ^ p == b ^ q). Only runs of equal keys are expanded into candidates.
+  key there (a ^ p == b ^ q). Only entries in the same run of equal keys are candidates. At 10M
+  pHashes that is ~2e10 candidates, so each must cost a few streaming operations: runs of equal
+  length are laid side by side as a matrix of their full hashes (gathered once per entry, not
+  twice per candidate) and whole rows are XORed and popcounted at once; item, pattern and the
+  rules below are looked at only for the few pairs within the radius.
 * `range_pairs_dihedral` puts the 8n variant hashes into one table per chunk and looks each plain
   hash up once per flip pattern of at most s_c bits, so the look-ups are not repeated per variant.
 
 A pair is reported once: within a chunk, only its canonical (p, q) split is kept; across chunks, only
-the first chunk that finds it. Memory is bounded: entries are sorted in key ranges of at most
-ENTRY_BATCH, look-ups go in blocks, and candidates are expanded in batches of CANDIDATE_BATCH, so a
+the first chunk that finds it. Memory is bounded: entries are sorted in key ranges of about
+ENTRY_BATCH (ranges of the key's top bits, so each is built from its own slices of the hashes),
+look-ups go in blocks, and candidates are compared and expanded in pieces of CANDIDATE_BATCH, so a
 bucket of millions of identical hashes costs time in proportion to its pairs but not memory beyond
 the pairs it returns.
 """
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, pairwise
 from math import comb
 
 import numpy as np
@@ -46,6 +51,7 @@ MAX_PATTERNS = 20_000  # flip patterns per chunk the cost model may choose
 LOOKUP_COST = 2.0  # relative cost of one table look-up vs one verified candidate
 SORT_COST = 3.0  # relative cost of one sorted entry vs one verified candidate
 ENTRY_BATCH = 1 << 25  # (hash, flip pattern) entries sorted at once in the self-join
+BLOCK = 1 << 16  # hashes of the runs compared together in the self-join (kept in cache)
 
 Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -239,9 +245,9 @@ class _Table:
         return lo, hi
 
 
-def _expand(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, order: np.ndarray | None):
+def _expand(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, order: np.ndarray):
     """Yield (query row, table row) candidate arrays in batches of at most CANDIDATE_BATCH pairs: row q[k]
-    with order[lo[k]:hi[k]] (positions themselves when order is None)."""
+    with order[lo[k]:hi[k]]."""
     cnt = hi - lo
     nz = np.flatnonzero(cnt > 0)
     if not len(nz):
@@ -258,11 +264,11 @@ def _expand(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, order: np.ndarray | N
             total = int(c.sum())
             offs = np.arange(total) - np.repeat(np.cumsum(c) - c, c)
             at = np.repeat(lo[start:stop], c) + offs
-            yield np.repeat(q[start:stop], c), at if order is None else order[at]
+            yield np.repeat(q[start:stop], c), order[at]
         else:  # one run larger than a batch (many identical chunks): walk it in slices
             for a in range(int(lo[start]), int(lo[start] + c[0]), CANDIDATE_BATCH):
                 b = min(a + CANDIDATE_BATCH, int(lo[start] + c[0]))
-                yield np.full(b - a, q[start]), np.arange(a, b) if order is None else order[a:b]
+                yield np.full(b - a, q[start]), order[a:b]
         start = stop
 
 
@@ -321,24 +327,29 @@ def _range_pairs(codes: np.ndarray, radius: int, method: str) -> Pairs:
     logger.debug("Hamming range search: %d chunks, widths %s, radii %s", len(plan.widths), plan.widths, plan.radii)
     keys = [_chunk_keys([codes], s, w)[0] for s, w in zip(plan.starts, plan.widths)]
     reach = [2 * (-(-s // 2)) for s in plan.radii]  # chunk distance each chunk's join finds
-    flat = words[:, 0] if words.shape[1] == 1 else None  # 64-bit hashes: one word, no row sums
-    # Chunks are independent (a pair is kept by the first chunk that finds it, decided from the keys
-    # alone), so they run in threads: numpy releases the GIL in the sorts and array operations that
-    # are all of the work. Each thread sorts a share of ENTRY_BATCH, so memory stays the same.
-    workers = max(1, min(len(plan.widths), _cpu_count()))
-    out = [_empty()] * len(plan.widths)
+    hashes = words[:, 0] if words.shape[1] == 1 else words  # 64-bit hashes: one word, no row sums
+    # (chunk, key range) tasks are independent (a pair is kept by the first chunk that finds it,
+    # decided from the keys alone), so they run in threads: numpy releases the GIL in the sorts,
+    # gathers and array operations that are all of the work. Each thread sorts a share of
+    # ENTRY_BATCH, so memory stays the same.
+    workers = _cpu_count()
+    entry_batch = max(1, ENTRY_BATCH // workers)
+    joins = [_Meet(keys[c], plan.patterns_h(c, -(-plan.radii[c] // 2)), n, entry_batch)
+             for c in range(len(plan.widths))]
+    tasks = [(c, r) for c in range(len(joins)) for r in range(joins[c].parts)]
+    workers = max(1, min(workers, len(tasks)))
 
-    def run(c: int) -> None:
-        out[c] = _self_chunk(c, plan, keys, reach, words, flat, radius, n, ENTRY_BATCH // workers)
+    def run(task: tuple[int, int]) -> Pairs:
+        c, r = task
+        return _self_range(c, r, joins[c], keys, reach, hashes, radius)
 
     if workers == 1:
-        for c in range(len(plan.widths)):
-            run(c)
+        out = [run(t) for t in tasks]
     else:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(run, range(len(plan.widths))))
+            out = list(pool.map(run, tasks))
     return _finish([o[0] for o in out], [o[1] for o in out], [o[2] for o in out])
 
 
@@ -351,22 +362,56 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _self_chunk(c: int, plan: _Plan, keys: list[np.ndarray], reach: list[int], words: np.ndarray,
-                flat: np.ndarray | None, radius: int, n: int, entry_batch: int) -> Pairs:
-    """The pairs within `radius` that chunk c is the first to find (see _range_pairs)."""
+class _Meet:
+    """One chunk's sorted list of (key, item, pattern) entries, built one key range at a time.
+
+    An entry is packed into one int64 (key | item | pattern index); key = chunk value ^ pattern. The
+    key space is cut into `parts` ranges by its top bits, so that each holds about `entry_batch`
+    entries. Since (value ^ p) >> s == (value >> s) ^ (p >> s), the items whose value ^ p falls in a
+    range are one slice of the items sorted by value >> s: building a range touches only its own
+    entries."""
+
+    def __init__(self, keys: np.ndarray, patterns: np.ndarray, n: int, entry_batch: int):
+        self.keys, self.patterns = keys, patterns
+        self.item_bits = max(1, int(n - 1).bit_length())
+        self.pat_bits = max(0, int(len(patterns) - 1).bit_length())
+        self.shift = self.item_bits + self.pat_bits
+        key_bits = max(1, int(keys.max() | patterns.max()).bit_length()) if len(keys) else 1
+        want = max(1, -(-n * len(patterns) // entry_batch))
+        part_bits = min(key_bits, int(want - 1).bit_length())
+        self.parts = 1 << part_bits
+        self.range_shift = key_bits - part_bits
+        prefix = keys >> self.range_shift
+        self.order = np.argsort(prefix, kind="stable")  # items by prefix, ascending within one
+        self.sorted_keys = keys[self.order]
+        self.bounds = np.searchsorted(prefix[self.order], np.arange(self.parts + 1))
+
+    def entries(self, r: int) -> np.ndarray:
+        """The sorted entries whose key lies in range r."""
+        chunks = []
+        for pi, p in enumerate(self.patterns.tolist()):
+            src = r ^ (p >> self.range_shift)
+            lo, hi = self.bounds[src], self.bounds[src + 1]
+            chunks.append(((self.sorted_keys[lo:hi] ^ p) << self.shift) | (self.order[lo:hi] << self.pat_bits) | pi)
+        packed = np.concatenate(chunks)
+        del chunks
+        packed.sort()
+        return packed
+
+
+def _self_range(c: int, r: int, join: _Meet, keys: list[np.ndarray], reach: list[int], hashes: np.ndarray,
+                radius: int) -> Pairs:
+    """The pairs within `radius` that chunk c finds in key range r and is the first chunk to find."""
+    patterns = join.patterns
+    h = int(np.bitwise_count(patterns).max()) if len(patterns) else 0
+    item_mask, pat_mask = (1 << join.item_bits) - 1, (1 << join.pat_bits) - 1
     out_i, out_j, out_d = [], [], []
-    h = -(-plan.radii[c] // 2)
-    patterns = plan.patterns_h(c, h)
-    for a, b, pa, pb in _meet(keys[c], patterns, n, entry_batch):
-        if flat is not None:
-            d = np.bitwise_count(flat[a] ^ flat[b])
-        else:
-            d = _distance(words[a], words[b])
-        ok = np.flatnonzero(d <= radius)
-        a, b, pa, pb, d = a[ok], b[ok], pa[ok], pb[ok], d[ok].astype(np.int32)
+
+    def keep(e_a: np.ndarray, e_b: np.ndarray, d: np.ndarray) -> None:
+        # entries of one run are sorted by item, so e_a's item is the smaller one
+        i_lo, i_hi = (e_a >> join.pat_bits) & item_mask, (e_b >> join.pat_bits) & item_mask
+        p_lo = e_a & pat_mask
         # one (p, q) per pair: the smaller item takes the lowest ceil(t / 2) differing bits
-        lo = a < b
-        p_lo, i_lo, i_hi = np.where(lo, pa, pb), np.minimum(a, b), np.maximum(a, b)
         x = keys[c][i_lo] ^ keys[c][i_hi]
         take = (np.bitwise_count(x).astype(np.int64) + 1) // 2
         low = np.zeros_like(x)
@@ -376,52 +421,67 @@ def _self_chunk(c: int, plan: _Plan, keys: list[np.ndarray], reach: list[int], w
             use = step < take
             low |= np.where(use, bit, 0)
             rest ^= np.where(use, bit, 0)
-        keep = patterns[p_lo] == low
-        if c:
-            for e in range(c):
-                keep &= np.bitwise_count(keys[e][i_lo] ^ keys[e][i_hi]) > reach[e]
-        out_i.append(i_lo[keep])
-        out_j.append(i_hi[keep])
-        out_d.append(d[keep])
+        ok = patterns[p_lo] == low
+        for e in range(c):  # only the first chunk that finds a pair reports it
+            ok &= np.bitwise_count(keys[e][i_lo] ^ keys[e][i_hi]) > reach[e]
+        out_i.append(i_lo[ok])
+        out_j.append(i_hi[ok])
+        out_d.append(d[ok].astype(np.int32))
+
+    for e_a, e_b, d in _run_pairs(join.entries(r), join.shift, join.pat_bits, item_mask, hashes, radius):
+        keep(e_a, e_b, d)
     return _finish(out_i, out_j, out_d)
 
 
-def _meet(keys: np.ndarray, patterns: np.ndarray, n: int, entry_batch: int = ENTRY_BATCH):
-    """Yield (item a, item b, pattern index of a, pattern index of b) for entries sharing a key
-    (keys[a] ^ patterns[pa] == keys[b] ^ patterns[pb]), in bounded batches.
+def _run_pairs(packed: np.ndarray, shift: int, pat_bits: int, item_mask: int, hashes: np.ndarray, radius: int):
+    """Yield (entry a, entry b, distance) for the entries a before b of one run of equal keys whose
+    hashes are within `radius`, handed on in batches of CANDIDATE_BATCH to twice that.
 
-    The entries are packed into one int64 (key | item | pattern) and sorted in place; when there are
-    more than ENTRY_BATCH of them, the key space is split into ranges handled one at a time."""
-    item_bits = max(1, int(n - 1).bit_length())
-    pat_bits = max(0, int(len(patterns) - 1).bit_length())
-    shift = item_bits + pat_bits
-    key_max = int(keys.max() | patterns.max()) + 1 if len(keys) else 1
-    parts = max(1, -(-n * len(patterns) // entry_batch))
-    bounds = np.linspace(0, key_max, parts + 1).astype(np.int64)
-    items = np.arange(n, dtype=np.int64)
-    for k0, k1 in zip(bounds[:-1], bounds[1:]):
-        chunks = []
-        for pi, p in enumerate(patterns.tolist()):
-            v = keys ^ p
-            sel = (v >= k0) & (v < k1) if parts > 1 else slice(None)
-            chunks.append((v[sel] << shift) | (items[sel] << pat_bits) | pi)
-        packed = np.concatenate(chunks)
-        del chunks
-        packed.sort()
-        k = packed >> shift
-        run_start = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
-        run_end = np.r_[run_start[1:], len(k)]
-        del k
-        sizes = run_end - run_start
-        shared = np.repeat(sizes > 1, sizes)  # entries alone under their key meet nothing
-        end = np.repeat(run_end, sizes)[shared]
-        pos = np.flatnonzero(shared)
-        del shared, sizes
-        item = ((packed >> pat_bits) & ((1 << item_bits) - 1)).astype(np.int64)
-        pat = (packed & ((1 << pat_bits) - 1)).astype(np.int16)
-        del packed
-        for x, y in _expand(pos, pos + 1, end, None):
-            yield item[x], item[y], pat[x], pat[y]
+    Runs of equal length L are laid side by side as an (L, runs) matrix of their hashes (one gather
+    per entry), and row u is compared with rows u + 1 .. L - 1 at once: streaming XOR and popcount,
+    a few calls per block of candidates. Blocks are sized to stay in cache; a run longer than a
+    batch is compared in slices of CANDIDATE_BATCH."""
+    k = packed >> shift
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    del k
+    lens = np.diff(np.r_[starts, len(packed)])
+    shared = lens > 1  # entries alone under their key meet nothing
+    starts, lens = starts[shared], lens[shared]
+    if not len(starts):
+        return
+    by_len = np.argsort(lens, kind="stable")
+    starts, lens = starts[by_len], lens[by_len]
+    cuts = np.flatnonzero(np.r_[True, lens[1:] != lens[:-1], True])
+    found_a, found_b, found_d, found = [], [], [], 0
+    batch = max(1, CANDIDATE_BATCH)
+    for g0, g1 in pairwise(cuts.tolist()):
+        size = int(lens[g0])
+        width = max(1, min(BLOCK, batch) // size)  # runs compared together
+        step = max(1, batch // width)  # rows of the run compared with row u at once
+        rows = np.arange(size)[:, None]
+        for s0 in range(g0, g1, width):
+            at = starts[s0 : min(g1, s0 + width)][None, :] + rows  # (size, runs) positions
+            ent = packed[at]
+            hh = hashes[(ent >> pat_bits) & item_mask]
+            for u in range(size - 1):
+                for v0 in range(u + 1, size, step):
+                    v1 = min(size, v0 + step)
+                    d = np.bitwise_count(hh[v0:v1] ^ hh[u])
+                    if d.ndim == 3:  # multi-word hashes
+                        d = d.sum(axis=2, dtype=np.int16)
+                    hit = np.flatnonzero(d <= radius)  # (much faster than a 2-d np.nonzero)
+                    if not len(hit):
+                        continue
+                    rr, cc = np.divmod(hit, d.shape[1])
+                    found_a.append(ent[u, cc])
+                    found_b.append(ent[v0 + rr, cc])
+                    found_d.append(d[rr, cc])
+                    found += len(rr)
+                    if found >= batch:
+                        yield np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_d)
+                        found_a, found_b, found_d, found = [], [], [], 0
+    if found:
+        yield np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_d)
 
 
 def _brute_dihedral(codes: np.ndarray, variants: np.ndarray, radius: int) -> Pairs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,22 +40,59 @@ def group_edges(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return first[mask], i[mask]
 
 
+KEY_BYTES = 33  # content_keys: a tag byte, then 32 bytes
+_UNKNOWN, _DIGEST, _TEXT = 0, 1, 2
+
+
+def content_keys(digests: Sequence[str | None], start: int = 0) -> np.ndarray:
+    """sha256 hex digests as fixed-width keys (dtype S33): equal keys <=> identical bytes.
+
+    A 64-character str object per image would be most of the node table at ten million. A key is a
+    tag byte and 32 bytes: 1 + the raw digest for a hex digest; 2 + the sha256 of the text for
+    anything else (tests, foreign sources: compared as text); 0 + the node's position (`start` + i)
+    for a missing digest (NULL or empty), so that it equals no other key and two images whose bytes
+    nobody hashed are never exact duplicates.
+    """
+    m = len(digests)
+    out = np.zeros((m, KEY_BYTES), np.uint8)
+    try:  # the common case, a batch of hex digests, without a Python loop per digest
+        if all(len(h) == 64 for h in digests):  # type: ignore[arg-type]
+            raw = bytes.fromhex("".join(digests))  # type: ignore[arg-type]
+            if len(raw) == 32 * m:  # (fromhex skips whitespace: then it is shorter)
+                out[:, 0] = _DIGEST
+                out[:, 1:] = np.frombuffer(raw, np.uint8).reshape(m, 32)
+                return out.view(f"S{KEY_BYTES}").reshape(m)
+    except (TypeError, ValueError):
+        pass
+    for i, h in enumerate(digests):
+        raw = b""
+        if isinstance(h, str) and len(h) == 64:
+            try:
+                raw = bytes.fromhex(h)
+            except ValueError:
+                pass
+        if len(raw) == 32:
+            out[i, 0], out[i, 1:] = _DIGEST, np.frombuffer(raw, np.uint8)
+        elif h is None or h == "" or h == b"":
+            out[i, 0], out[i, 1:9] = _UNKNOWN, np.frombuffer((start + i).to_bytes(8, "big"), np.uint8)
+        else:
+            text = h if isinstance(h, bytes) else str(h).encode("utf-8", "surrogatepass")
+            out[i, 0], out[i, 1:] = _TEXT, np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
+    return out.view(f"S{KEY_BYTES}").reshape(m)
+
+
 def sha256_edges(ids: np.ndarray, sha256: np.ndarray) -> Edges:
     """Edges between images with identical bytes.
 
-    Hex digests are compared as their 32 raw bytes: at 10M images a fixed-width array of the
-    64-character strings would take 2.5 GB (numpy stores 4 bytes per character), the digests 320 MB.
+    `sha256`: content keys (content_keys, as dedup.load_nodes holds them) or hex digests as text,
+    which are turned into keys here. Digests compare as their 32 raw bytes, other text as text;
+    a missing digest matches nothing.
     """
     if len(ids) == 0:
         return Edges.empty()
-    try:
-        keys = np.array([bytes.fromhex(h) for h in sha256], dtype="S32")
-        if any(len(h) != 64 for h in sha256):
-            raise ValueError("not all SHA-256 hex digests")
-    except (ValueError, TypeError):  # anything else (tests, foreign sources): compared as text
-        keys = np.asarray(sha256).astype(str)
+    keys = sha256 if sha256.dtype == np.dtype(f"S{KEY_BYTES}") else content_keys(list(sha256))
     _, codes = np.unique(keys, return_inverse=True)
-    a, b = group_edges(codes.astype(np.int64), ids)
+    a, b = group_edges(codes.astype(np.int64).reshape(-1), ids)
     return Edges(a, b, np.ones(len(a), np.float32))
 
 
@@ -99,7 +137,7 @@ def pixel_digest(path: Any, max_pixels: int) -> str | None:
         return None
 
 
-def pixel_edges(root: Path | Callable[[str], Any], ids: np.ndarray, paths: list[str], sha256: np.ndarray, phash_signed: np.ndarray,
+def pixel_edges(root: Path | Callable[[str], Any], ids: np.ndarray, paths: Sequence[str], sha256: np.ndarray, phash_signed: np.ndarray,
                 width: np.ndarray, height: np.ndarray, max_pixels: int) -> Edges:
     """Edges between images with different bytes but identical decoded pixels."""
     key = np.stack([phash_signed, width.astype(np.int64), height.astype(np.int64)], axis=1)

@@ -19,10 +19,11 @@ gathers. It reads only the vectors file, never the FAISS index.
    neighbours need not be above the threshold). rho = 1/2 is exact (the two gaps sum to at most
    r ||c_i - c_j||) but, in hundreds of dimensions, probes nearly every cell.
 3. Join: per cell, the rows (its members, then the visitors probing it) are multiplied with its
-   members (float32 BLAS through torch); a product within SLACK of the threshold is re-scored one
-   pair at a time, as brute force scores pairs, so a pair the probes reach falls on the side of
-   the threshold brute force puts it. (bfloat16 products were slower here: oneDNN compiles
-   a kernel per matrix shape, and its kernel cache kept hundreds of MB.)
+   members through torch, in bfloat16 where that is faster (Products: blocks padded to a few
+   shapes, since oneDNN compiles and keeps a kernel per shape) or float32; a product within the
+   dtype's error of the threshold or above it is re-scored one pair at a time in float32, as brute
+   force scores pairs, so a pair the probes reach falls on the side of the threshold brute force
+   puts it.
    A visitor's hit is recorded both ways, since the member may never probe the visitor's cell.
    Within a block a row keeps at most its k largest products, so a cell of copies costs k per row.
 4. Each vector keeps its k best (by cosine, ties by id) over every hit it took part in; the edges
@@ -36,12 +37,21 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from retrieval.curation.graph import SPILL_EDGES, EdgeSink, Edges, RangeFiles, _above, _topk_per_row, exact_topk
+from retrieval.curation.graph import (
+    SPILL_EDGES,
+    Edges,
+    EdgeSink,
+    RangeFiles,
+    _above,
+    _topk_per_row,
+    exact_topk,
+)
 from retrieval.vectors import clip_cosine
 
 logger = logging.getLogger(__name__)
@@ -60,8 +70,13 @@ RHO_MIN = 0.05
 RHO_EXACT = 0.5  # g_x + g_y <= r ||c_i - c_j||, so one side's gap is at most half: every pair is found
 GATHER_PAIRS = 1 << 15  # pairs re-scored at once
 ASSIGN_BLOCK = 4096  # vectors scored against every centroid at once (4096 x cells float32)
-ROW_BLOCK = 4096  # rows x columns of one product in the join
-COL_BLOCK = 8192
+ROW_BLOCK = 2048  # rows x columns of one product in the join
+COL_BLOCK = 1024
+PRODUCTS = "auto"  # "float32", "bfloat16", or "auto": bfloat16 where it is BF16_SPEEDUP times faster (Products)
+BF16_SPEEDUP = 1.5
+BF16_SLACK = 0.01  # > 2 * 2^-9 + 2^-8 + SLACK: the largest error of a bfloat16 product of unit vectors
+PAD_ROWS = 512  # bfloat16 blocks are padded to multiples of these (a few shapes, a few kernels)
+PAD_COLS = 256
 # float32 products of unit vectors in another summation order differ by at most ~d * 2^-24 (4096 dims: 2.4e-4)
 SLACK = 2.5e-4
 
@@ -72,8 +87,8 @@ class Plan:
 
     centroids: np.ndarray
     home: np.ndarray  # int32, per position
-    probe_pos: np.ndarray  # int64, sorted by (cell, position)
-    probe_cell: np.ndarray  # int32
+    probe_pos: np.ndarray  # int32 positions, sorted by (cell, position)
+    probe_bounds: np.ndarray  # cell j's probes are probe_pos[probe_bounds[j]:probe_bounds[j + 1]]
     rho: float
 
 
@@ -240,47 +255,72 @@ def calibrate_rho(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cel
 
 def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cells, radius: float,
            rho: float, progress: bool = False) -> Plan:
-    """Home cell of every vector, and the cells it probes: g_j <= rho * radius * ||c_home - c_j||."""
+    """Home cell of every vector, and the cells it probes: g_j <= rho * radius * ||c_home - c_j||.
+
+    A block's scores are passed over once against the widest gap the row's home allows; only the few
+    cells under it are tested exactly. Probes are kept as packed (cell, position) int64 keys sorted in
+    place: 8 bytes each at ten million vectors, not a sort's copies. (Scores stay float32: bfloat16
+    products were faster, but re-scoring their candidates exactly cost more than they saved.)"""
+    import torch
     from tqdm import tqdm
 
-    import torch
-
+    if len(ids) >= 1 << 31:
+        raise ValueError(f"{len(ids)} vectors: positions must fit in 31 bits")
+    n_cells_ = len(cells.centroids)
     spread = _centroid_distances(cells.centroids)
     spread *= np.float32(rho * radius)
-    spread_t = torch.from_numpy(spread)
+    reach = spread.max(axis=1)
+    reach *= np.float32(1 + 1e-6)
+    reach += np.float32(1e-6)  # looser than the exact test below, whatever the rounding
+    spread_t, reach_t = torch.from_numpy(spread), torch.from_numpy(reach)
     cents = torch.from_numpy(cells.centroids)
     home = np.empty(len(ids), np.int32)
-    pos_parts: list[np.ndarray] = []
-    cell_parts: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
     for start in tqdm(range(0, len(ids), ASSIGN_BLOCK), desc="k-NN graph: cells", unit="block",
                       disable=not progress):
         s = torch.from_numpy(cells.project(read(ids[start : start + ASSIGN_BLOCK]))) @ cents.T
         best, h = s.max(dim=1)
         home[start : start + len(s)] = h.numpy()
-        s.neg_().add_(best[:, None])  # the gaps, in place
-        near = s <= spread_t[h]
-        near[torch.arange(len(h)), h] = False
-        r, c = torch.nonzero(near, as_tuple=True)
-        pos_parts.append(r.numpy().astype(np.int64) + start)  # row-major: positions stay increasing
-        cell_parts.append(c.numpy().astype(np.int32))
-    pos = np.concatenate(pos_parts) if pos_parts else np.empty(0, np.int64)
-    cell = np.concatenate(cell_parts) if cell_parts else np.empty(0, np.int32)
-    order = np.argsort(cell, kind="stable")  # by (cell, position)
-    return Plan(cells.centroids, home, pos[order], cell[order], rho)
+        # np.flatnonzero: several times faster than torch.nonzero on a dense mask
+        flat = torch.from_numpy(np.flatnonzero((s >= (best - reach_t[h])[:, None]).numpy()))
+        r, c = flat // n_cells_, flat % n_cells_
+        hr = h[r]
+        ok = (best[r] - s[r, c] <= spread_t[hr, c]) & (c != hr)
+        r, c = r[ok], c[ok]
+        parts.append(((c << 32) | (r + start)).numpy())
+    keys = _concatenate_freeing(parts)
+    keys.sort()  # by (cell, position)
+    bounds = np.searchsorted(keys, np.arange(n_cells_ + 1, dtype=np.int64) << 32)
+    pos = (keys & np.int64(0xFFFFFFFF)).astype(np.int32)
+    del keys
+    return Plan(cells.centroids, home, pos, bounds, rho)
+
+
+def _concatenate_freeing(parts: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate that frees each part once copied: the peak is the result plus one part, not two
+    copies of everything."""
+    out = np.empty(sum(len(p) for p in parts), np.int64)
+    at = 0
+    while parts:
+        p = parts.pop(0)
+        out[at : at + len(p)] = p
+        at += len(p)
+    return out
 
 
 def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan, k: int, threshold: float,
           sink: "DirectedSink", progress: bool) -> None:
     """Every cell's rows (members, then visitors) against its members; hits go to `sink` both ways
     (a visitor's hit is also the member's: the pair may be found from one side only)."""
-    import torch
     from tqdm import tqdm
 
     cells = len(plan.centroids)
     members_order = np.argsort(plan.home, kind="stable")
     m_bounds = np.searchsorted(plan.home[members_order], np.arange(cells + 1))
-    v_bounds = np.searchsorted(plan.probe_cell, np.arange(cells + 1))
-    low = float(threshold - SLACK)
+    v_bounds = plan.probe_bounds
+    products = Products.choose()
+    low = products.low(threshold)
+    trusted = threshold + SLACK if products.dtype == "float32" else math.inf  # products kept as they are
     for j in tqdm(range(cells), desc="k-NN graph: join", unit="cell", disable=not progress):
         members = members_order[m_bounds[j] : m_bounds[j + 1]]
         if not len(members):
@@ -289,32 +329,126 @@ def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan,
         rows = np.concatenate([members, visitors])
         x_rows = read(ids[rows])
         x_cols = x_rows[: len(members)]
-        cols_t = torch.from_numpy(x_cols).T
-        rows_t = torch.from_numpy(x_rows)
-        for r0 in range(0, len(rows), ROW_BLOCK):
-            r1 = min(len(rows), r0 + ROW_BLOCK)
-            for c0 in range(0, len(members), COL_BLOCK):
-                c1 = min(len(members), c0 + COL_BLOCK)
-                s = rows_t[r0:r1] @ cols_t[:, c0:c1]
-                if r0 < len(members):
+        n_rows, n_cols = len(rows), len(members)
+        rows_t = products.prepare(x_rows, products.pad_rows)
+        cols_t = products.prepare(x_cols, products.pad_cols).T
+        for r0 in range(0, n_rows, ROW_BLOCK):
+            r1 = min(n_rows, r0 + ROW_BLOCK)
+            for c0 in range(0, n_cols, COL_BLOCK):
+                c1 = min(n_cols, c0 + COL_BLOCK)
+                s = rows_t[r0 : r0 + ROW_BLOCK] @ cols_t[:, c0 : c0 + COL_BLOCK]
+                s[r1 - r0 :] = -math.inf  # padding (a no-op without it)
+                s[:, c1 - c0 :] = -math.inf
+                if r0 < n_cols:
                     s.diagonal(r0 - c0).fill_(-math.inf)  # members against themselves: (r, r) globally
-                ri, ci, val = _block_hits(s, low, min(k, c1 - c0))
+                exact = None
+                if products.dtype != "float32":
+                    exact = partial(_exact_block, x_rows, x_cols, r0, c0, c1)
+                ri, ci, val = _block_hits(s, low, min(k, c1 - c0), exact, float(threshold - SLACK))
                 if not len(ri):
                     continue
                 ri, ci = ri + r0, ci + c0
-                band = val < threshold + SLACK  # near the threshold: decided by the pair's own product
-                if band.any():
-                    val[band] = _pair_cosines(x_rows, x_cols, ri[band], ci[band])
+                redo = val < trusted  # decided (and valued) by the pair's own float32 product
+                if redo.any():
+                    val[redo] = _pair_cosines(x_rows, x_cols, ri[redo], ci[redo])
                 keep = val >= threshold
                 ri, ci, val = ri[keep], ci[keep], val[keep]
                 sink.add(rows[ri], members[ci], val)
-                back = ri >= len(members)  # visitor -> member hits, also as member -> visitor
+                back = ri >= n_cols  # visitor -> member hits, also as member -> visitor
                 sink.add(members[ci[back]], rows[ri[back]], val[back])
 
 
-def _block_hits(s: Any, low: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _exact_block(x_rows: np.ndarray, x_cols: np.ndarray, r0: int, c0: int, c1: int, rows: Any) -> Any:
+    """float32 products of block rows `rows` (of the block starting at row r0) with columns c0:c1, with
+    each member's own product masked as in the block."""
+    import torch
+
+    r = rows.numpy() + r0
+    out = torch.from_numpy(x_rows[r]) @ torch.from_numpy(x_cols[c0:c1]).T
+    self_col = torch.from_numpy(r - c0)
+    mine = (self_col >= 0) & (self_col < c1 - c0)
+    out[torch.nonzero(mine).flatten(), self_col[mine]] = -math.inf
+    return out
+
+
+@dataclass
+class Products:
+    """How the join multiplies a block: float32, or bfloat16 where the CPU does that several times faster
+    (AMX). A bfloat16 product of unit vectors is off by at most 2 * 2^-9 (the rounded inputs) + 2^-8
+    (the rounded output) + float32 accumulation, under BF16_SLACK: every product below threshold -
+    BF16_SLACK is below the threshold in float32 too, and every one above it is re-scored in float32,
+    so the edges are those of the float32 join. bfloat16 blocks are padded to a few fixed shapes,
+    since oneDNN builds (and keeps) a kernel per shape."""
+
+    dtype: str  # "float32" or "bfloat16"
+    slack: float
+    pad_rows: int
+    pad_cols: int
+
+    @classmethod
+    def choose(cls) -> "Products":
+        if PRODUCTS == "float32" or (PRODUCTS == "auto" and not _bfloat16_faster()):
+            return cls("float32", SLACK, 1, 1)
+        return cls("bfloat16", BF16_SLACK, PAD_ROWS, PAD_COLS)
+
+    def low(self, threshold: float) -> float:
+        """threshold - slack, rounded down to a value of the block's dtype (a comparison with a Python
+        float happens in the tensor's dtype)."""
+        import torch
+
+        want = float(threshold - self.slack)
+        t = torch.tensor([want], dtype=getattr(torch, self.dtype))
+        if t.double().item() > want:
+            t = torch.nextafter(t, torch.full_like(t, -math.inf))
+        return float(t.double().item())
+
+    def prepare(self, x: np.ndarray, pad: int) -> Any:
+        import torch
+
+        t = torch.from_numpy(x)
+        if self.dtype == "float32":
+            return t
+        out = torch.zeros((-(-len(x) // pad) * pad, x.shape[1]), dtype=torch.bfloat16)
+        out[: len(x)] = t
+        return out
+
+
+_BF16_FASTER: bool | None = None
+
+
+def _bfloat16_faster() -> bool:
+    """Whether bfloat16 block products beat float32 by BF16_SPEEDUP here: timed once per process on one
+    block (about a tenth of a second); on CPUs without AMX bfloat16 is the slower of the two."""
+    global _BF16_FASTER
+    if _BF16_FASTER is None:
+        import time
+
+        import torch
+
+        a = torch.randn(ROW_BLOCK, 384)
+        b = torch.randn(384, COL_BLOCK)
+        seconds = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y = a.to(dtype), b.to(dtype)
+            x @ y  # warm-up (kernel creation)
+            t = time.perf_counter()
+            for _ in range(3):
+                x @ y
+            seconds[dtype] = time.perf_counter() - t
+        _BF16_FASTER = seconds[torch.float32] > BF16_SPEEDUP * seconds[torch.bfloat16]
+        logger.debug("k-NN graph: block products in %s (float32 %.4f s, bfloat16 %.4f s)",
+                     "bfloat16" if _BF16_FASTER else "float32", seconds[torch.float32], seconds[torch.bfloat16])
+    return _BF16_FASTER
+
+
+def _block_hits(s: Any, low: float, k: int, exact: Callable[[Any], Any] | None = None,
+                exact_low: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, column, product) of the entries >= low; a row with more than k keeps its k largest (all
-    it can keep overall), so a block of copies costs k per row, not its width."""
+    it can keep overall), so a block of copies costs k per row, not its width.
+
+    `exact(rows)`: the float32 products of those rows of the block, for blocks computed in a rounded
+    dtype; a row with more than k hits then picks its k by them (against `exact_low`), as float32 would.
+    """
     import torch
 
     near = torch.nonzero(s.amax(dim=1) >= low).flatten()  # rows with a hit: one pass over the block
@@ -322,12 +456,24 @@ def _block_hits(s: Any, low: float, k: int) -> tuple[np.ndarray, np.ndarray, np.
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     sub = s[near]
     hits = sub >= low
-    if int(hits.sum()) > k * len(near):
+    if int(hits.sum()) <= k * len(near):
+        rr, cc = torch.nonzero(hits, as_tuple=True)
+        return near[rr].numpy(), cc.numpy(), sub[rr, cc].to(torch.float32).numpy().copy()
+    if exact is None:
         vals, idx = torch.topk(sub, k, dim=1)
         rr, cc = torch.nonzero(vals >= low, as_tuple=True)
-        return near[rr].numpy(), idx[rr, cc].numpy(), vals[rr, cc].numpy().copy()
-    rr, cc = torch.nonzero(hits, as_tuple=True)
-    return near[rr].numpy(), cc.numpy(), sub[rr, cc].numpy().copy()
+        return near[rr].numpy(), idx[rr, cc].numpy(), vals[rr, cc].to(torch.float32).numpy().copy()
+    over = hits.sum(dim=1) > k
+    rr, cc = torch.nonzero(hits[~over], as_tuple=True)
+    few = near[~over]
+    out_r, out_c, out_v = [few[rr]], [cc], [sub[~over][rr, cc].to(torch.float32)]
+    many = near[over]
+    vals, idx = torch.topk(exact(many), k, dim=1)
+    rr, cc = torch.nonzero(vals >= exact_low, as_tuple=True)
+    out_r.append(many[rr])
+    out_c.append(idx[rr, cc])
+    out_v.append(vals[rr, cc])
+    return torch.cat(out_r).numpy(), torch.cat(out_c).numpy(), torch.cat(out_v).numpy().copy()
 
 
 def _pair_cosines(x_rows: np.ndarray, x_cols: np.ndarray, ri: np.ndarray, ci: np.ndarray) -> np.ndarray:

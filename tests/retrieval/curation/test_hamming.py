@@ -142,3 +142,80 @@ def test_key_ranges_and_small_batches_give_the_same_pairs(monkeypatch: pytest.Mo
     monkeypatch.setattr(hamming, "ENTRY_BATCH", 1000)
     monkeypatch.setattr(hamming, "CANDIDATE_BATCH", 50)
     assert as_set(force_mih(range_pairs, codes, 7)) == want
+
+
+def test_sorted_entries_cover_every_hash_and_pattern_once() -> None:
+    """The key ranges of the self-join partition the (hash, flip pattern) entries, each range sorted."""
+    rng = np.random.default_rng(5)
+    n = 300
+    keys = rng.integers(0, 1 << 12, n).astype(np.int64)
+    keys[:40] = keys[0]  # a crowded key range
+    patterns = np.array([0] + [1 << b for b in range(12)], np.int64)
+    join = hamming._Meet(keys, patterns, n, entry_batch=500)
+    assert join.parts > 1
+    got = []
+    for r in range(join.parts):
+        e = join.entries(r)
+        assert np.all(e[1:] >= e[:-1])
+        k = e >> join.shift
+        assert np.all((k >> join.range_shift) == r)
+        got.append(e)
+    got = np.concatenate(got)
+    item = (got >> join.pat_bits) & ((1 << join.item_bits) - 1)
+    pat = got & ((1 << join.pat_bits) - 1)
+    assert np.array_equal(got >> join.shift, keys[item] ^ patterns[pat])
+    assert sorted(zip(item.tolist(), pat.tolist())) == [(i, p) for i in range(n) for p in range(len(patterns))]
+
+
+def test_planted_pairs_with_tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs compared one at a time, rows in slices, survivors flushed in tiny batches."""
+    rng = np.random.default_rng(21)
+    codes = planted(rng, 500, 8, 8)
+    want = oracle(codes, 8)
+    for block, batch in [(1, 3), (7, 5), (64, 1000)]:
+        monkeypatch.setattr(hamming, "BLOCK", block)
+        monkeypatch.setattr(hamming, "CANDIDATE_BATCH", batch)
+        monkeypatch.setattr(hamming, "ENTRY_BATCH", 2000)
+        assert as_set(force_mih(range_pairs, codes, 8)) == want
+
+
+def test_many_identical_hashes_stay_in_bounded_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of hundreds of identical hashes (blank images): its pairs are compared and handed on in
+    pieces of about CANDIDATE_BATCH, never all at once, and every pair is still found once."""
+    rng = np.random.default_rng(8)
+    blank = rng.integers(0, 256, (1, 8), dtype=np.uint8)
+    near = np.repeat(blank, 60, axis=0)
+    bits = np.unpackbits(near, axis=1)
+    for row in bits:
+        row[rng.choice(64, int(rng.integers(1, 10)), replace=False)] ^= 1
+    codes = np.concatenate([np.repeat(blank, 300, axis=0), np.packbits(bits, axis=1),
+                            rng.integers(0, 256, (200, 8), dtype=np.uint8)])
+    codes = codes[rng.permutation(len(codes))]
+    want = oracle(codes, 8)
+    batch = 64
+    monkeypatch.setattr(hamming, "CANDIDATE_BATCH", batch)
+    seen = []
+    real = hamming._run_pairs
+
+    def spy(*args):
+        for a, b, d in real(*args):
+            seen.append(len(a))
+            yield a, b, d
+
+    monkeypatch.setattr(hamming, "_run_pairs", spy)
+    assert as_set(force_mih(range_pairs, codes, 8)) == want
+    assert len(want) > 300 * 299 // 2
+    assert max(seen) < 2 * batch
+
+
+@pytest.mark.parametrize("radius", [31, 16])
+def test_pdq_sized_hashes(radius: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """256-bit hashes (4 words a row) with planted pairs around the radius, in several key ranges."""
+    rng = np.random.default_rng(radius)
+    codes = planted(rng, 360, 32, radius)
+    codes[:30] = codes[30]  # a run of identical hashes
+    want = oracle(codes, radius)
+    monkeypatch.setattr(hamming, "ENTRY_BATCH", 400)
+    monkeypatch.setattr(hamming, "CANDIDATE_BATCH", 40)
+    assert as_set(force_mih(range_pairs, codes, radius)) == want
+    assert any(d == radius for _, _, d in want)

@@ -23,14 +23,15 @@ def _reader(x: np.ndarray, ids: np.ndarray):
     return lambda q: x[[rows[int(i)] for i in q]]
 
 
-@pytest.mark.parametrize("projected_dim", [64, 8])
-def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch, projected_dim: int) -> None:
+@pytest.mark.parametrize("projected_dim,products", [(64, "float32"), (64, "bfloat16"), (8, "auto")])
+def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch, projected_dim: int, products: str) -> None:
     """With rho = 1/2 every pair within the radius is reached from one side or the other (the two gaps
     sum to at most r ||c_i - c_j||), so the edges must be brute force's exactly: the join, the pre-filter below the threshold and
     the k best per vector across cells lose nothing; nor do cells made in 8 principal directions of the
     32 (a projection never lengthens a difference)."""
     monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
     monkeypatch.setattr(partition, "PROJECTED_DIM", projected_dim)
+    monkeypatch.setattr(partition, "PRODUCTS", products)  # bfloat16 blocks only filter: the edges are float32's
     n, dim = 3000, 32
     x = planted_vectors(n, dim, n_groups=120, per_group=5, noise=0.07, seed=11)
     ids = np.arange(n, dtype=np.int64) * 2 + 7
@@ -46,9 +47,12 @@ def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch, project
         assert stats["probe_rho"] == partition.RHO_EXACT and stats["cells"] == n_cells(n)
 
 
-def test_pairs_at_the_threshold_are_decided_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pairs planted within +-0.004 of the threshold fall on the side brute force puts them."""
+@pytest.mark.parametrize("products", ["float32", "bfloat16"])
+def test_pairs_at_the_threshold_are_decided_in_float32(monkeypatch: pytest.MonkeyPatch, products: str) -> None:
+    """Pairs planted within +-0.004 of the threshold (under bfloat16's rounding) fall on the side brute
+    force puts them."""
     monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
+    monkeypatch.setattr(partition, "PRODUCTS", products)
     rng = np.random.default_rng(5)
     n, dim, t = 2500, 48, 0.93
     x = rng.normal(size=(n, dim)).astype(np.float32)
@@ -207,3 +211,20 @@ def test_graph_method_keeps_exact_search_where_the_index_is_exact(monkeypatch: p
     assert graph_method(200_000, DedupOptions(use_gpu=False, ray="127.0.0.1:6379"), ivf) == "index"
     monkeypatch.setattr(ann, "gpu_count", lambda: 1)
     assert graph_method(200_000, DedupOptions(use_gpu=True), ivf) == "index"
+
+
+def test_bfloat16_threshold_rounds_down_and_blocks_pad_to_few_shapes() -> None:
+    """The block threshold must not round above threshold - slack (a comparison with a Python float
+    happens in bfloat16), and padded blocks come in a handful of shapes."""
+    import torch
+
+    p = partition.Products("bfloat16", partition.BF16_SLACK, partition.PAD_ROWS, partition.PAD_COLS)
+    for t in np.linspace(0.5, 0.999, 200):
+        low = p.low(float(t))
+        assert low <= t - partition.BF16_SLACK
+        assert torch.tensor([low], dtype=torch.bfloat16).double().item() == low
+        assert low > t - partition.BF16_SLACK - 2 ** -7
+    x = np.random.default_rng(0).normal(size=(1300, 16)).astype(np.float32)
+    t = p.prepare(x, partition.PAD_ROWS)
+    assert t.shape == (1536, 16) and t.dtype == torch.bfloat16 and not t[1300:].any()
+    assert partition.Products("float32", partition.SLACK, 1, 1).prepare(x, 1).shape == x.shape
