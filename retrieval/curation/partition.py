@@ -74,7 +74,7 @@ ROW_BLOCK = 2048  # rows x columns of one product in the join
 COL_BLOCK = 1024
 PRODUCTS = "auto"  # "float32", "bfloat16", or "auto": bfloat16 where it is BF16_SPEEDUP times faster (Products)
 BF16_SPEEDUP = 1.5
-BF16_SLACK = 0.01  # > 2 * 2^-9 + 2^-8 + SLACK: the largest error of a bfloat16 product of unit vectors
+BF16_SLACK = 0.01  # > 2 * 2^-8 + SLACK: how far rounding the inputs can lower a product of unit vectors
 PAD_ROWS = 512  # bfloat16 blocks are padded to multiples of these (a few shapes, a few kernels)
 PAD_COLS = 256
 # float32 products of unit vectors in another summation order differ by at most ~d * 2^-24 (4096 dims: 2.4e-4)
@@ -138,6 +138,7 @@ def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k
         stats["cells"] = cells
         stats["probe_rho"] = round(rho, 4)
         stats["probes_per_vector"] = round(probes, 3)
+        stats["block_products"] = Products.choose().dtype
     return out
 
 
@@ -291,7 +292,8 @@ def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cel
     keys = _concatenate_freeing(parts)
     keys.sort()  # by (cell, position)
     bounds = np.searchsorted(keys, np.arange(n_cells_ + 1, dtype=np.int64) << 32)
-    pos = (keys & np.int64(0xFFFFFFFF)).astype(np.int32)
+    np.bitwise_and(keys, np.int64(0xFFFFFFFF), out=keys)
+    pos = keys.astype(np.int32)
     del keys
     return Plan(cells.centroids, home, pos, bounds, rho)
 
@@ -320,7 +322,6 @@ def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan,
     v_bounds = plan.probe_bounds
     products = Products.choose()
     low = products.low(threshold)
-    trusted = threshold + SLACK if products.dtype == "float32" else math.inf  # products kept as they are
     for j in tqdm(range(cells), desc="k-NN graph: join", unit="cell", disable=not progress):
         members = members_order[m_bounds[j] : m_bounds[j + 1]]
         if not len(members):
@@ -341,16 +342,14 @@ def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan,
                 s[:, c1 - c0 :] = -math.inf
                 if r0 < n_cols:
                     s.diagonal(r0 - c0).fill_(-math.inf)  # members against themselves: (r, r) globally
-                exact = None
-                if products.dtype != "float32":
-                    exact = partial(_exact_block, x_rows, x_cols, r0, c0, c1)
+                exact = partial(_exact_block, x_rows, x_cols, r0, c0, c1)
                 ri, ci, val = _block_hits(s, low, min(k, c1 - c0), exact, float(threshold - SLACK))
                 if not len(ri):
                     continue
                 ri, ci = ri + r0, ci + c0
-                redo = val < trusted  # decided (and valued) by the pair's own float32 product
-                if redo.any():
-                    val[redo] = _pair_cosines(x_rows, x_cols, ri[redo], ci[redo])
+                # every hit decided and valued by the pair's own float32 product, as brute force
+                # scores pairs (the same value whichever dtype filtered it)
+                val = _pair_cosines(x_rows, x_cols, ri, ci)
                 keep = val >= threshold
                 ri, ci, val = ri[keep], ci[keep], val[keep]
                 sink.add(rows[ri], members[ci], val)
@@ -374,11 +373,14 @@ def _exact_block(x_rows: np.ndarray, x_cols: np.ndarray, r0: int, c0: int, c1: i
 @dataclass
 class Products:
     """How the join multiplies a block: float32, or bfloat16 where the CPU does that several times faster
-    (AMX). A bfloat16 product of unit vectors is off by at most 2 * 2^-9 (the rounded inputs) + 2^-8
-    (the rounded output) + float32 accumulation, under BF16_SLACK: every product below threshold -
-    BF16_SLACK is below the threshold in float32 too, and every one above it is re-scored in float32,
-    so the edges are those of the float32 join. bfloat16 blocks are padded to a few fixed shapes,
-    since oneDNN builds (and keeps) a kernel per shape."""
+    (AMX). Rounding unit vectors to bfloat16 (8 significant bits: 2^-8 relative each) moves their
+    product by at most 2 * 2^-8, and the float32 accumulation by less than SLACK: under BF16_SLACK.
+    The block is compared with `low`, a bfloat16 value at or below threshold - BF16_SLACK, and
+    rounding the output is monotone, so it cannot take a product that reached `low` below it: every
+    pair at or above the threshold in float32 passes the filter, and every pass is re-scored in
+    float32, so the edges are those of the float32 join. (The vectors are unit length, up to their
+    float16 storage; the bound scales with the norms.) bfloat16 blocks are padded to a few fixed
+    shapes, since oneDNN builds (and keeps) a kernel per shape."""
 
     dtype: str  # "float32" or "bfloat16"
     slack: float
@@ -425,8 +427,9 @@ def _bfloat16_faster() -> bool:
 
         import torch
 
-        a = torch.randn(ROW_BLOCK, 384)
-        b = torch.randn(384, COL_BLOCK)
+        gen = torch.Generator().manual_seed(0)  # not the global generator: choosing must not change later draws
+        a = torch.randn(ROW_BLOCK, 384, generator=gen)
+        b = torch.randn(384, COL_BLOCK, generator=gen)
         seconds = {}
         for dtype in (torch.float32, torch.bfloat16):
             x, y = a.to(dtype), b.to(dtype)
@@ -441,13 +444,14 @@ def _bfloat16_faster() -> bool:
     return _BF16_FASTER
 
 
-def _block_hits(s: Any, low: float, k: int, exact: Callable[[Any], Any] | None = None,
-                exact_low: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, column, product) of the entries >= low; a row with more than k keeps its k largest (all
-    it can keep overall), so a block of copies costs k per row, not its width.
+def _block_hits(s: Any, low: float, k: int, exact: Callable[[Any], Any], exact_low: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, product) of the entries >= low; a row with more than k keeps k (all it can keep
+    overall), so a block of copies costs k per row, not its width.
 
-    `exact(rows)`: the float32 products of those rows of the block, for blocks computed in a rounded
-    dtype; a row with more than k hits then picks its k by them (against `exact_low`), as float32 would.
+    `exact(rows)`: the float32 products of those rows of the block. A row with more than k hits picks
+    its k by them (against `exact_low`), largest first and ties to the lower column (the lower id,
+    as brute force breaks them), whatever dtype the block was computed in.
     """
     import torch
 
@@ -456,19 +460,16 @@ def _block_hits(s: Any, low: float, k: int, exact: Callable[[Any], Any] | None =
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     sub = s[near]
     hits = sub >= low
-    if int(hits.sum()) <= k * len(near):
+    over = hits.sum(dim=1) > k
+    if not bool(over.any()):
         rr, cc = torch.nonzero(hits, as_tuple=True)
         return near[rr].numpy(), cc.numpy(), sub[rr, cc].to(torch.float32).numpy().copy()
-    if exact is None:
-        vals, idx = torch.topk(sub, k, dim=1)
-        rr, cc = torch.nonzero(vals >= low, as_tuple=True)
-        return near[rr].numpy(), idx[rr, cc].numpy(), vals[rr, cc].to(torch.float32).numpy().copy()
-    over = hits.sum(dim=1) > k
     rr, cc = torch.nonzero(hits[~over], as_tuple=True)
     few = near[~over]
     out_r, out_c, out_v = [few[rr]], [cc], [sub[~over][rr, cc].to(torch.float32)]
     many = near[over]
-    vals, idx = torch.topk(exact(many), k, dim=1)
+    vals, idx = torch.sort(exact(many), dim=1, descending=True, stable=True)
+    vals, idx = vals[:, :k], idx[:, :k]
     rr, cc = torch.nonzero(vals >= exact_low, as_tuple=True)
     out_r.append(many[rr])
     out_c.append(idx[rr, cc])

@@ -228,3 +228,44 @@ def test_bfloat16_threshold_rounds_down_and_blocks_pad_to_few_shapes() -> None:
     t = p.prepare(x, partition.PAD_ROWS)
     assert t.shape == (1536, 16) and t.dtype == torch.bfloat16 and not t[1300:].any()
     assert partition.Products("float32", partition.SLACK, 1, 1).prepare(x, 1).shape == x.shape
+
+
+@pytest.mark.parametrize("products", ["float32", "bfloat16"])
+def test_ties_at_the_k_cap_go_to_the_lower_id_in_either_dtype(monkeypatch: pytest.MonkeyPatch, products: str) -> None:
+    """Byte-identical images give equal products: a row with more than k hits in a block keeps the
+    lower ids among equals, as brute force does (torch.topk's pick among ties depends on the width)."""
+    monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
+    monkeypatch.setattr(partition, "PRODUCTS", products)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    x[1] = x[0]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(40, dtype=np.int64) * 3
+    got = partition_edges(ids, _reader(x, ids), 5, -0.2)
+    want = brute_force_edges(ids, x, -0.2, k=5)
+    assert _pairs(got) == _pairs(want)
+
+
+def test_both_dtypes_give_the_same_edges_on_clusters_of_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clusters larger than k: which k each image keeps, and every value, must not depend on the dtype
+    the blocks were filtered in (the run picks it by a timing)."""
+    monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
+    x = planted_vectors(2400, 24, n_groups=12, per_group=150, noise=0.02, seed=8)
+    ids = np.arange(len(x), dtype=np.int64)
+    out = {}
+    for products in ("float32", "bfloat16"):
+        monkeypatch.setattr(partition, "PRODUCTS", products)
+        stats: dict = {}
+        out[products] = partition_edges(ids, lambda q: x[np.asarray(q)], 16, 0.95, stats=stats)
+        assert stats["block_products"] == products
+    a, b = out["float32"], out["bfloat16"]
+    assert len(a) > 2000 and _pairs(a) == _pairs(b)
+    np.testing.assert_array_equal(a.sim, b.sim)
+    # against brute force (another summation order), edges may differ only by near-ties at the k cap
+    differ = _pairs(a) ^ _pairs(brute_force_edges(ids, x, 0.95, k=16))
+    sims = x.astype(np.float64) @ x.T.astype(np.float64)
+    np.fill_diagonal(sims, -np.inf)
+    kth = np.sort(sims, axis=1)[:, -16]
+    assert len(differ) < 0.01 * len(a)
+    for i, j in differ:
+        assert min(abs(sims[i, j] - kth[i]), abs(sims[i, j] - kth[j])) < 1e-5, (i, j)
