@@ -327,37 +327,41 @@ def _nprobe(index: Any) -> int | None:
 
 
 class RangeFiles:
-    """Triples (src, dst, sim) written to disk split into SPILL_PARTS ranges of a key, and read back one
-    range at a time: how the graph's sinks keep a peak of one range instead of everything at once."""
+    """Arrays written to disk split into `parts` ranges of a key (SPILL_PARTS by default), and read back
+    one range at a time: how the graph's sinks and the join's probes keep a peak of one range
+    instead of everything at once."""
 
-    def __init__(self, max_key: int, prefix: str):
-        self.width = max(1, -(-max_key // SPILL_PARTS))
+    def __init__(self, max_key: int, prefix: str, parts: int = SPILL_PARTS):
+        self.parts = parts
+        self.width = max(1, -(-max_key // parts))
         self.prefix = prefix
         self.folder: Path | None = None
-        self.files: list[list[Path]] = [[] for _ in range(SPILL_PARTS)]
+        self.files: list[list[Path]] = [[] for _ in range(parts)]
+        self.dtypes: list[np.dtype] = [np.dtype(np.int64), np.dtype(np.int64), np.dtype(np.float32)]
 
-    def write(self, key: np.ndarray, src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> None:
+    def write(self, key: np.ndarray, *arrays: np.ndarray) -> None:
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix=self.prefix))
-        part = np.minimum(key // self.width, SPILL_PARTS - 1)
+        self.dtypes = [a.dtype for a in arrays]
+        part = np.minimum(key // self.width, self.parts - 1)
         for p in np.unique(part).tolist():
             sel = part == p
-            path = self.folder / f"p{p:02d}-{len(self.files[p]):05d}.npz"
-            np.savez(path, src=src[sel], dst=dst[sel], sim=sim[sel])
+            path = self.folder / f"p{p:04d}-{len(self.files[p]):05d}.npz"
+            np.savez(path, *(a[sel] for a in arrays))
             self.files[p].append(path)
 
     def ranges(self):
-        """(src, dst, sim) of each range in key order, its files removed once read."""
+        """The arrays of each range in key order (range p: keys from p * width), its files removed once read."""
         for files in self.files:
             pieces = []
             for f in files:
                 with np.load(f) as d:
-                    pieces.append((d["src"], d["dst"], d["sim"]))
+                    pieces.append([d[f"arr_{i}"] for i in range(len(d.files))])
                 f.unlink()
             if pieces:
-                yield tuple(np.concatenate([piece[i] for piece in pieces]) for i in range(3))
+                yield tuple(np.concatenate([piece[i] for piece in pieces]) for i in range(len(pieces[0])))
             else:
-                yield np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+                yield tuple(np.empty(0, dt) for dt in self.dtypes)
 
     def close(self) -> None:
         if self.folder is not None:

@@ -68,6 +68,8 @@ RHO_QUANTILE = 0.99
 RHO_HEADROOM = 1.25
 RHO_MIN = 0.05
 RHO_EXACT = 0.5  # g_x + g_y <= r ||c_i - c_j||, so one side's gap is at most half: every pair is found
+PROBES_HELD = 1 << 26  # probe keys (8 bytes each) held in memory before they go to disk (Probes)
+PROBE_PARTS = 64  # ranges of cells the spilled probes are read back in
 GATHER_PAIRS = 1 << 15  # pairs re-scored at once
 ASSIGN_BLOCK = 4096  # vectors scored against every centroid at once (4096 x cells float32)
 ROW_BLOCK = 2048  # rows x columns of one product in the join
@@ -83,13 +85,72 @@ SLACK = 2.5e-4
 
 @dataclass
 class Plan:
-    """The partition: home cell per position, and the (position, cell) probes beyond the home."""
+    """The partition: home cell per position, and the (cell, position) probes beyond the home."""
 
     centroids: np.ndarray
     home: np.ndarray  # int32, per position
-    probe_pos: np.ndarray  # int32 positions, sorted by (cell, position)
-    probe_bounds: np.ndarray  # cell j's probes are probe_pos[probe_bounds[j]:probe_bounds[j + 1]]
+    probes: "Probes"
     rho: float
+
+
+class Probes:
+    """The (cell, position) probes, packed into int64 keys (cell << 32 | position): held in memory up to
+    PROBES_HELD keys, beyond that written to disk in PROBE_PARTS ranges of cells (graph.RangeFiles),
+    and handed to the join one range of cells at a time, sorted. At ten million vectors the probes
+    outnumber the vectors tens of times over; this keeps them out of the memory budget."""
+
+    def __init__(self, n_cells: int, limit: int | None = None):
+        self.n_cells = n_cells
+        self.limit = PROBES_HELD if limit is None else limit
+        self.parts: list[np.ndarray] = []
+        self.held = 0
+        self.count = 0
+        self.disk = RangeFiles(n_cells, "retrieval-probes-", parts=PROBE_PARTS)
+
+    def add(self, keys: np.ndarray) -> None:
+        self.parts.append(keys)
+        self.held += len(keys)
+        self.count += len(keys)
+        if self.held >= self.limit:
+            self._spill()
+
+    def _spill(self) -> None:
+        keys = _concatenate_freeing(self.parts)
+        self.held = 0
+        if len(keys):
+            first = self.disk.folder is None
+            self.disk.write(keys >> 32, keys)
+            if first:
+                logger.info("k-NN graph: more than %d probes, writing them to %s", self.limit, self.disk.folder)
+
+    def ranges(self):
+        """(first cell, end cell, positions int32 sorted by (cell, position), bounds: cell j's positions
+        are positions[bounds[j - first]:bounds[j - first + 1]]) for consecutive ranges of cells."""
+        if self.disk.folder is None:
+            keys = _concatenate_freeing(self.parts)
+            self.held = 0
+            yield self._sorted(keys, 0, self.n_cells)
+            return
+        self._spill()
+        for p, (keys,) in enumerate(self.disk.ranges()):
+            lo = min(self.n_cells, p * self.disk.width)
+            hi = self.n_cells if p == self.disk.parts - 1 else min(self.n_cells, lo + self.disk.width)
+            yield self._sorted(keys, lo, hi)
+
+    @staticmethod
+    def _sorted(keys: np.ndarray, lo: int, hi: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+        keys.sort()  # by (cell, position), in place
+        bounds = np.searchsorted(keys, np.arange(lo, hi + 1, dtype=np.int64) << 32)
+        np.bitwise_and(keys, np.int64(0xFFFFFFFF), out=keys)
+        return lo, hi, keys.astype(np.int32), bounds
+
+    @property
+    def folder(self) -> Path | None:
+        return self.disk.folder
+
+    def close(self) -> None:
+        """Remove the spill folder (also after a failure)."""
+        self.disk.close()
 
 
 def n_cells(n: int) -> int:
@@ -121,15 +182,16 @@ def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k
     partition = clock("train", train_cells(ids, reader, cells, seed))
     rho = clock("calibrate", calibrate_rho(ids, reader, partition, seed))
     plan = clock("assign", assign(ids, reader, partition, radius, rho, progress))
-    probes = 1.0 + len(plan.probe_pos) / len(ids)
+    probes = 1.0 + plan.probes.count / len(ids)
     sink = DirectedSink(len(ids), k)
     try:
         clock("join", _join(ids, reader, plan, k, threshold, sink, progress))
-        del plan
+        plan.probes.close()
         ref = _reference_edges(ids, reader, extra, k, threshold) if extra is not None else []
         out = sink.result(ids, ref)
     finally:
         sink.close()
+        plan.probes.close()
     logger.info("k-NN graph: %d cells, %.2f probes per vector (rho %.3f); seconds per step %s", cells, probes, rho,
                 clock.seconds)
     if stats is not None:
@@ -259,11 +321,10 @@ def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cel
     """Home cell of every vector, and the cells it probes: g_j <= rho * radius * ||c_home - c_j||.
 
     A block's scores are passed over once against the widest gap the row's home allows; only the few
-    cells under it are tested exactly. Probes are kept as packed (cell, position) int64 keys sorted in
-    place: 8 bytes each at ten million vectors, not a sort's copies. (Scores stay float32: bfloat16
-    products were faster, but re-scoring their candidates exactly cost more than they saved.)"""
+    cells under it are tested exactly. Probes are packed (cell, position) int64 keys (Probes: on disk
+    past PROBES_HELD). (Scores stay float32: bfloat16 products were faster, but re-scoring their
+    candidates exactly cost more than they saved.)"""
     import torch
-    from tqdm import tqdm
 
     if len(ids) >= 1 << 31:
         raise ValueError(f"{len(ids)} vectors: positions must fit in 31 bits")
@@ -274,9 +335,23 @@ def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cel
     reach *= np.float32(1 + 1e-6)
     reach += np.float32(1e-6)  # looser than the exact test below, whatever the rounding
     spread_t, reach_t = torch.from_numpy(spread), torch.from_numpy(reach)
-    cents = torch.from_numpy(cells.centroids)
     home = np.empty(len(ids), np.int32)
-    parts: list[np.ndarray] = []
+    probes = Probes(n_cells_)
+    try:
+        _assign_blocks(ids, read, cells, spread_t, reach_t, home, probes, progress)
+    except BaseException:
+        probes.close()
+        raise
+    return Plan(cells.centroids, home, probes, rho)
+
+
+def _assign_blocks(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cells, spread_t: Any,
+                   reach_t: Any, home: np.ndarray, probes: Probes, progress: bool) -> None:
+    import torch
+    from tqdm import tqdm
+
+    cents = torch.from_numpy(cells.centroids)
+    n_cells_ = len(cells.centroids)
     for start in tqdm(range(0, len(ids), ASSIGN_BLOCK), desc="k-NN graph: cells", unit="block",
                       disable=not progress):
         s = torch.from_numpy(cells.project(read(ids[start : start + ASSIGN_BLOCK]))) @ cents.T
@@ -288,14 +363,7 @@ def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cel
         hr = h[r]
         ok = (best[r] - s[r, c] <= spread_t[hr, c]) & (c != hr)
         r, c = r[ok], c[ok]
-        parts.append(((c << 32) | (r + start)).numpy())
-    keys = _concatenate_freeing(parts)
-    keys.sort()  # by (cell, position)
-    bounds = np.searchsorted(keys, np.arange(n_cells_ + 1, dtype=np.int64) << 32)
-    np.bitwise_and(keys, np.int64(0xFFFFFFFF), out=keys)
-    pos = keys.astype(np.int32)
-    del keys
-    return Plan(cells.centroids, home, pos, bounds, rho)
+        probes.add(((c << 32) | (r + start)).numpy())
 
 
 def _concatenate_freeing(parts: list[np.ndarray]) -> np.ndarray:
@@ -319,42 +387,52 @@ def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan,
     cells = len(plan.centroids)
     members_order = np.argsort(plan.home, kind="stable")
     m_bounds = np.searchsorted(plan.home[members_order], np.arange(cells + 1))
-    v_bounds = plan.probe_bounds
     products = Products.choose()
     low = products.low(threshold)
-    for j in tqdm(range(cells), desc="k-NN graph: join", unit="cell", disable=not progress):
-        members = members_order[m_bounds[j] : m_bounds[j + 1]]
-        if not len(members):
-            continue
-        visitors = plan.probe_pos[v_bounds[j] : v_bounds[j + 1]]
-        rows = np.concatenate([members, visitors])
-        x_rows = read(ids[rows])
-        x_cols = x_rows[: len(members)]
-        n_rows, n_cols = len(rows), len(members)
-        rows_t = products.prepare(x_rows, products.pad_rows)
-        cols_t = products.prepare(x_cols, products.pad_cols).T
-        for r0 in range(0, n_rows, ROW_BLOCK):
-            r1 = min(n_rows, r0 + ROW_BLOCK)
-            for c0 in range(0, n_cols, COL_BLOCK):
-                c1 = min(n_cols, c0 + COL_BLOCK)
-                s = rows_t[r0 : r0 + ROW_BLOCK] @ cols_t[:, c0 : c0 + COL_BLOCK]
-                s[r1 - r0 :] = -math.inf  # padding (a no-op without it)
-                s[:, c1 - c0 :] = -math.inf
-                if r0 < n_cols:
-                    s.diagonal(r0 - c0).fill_(-math.inf)  # members against themselves: (r, r) globally
-                exact = partial(_exact_block, x_rows, x_cols, r0, c0, c1)
-                ri, ci, val = _block_hits(s, low, min(k, c1 - c0), exact, float(threshold - SLACK))
-                if not len(ri):
-                    continue
-                ri, ci = ri + r0, ci + c0
-                # every hit decided and valued by the pair's own float32 product, as brute force
-                # scores pairs (the same value whichever dtype filtered it)
-                val = _pair_cosines(x_rows, x_cols, ri, ci)
-                keep = val >= threshold
-                ri, ci, val = ri[keep], ci[keep], val[keep]
-                sink.add(rows[ri], members[ci], val)
-                back = ri >= n_cols  # visitor -> member hits, also as member -> visitor
-                sink.add(members[ci[back]], rows[ri[back]], val[back])
+    bar = tqdm(total=cells, desc="k-NN graph: join", unit="cell", disable=not progress)
+    for lo, hi, positions, v_bounds in plan.probes.ranges():
+        for j in range(lo, hi):
+            bar.update()
+            visitors = positions[v_bounds[j - lo] : v_bounds[j - lo + 1]]
+            _join_cell(ids, read, members_order[m_bounds[j] : m_bounds[j + 1]], visitors, k, threshold, sink,
+                       products, low)
+    bar.close()
+
+
+def _join_cell(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], members: np.ndarray,
+               visitors: np.ndarray, k: int, threshold: float, sink: "DirectedSink", products: "Products",
+               low: float) -> None:
+    """One cell: its members, then its visitors, against its members."""
+    if not len(members):
+        return
+    rows = np.concatenate([members, visitors])
+    x_rows = read(ids[rows])
+    x_cols = x_rows[: len(members)]
+    n_rows, n_cols = len(rows), len(members)
+    rows_t = products.prepare(x_rows, products.pad_rows)
+    cols_t = products.prepare(x_cols, products.pad_cols).T
+    for r0 in range(0, n_rows, ROW_BLOCK):
+        r1 = min(n_rows, r0 + ROW_BLOCK)
+        for c0 in range(0, n_cols, COL_BLOCK):
+            c1 = min(n_cols, c0 + COL_BLOCK)
+            s = rows_t[r0 : r0 + ROW_BLOCK] @ cols_t[:, c0 : c0 + COL_BLOCK]
+            s[r1 - r0 :] = -math.inf  # padding (a no-op without it)
+            s[:, c1 - c0 :] = -math.inf
+            if r0 < n_cols:
+                s.diagonal(r0 - c0).fill_(-math.inf)  # members against themselves: (r, r) globally
+            exact = partial(_exact_block, x_rows, x_cols, r0, c0, c1)
+            ri, ci, val = _block_hits(s, low, min(k, c1 - c0), exact, float(threshold - SLACK))
+            if not len(ri):
+                continue
+            ri, ci = ri + r0, ci + c0
+            # every hit decided and valued by the pair's own float32 product, as brute force
+            # scores pairs (the same value whichever dtype filtered it)
+            val = _pair_cosines(x_rows, x_cols, ri, ci)
+            keep = val >= threshold
+            ri, ci, val = ri[keep], ci[keep], val[keep]
+            sink.add(rows[ri], members[ci], val)
+            back = ri >= n_cols  # visitor -> member hits, also as member -> visitor
+            sink.add(members[ci[back]], rows[ri[back]], val[back])
 
 
 def _exact_block(x_rows: np.ndarray, x_cols: np.ndarray, r0: int, c0: int, c1: int, rows: Any) -> Any:

@@ -269,3 +269,36 @@ def test_both_dtypes_give_the_same_edges_on_clusters_of_copies(monkeypatch: pyte
     assert len(differ) < 0.01 * len(a)
     for i, j in differ:
         assert min(abs(sims[i, j] - kth[i]), abs(sims[i, j] - kth[j])) < 1e-5, (i, j)
+
+
+def test_probes_spilled_to_disk_give_the_same_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past PROBES_HELD the probes go to disk in ranges of cells and come back one range at a time:
+    the edges must not change, and the spill folder must be gone afterwards (also after a failure)."""
+    monkeypatch.setattr(partition, "RHO_MIN", 0.2)
+    x = planted_vectors(4000, 32, n_groups=200, per_group=4, noise=0.06, seed=4)
+    ids = np.arange(len(x), dtype=np.int64) + 10
+    read = _reader(x, ids)
+    held = partition_edges(ids, read, 8, 0.9)
+    folders: list = []
+    real = partition.Probes
+
+    class Small(real):  # type: ignore[misc, valid-type]
+        def __init__(self, n_cells: int, limit: int | None = None):
+            super().__init__(n_cells, limit=500)
+            folders.append(self)
+
+    monkeypatch.setattr(partition, "Probes", Small)
+    monkeypatch.setattr(partition, "PROBE_PARTS", 7)
+    spilled = partition_edges(ids, read, 8, 0.9)
+    assert _pairs(spilled) == _pairs(held) and len(held) > 500
+    np.testing.assert_array_equal(spilled.sim, held.sim)
+    assert folders and folders[0].count > 5000 and folders[0].folder is None
+
+    def broken(*args, **kwargs):
+        assert folders[-1].folder is not None and folders[-1].folder.exists()
+        raise RuntimeError("the join failed")
+
+    monkeypatch.setattr(partition, "_join", broken)
+    with pytest.raises(RuntimeError):
+        partition_edges(ids, read, 8, 0.9)
+    assert folders[-1].folder is None
