@@ -344,7 +344,8 @@ class RangeFiles:
             self.folder = Path(tempfile.mkdtemp(prefix=self.prefix))
         self.dtypes = [a.dtype for a in arrays]
         part = np.minimum(key // self.width, self.parts - 1)
-        for p in np.unique(part).tolist():
+        # the ranges present, by counting: np.unique would sort a copy of every key
+        for p in np.flatnonzero(np.bincount(part, minlength=self.parts)).tolist():
             sel = part == p
             path = self.folder / f"p{p:04d}-{len(self.files[p]):05d}.npz"
             np.savez(path, *(a[sel] for a in arrays))

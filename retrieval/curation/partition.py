@@ -20,10 +20,10 @@ gathers. It reads only the vectors file, never the FAISS index.
    r ||c_i - c_j||) but, in hundreds of dimensions, probes nearly every cell.
 3. Join: per cell, the rows (its members, then the visitors probing it) are multiplied with its
    members through torch, in bfloat16 where that is faster (Products: blocks padded to a few
-   shapes, since oneDNN compiles and keeps a kernel per shape) or float32; a product within the
-   dtype's error of the threshold or above it is re-scored one pair at a time in float32, as brute
-   force scores pairs, so a pair the probes reach falls on the side of the threshold brute force
-   puts it.
+   shapes, since oneDNN compiles and keeps a kernel per shape) or float32; the block only filters
+   (at the threshold less the dtype's error), and every product that passes is re-scored one pair
+   at a time in float32, as brute force scores pairs, so a pair the probes reach falls on the side
+   of the threshold brute force puts it, with the same value in either dtype.
    A visitor's hit is recorded both ways, since the member may never probe the visitor's cell.
    Within a block a row keeps at most its k largest products, so a cell of copies costs k per row.
 4. Each vector keeps its k best (by cosine, ties by id) over every hit it took part in; the edges
@@ -450,8 +450,8 @@ def _exact_block(x_rows: np.ndarray, x_cols: np.ndarray, r0: int, c0: int, c1: i
 
 @dataclass
 class Products:
-    """How the join multiplies a block: float32, or bfloat16 where the CPU does that several times faster
-    (AMX). Rounding unit vectors to bfloat16 (8 significant bits: 2^-8 relative each) moves their
+    """How the join multiplies a block: float32, or bfloat16 where the CPU does that at least BF16_SPEEDUP
+    times faster (AMX). Rounding unit vectors to bfloat16 (8 significant bits: 2^-8 relative each) moves their
     product by at most 2 * 2^-8, and the float32 accumulation by less than SLACK: under BF16_SLACK.
     The block is compared with `low`, a bfloat16 value at or below threshold - BF16_SLACK, and
     rounding the output is monotone, so it cannot take a product that reached `low` below it: every
