@@ -254,15 +254,18 @@ def _role_view(reader: IndexReader, role: str, use_gpu: bool) -> RoleView:
 
 
 def graph_method(n: int, opts: DedupOptions, spec: Any = None) -> str:
-    """How the k-NN graph is built: `partition` (retrieval.curation.partition: the vectors file only)
-    on CPU from MIN_VECTORS up; `index` (graph.knn_edges through the FAISS index) for small corpora,
-    where the index is flat (an exact scan: the user asked for exact search there), on a GPU, and
-    on a Ray cluster."""
+    """How the k-NN graph is built on CPU: `exact` (partition.exact_edges: brute force as one cell of
+    the join) for small corpora and where the index is flat (the user asked for exact search there)
+    up to partition.EXACT_MAX; `partition` (partition.partition_edges: the vectors file only) from
+    MIN_VECTORS up; `index` (graph.knn_edges through the FAISS index) for a flat index beyond
+    EXACT_MAX, on a GPU and on a Ray cluster."""
     from retrieval.curation import partition
 
     flat = spec is not None and getattr(spec, "kind", None) == "flat"
-    if opts.ray is not None or n < partition.MIN_VECTORS or flat or (opts.use_gpu and ann.gpu_count()):
+    if opts.ray is not None or (opts.use_gpu and ann.gpu_count()):
         return "index"
+    if n < partition.MIN_VECTORS or flat:
+        return "exact" if n <= partition.EXACT_MAX else "index"
     return "partition"
 
 
@@ -491,10 +494,15 @@ def _compute(reader: IndexReader, opts: DedupOptions,
             from retrieval.curation.partition import partition_edges
 
             emb = partition_edges(query_ids, read, k, low, extra, stats=graph_stats, progress=opts.progress)
+        elif method == "exact":
+            from retrieval.curation.partition import exact_edges
+
+            emb = exact_edges(query_ids, read, k, low, extra, stats=graph_stats, progress=opts.progress)
         else:
             emb = knn_edges(role.index, query_ids, read, k, low, opts.batch, opts.progress, extra,
                             stats=graph_stats, ray=on_ray) if len(query_ids) else Edges.empty()
-        approximate = method == "partition" or (len(query_ids) > 0 and not scores_are_exact(role.index))
+        approximate = method == "partition" or (method == "index" and len(query_ids) > 0
+                                                 and not scores_are_exact(role.index))
         if opts.recall_sample > 0 and len(query_ids) and approximate:
             t_recall = time.perf_counter()
             graph_stats["edge_recall_sample"] = sampled_edge_recall(emb, query_ids, read, k, low,

@@ -52,11 +52,13 @@ from retrieval.curation.graph import (
     _topk_per_row,
     exact_topk,
 )
+from retrieval.curation.joinrows import Int8Rows, JoinRows, StoredRows, join_rows, rounded_down
 from retrieval.vectors import clip_cosine
 
 logger = logging.getLogger(__name__)
 
-MIN_VECTORS = 20_000  # below this the exact scan (graph.scan_edges) is cheap enough
+MIN_VECTORS = 20_000  # below this the exact join of one cell (exact_edges) is cheap enough
+EXACT_MAX = 200_000  # the exact join for a flat index up to here (its columns are held whole: ~2 KB a vector)
 CELLS_PER_ROOT_N = 3.0  # cells ~ 3 sqrt(N): balances assigning (N * cells) against joining (N^2 * probes / cells)
 MAX_CELLS = 16_384
 PROJECTED_DIM = 128  # principal directions the cells live in (Cells)
@@ -170,11 +172,9 @@ def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k
     Example:
         edges = partition_edges(ids, BoundedReader(store), k=64, threshold=0.95)
     """
-    ids = np.asarray(ids, np.int64)
+    ids = _sorted_ids(ids)
     if len(ids) < 2:
         return Edges.empty()
-    if np.any(np.diff(ids) <= 0):
-        raise ValueError("ids must be sorted and unique")
     reader = _float32(read)
     radius = math.sqrt(max(0.0, 2.0 - 2.0 * threshold))
     cells = n_cells(len(ids))
@@ -185,7 +185,10 @@ def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k
     probes = 1.0 + plan.probes.count / len(ids)
     sink = DirectedSink(len(ids), k)
     try:
-        clock("join", _join(ids, reader, plan, k, threshold, sink, progress))
+        source = clock("rows", join_rows(ids, reader, progress))
+        rows_kind, rows_bound = ("int8", round(source.bound, 5)) if isinstance(source, Int8Rows) else ("stored", 0.0)
+        clock("join", _join(ids, reader, plan, k, threshold, sink, progress, source))
+        source = None  # the int8 copy's memory, before the edges are gathered
         plan.probes.close()
         ref = _reference_edges(ids, reader, extra, k, threshold) if extra is not None else []
         out = sink.result(ids, ref)
@@ -201,7 +204,49 @@ def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k
         stats["probe_rho"] = round(rho, 4)
         stats["probes_per_vector"] = round(probes, 3)
         stats["block_products"] = Products.choose().dtype
+        stats["join_rows"] = rows_kind  # joinrows: the resident int8 copy, or the stored vectors
+        stats["join_rows_bound"] = rows_bound
     return out
+
+
+def exact_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: int, threshold: float,
+                extra: Any = None, stats: dict[str, Any] | None = None, progress: bool = False) -> Edges:
+    """Brute force as the join of one cell: every vector against every other, in blocks filtered as in
+    partition_edges and every pair that passes decided by its float32 product, so the edges are exact.
+
+    Example:
+        edges = exact_edges(ids, BoundedReader(store), k=64, threshold=0.95)
+    """
+    ids = _sorted_ids(ids)
+    if len(ids) < 2:
+        return Edges.empty()
+    reader = _float32(read)
+    dim = reader(ids[:1]).shape[1]
+    clock = _Clock()
+    probes = Probes(1)
+    plan = Plan(np.zeros((1, dim), np.float32), np.zeros(len(ids), np.int32), probes, RHO_EXACT)
+    sink = DirectedSink(len(ids), k)
+    try:
+        source = clock("rows", join_rows(ids, reader))
+        rows_kind, rows_bound = ("int8", round(source.bound, 5)) if isinstance(source, Int8Rows) else ("stored", 0.0)
+        clock("join", _join(ids, reader, plan, k, threshold, sink, progress, source))
+        source = None
+        ref = _reference_edges(ids, reader, extra, k, threshold) if extra is not None else []
+        out = sink.result(ids, ref)
+    finally:
+        sink.close()
+        probes.close()
+    if stats is not None:
+        stats.update(candidates="exact join", partition_s=clock.seconds, cells=1, block_products=Products.choose().dtype,
+                     join_rows=rows_kind, join_rows_bound=rows_bound)
+    return out
+
+
+def _sorted_ids(ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids, np.int64)
+    if np.any(np.diff(ids) <= 0):
+        raise ValueError("ids must be sorted and unique")
+    return ids
 
 
 def _float32(read: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -379,73 +424,161 @@ def _concatenate_freeing(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _join(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], plan: Plan, k: int, threshold: float,
-          sink: "DirectedSink", progress: bool) -> None:
+          sink: "DirectedSink", progress: bool, source: JoinRows | None = None) -> None:
     """Every cell's rows (members, then visitors) against its members; hits go to `sink` both ways
-    (a visitor's hit is also the member's: the pair may be found from one side only)."""
+    (a visitor's hit is also the member's: the pair may be found from one side only). Blocks are made
+    from `source` (joinrows: the int8 copy, or the stored vectors), hits re-scored from `read`."""
     from tqdm import tqdm
 
+    source = StoredRows(ids, read) if source is None else source
     cells = len(plan.centroids)
     members_order = np.argsort(plan.home, kind="stable")
     m_bounds = np.searchsorted(plan.home[members_order], np.arange(cells + 1))
     products = Products.choose()
-    low = products.low(threshold)
+    # how far a block's product may be under the pair's float32 product: the dtype's rounding (it
+    # scales with the norms) and the source's own approximation
+    want = float(threshold) - products.slack * source.max_norm**2 - source.bound
+    buffer = _Buffer(products, ROW_BLOCK)
     bar = tqdm(total=cells, desc="k-NN graph: join", unit="cell", disable=not progress)
     for lo, hi, positions, v_bounds in plan.probes.ranges():
         for j in range(lo, hi):
             bar.update()
             visitors = positions[v_bounds[j - lo] : v_bounds[j - lo + 1]]
-            _join_cell(ids, read, members_order[m_bounds[j] : m_bounds[j + 1]], visitors, k, threshold, sink,
-                       products, low)
+            _join_cell(ids, read, source, members_order[m_bounds[j] : m_bounds[j + 1]], visitors, k, threshold,
+                       sink, products, want, buffer)
     bar.close()
 
 
-def _join_cell(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], members: np.ndarray,
+def _join_cell(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], source: JoinRows, members: np.ndarray,
                visitors: np.ndarray, k: int, threshold: float, sink: "DirectedSink", products: "Products",
-               low: float) -> None:
-    """One cell: its members, then its visitors, against its members."""
+               want: float, buffer: "_Buffer") -> None:
+    """One cell: its members, then its visitors, against its members. A block's rows are copied into a
+    reused buffer (fresh arrays of this size cost page faults) and compared with their own thresholds
+    (want / the row's scale); the few pairs that pass are decided by their float32 products."""
+    import torch
+
     if not len(members):
         return
     rows = np.concatenate([members, visitors])
-    x_rows = read(ids[rows])
-    x_cols = x_rows[: len(members)]
     n_rows, n_cols = len(rows), len(members)
-    rows_t = products.prepare(x_rows, products.pad_rows)
-    cols_t = products.prepare(x_cols, products.pad_cols).T
+    cols_t = products.prepare(source.columns(members), products.pad_cols).T
+    exact = _Float32(ids, read, rows, n_cols)
+    lows = rounded_down(want / source.scales(rows).astype(np.float64), products.dtype)
+    # padded columns are zeros: their products (0) pass a positive threshold never, a lower one maybe
+    mask_columns = not bool((lows > 0).all())
+    skipped = partial(_skipped, n_rows, n_cols)
+    exact_low = float(threshold - SLACK)
+
+    def emit(src: np.ndarray, dst: np.ndarray, val: np.ndarray) -> None:
+        keep = val >= threshold
+        sink.add(src[keep], dst[keep], val[keep])
+
     for r0 in range(0, n_rows, ROW_BLOCK):
         r1 = min(n_rows, r0 + ROW_BLOCK)
+        block = buffer.fill(source.rows(rows[r0:r1]))
+        low = torch.full((len(block),), math.inf, dtype=block.dtype)  # rows past r1 (stale) never pass
+        low[: r1 - r0] = lows[r0:r1]
         for c0 in range(0, n_cols, COL_BLOCK):
             c1 = min(n_cols, c0 + COL_BLOCK)
-            s = rows_t[r0 : r0 + ROW_BLOCK] @ cols_t[:, c0 : c0 + COL_BLOCK]
-            s[r1 - r0 :] = -math.inf  # padding (a no-op without it)
-            s[:, c1 - c0 :] = -math.inf
+            if skipped(r0, c0):
+                continue  # members against earlier members: found from the other side (below)
+            s = block @ cols_t[:, c0 : c0 + COL_BLOCK]
+            if mask_columns:
+                s[:, c1 - c0 :] = -math.inf
             if r0 < n_cols:
                 s.diagonal(r0 - c0).fill_(-math.inf)  # members against themselves: (r, r) globally
-            exact = partial(_exact_block, x_rows, x_cols, r0, c0, c1)
-            ri, ci, val = _block_hits(s, low, min(k, c1 - c0), exact, float(threshold - SLACK))
+            ri, ci, _ = _block_hits(s, low[:, None], min(k, c1 - c0), partial(exact.block, r0, c0, c1), exact_low)
             if not len(ri):
                 continue
             ri, ci = ri + r0, ci + c0
             # every hit decided and valued by the pair's own float32 product, as brute force
-            # scores pairs (the same value whichever dtype filtered it)
-            val = _pair_cosines(x_rows, x_cols, ri, ci)
-            keep = val >= threshold
-            ri, ci, val = ri[keep], ci[keep], val[keep]
-            sink.add(rows[ri], members[ci], val)
+            # scores pairs (the same value whichever dtype or source filtered it)
+            val = exact.pairs(ri, ci)
+            emit(rows[ri], members[ci], val)
             back = ri >= n_cols  # visitor -> member hits, also as member -> visitor
-            sink.add(members[ci[back]], rows[ri[back]], val[back])
+            emit(members[ci[back]], rows[ri[back]], val[back])
+            if r0 < n_cols and skipped(c1 - 1, r0):
+                # columns whose own row block skips these rows: their hits here, k per column
+                ti, tj, _ = _block_hits(s.T, low[None, :], min(k, r1 - r0), partial(exact.block_t, r0, r1, c0),
+                                        exact_low)
+                ti, tj = ti + c0, tj + r0
+                need = (tj < n_cols) & skipped(ti, tj)
+                ti, tj = ti[need], tj[need]
+                if len(ti):
+                    emit(members[ti], rows[tj], exact.pairs(tj, ti))
 
 
-def _exact_block(x_rows: np.ndarray, x_cols: np.ndarray, r0: int, c0: int, c1: int, rows: Any) -> Any:
-    """float32 products of block rows `rows` (of the block starting at row r0) with columns c0:c1, with
-    each member's own product masked as in the block."""
-    import torch
+def _skipped(n_rows: int, n_cols: int, r: Any, c: Any) -> Any:
+    """Whether the block holding (row r, column c) is skipped: both in the members (rows below n_cols),
+    with the column's block wholly before the row's. Such a pair (i, j) is the pair (j, i) of a
+    block that is computed, and is taken from there with the column's own k cap (the join's
+    member-against-member half)."""
+    r0 = (r // ROW_BLOCK) * ROW_BLOCK
+    c0 = (c // COL_BLOCK) * COL_BLOCK
+    return (np.minimum(r0 + ROW_BLOCK, n_rows) <= n_cols) & (np.minimum(c0 + COL_BLOCK, n_cols) <= r0)
 
-    r = rows.numpy() + r0
-    out = torch.from_numpy(x_rows[r]) @ torch.from_numpy(x_cols[c0:c1]).T
-    self_col = torch.from_numpy(r - c0)
-    mine = (self_col >= 0) & (self_col < c1 - c0)
-    out[torch.nonzero(mine).flatten(), self_col[mine]] = -math.inf
-    return out
+
+class _Buffer:
+    """A block's rows in the products' dtype, reused from block to block; padded to the dtype's row
+    multiple (rows past the block's keep old values: their thresholds are +inf)."""
+
+    def __init__(self, products: "Products", rows: int):
+        self.products, self.rows, self.t = products, rows, None
+
+    def fill(self, values: np.ndarray) -> Any:
+        import torch
+
+        if self.t is None or self.t.shape[1] != values.shape[1]:
+            self.t = torch.zeros((self.rows, values.shape[1]), dtype=getattr(torch, self.products.dtype))
+        n = len(values)
+        self.t[:n].copy_(torch.from_numpy(np.ascontiguousarray(values)))
+        return self.t[: -(-n // self.products.pad_rows) * self.products.pad_rows]
+
+
+class _Float32:
+    """The float32 stored vectors of one cell's rows, read when a block has hits (they are few): the
+    members (the columns) once, other rows as asked."""
+
+    def __init__(self, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, n_cols: int):
+        self.ids, self.read, self.rows, self.n_cols = ids, read, rows, n_cols
+        self._cols: np.ndarray | None = None
+
+    def cols(self) -> np.ndarray:
+        if self._cols is None:
+            self._cols = self.read(self.ids[self.rows[: self.n_cols]])
+        return self._cols
+
+    def of_rows(self, r: np.ndarray) -> np.ndarray:
+        return self.read(self.ids[self.rows[r]])
+
+    def pairs(self, ri: np.ndarray, ci: np.ndarray) -> np.ndarray:
+        """float32 products of (row ri, column ci) pairs, one pair at a time (as brute force scores them)."""
+        uniq, at = np.unique(ri, return_inverse=True)
+        return _pair_cosines(self.of_rows(uniq), self.cols(), at, ci)
+
+    def block(self, r0: int, c0: int, c1: int, rows: Any) -> Any:
+        """float32 products of block rows `rows` (of the block starting at row r0) with columns c0:c1,
+        with each member's own product masked as in the block."""
+        import torch
+
+        r = rows.numpy() + r0
+        out = torch.from_numpy(self.of_rows(r)) @ torch.from_numpy(self.cols()[c0:c1]).T
+        self_col = torch.from_numpy(r - c0)
+        mine = (self_col >= 0) & (self_col < c1 - c0)
+        out[torch.nonzero(mine).flatten(), self_col[mine]] = -math.inf
+        return out
+
+    def block_t(self, r0: int, r1: int, c0: int, cols: Any) -> Any:
+        """float32 products of block columns `cols` (of the block starting at column c0) with rows r0:r1:
+        the transposed block's exact rows, self products masked."""
+        import torch
+
+        c = cols.numpy() + c0
+        out = torch.from_numpy(self.cols()[c]) @ torch.from_numpy(self.of_rows(np.arange(r0, r1))).T
+        self_row = torch.from_numpy(c - r0)
+        mine = (self_row >= 0) & (self_row < r1 - r0)
+        out[torch.nonzero(mine).flatten(), self_row[mine]] = -math.inf
+        return out
 
 
 @dataclass
@@ -474,13 +607,7 @@ class Products:
     def low(self, threshold: float) -> float:
         """threshold - slack, rounded down to a value of the block's dtype (a comparison with a Python
         float happens in the tensor's dtype)."""
-        import torch
-
-        want = float(threshold - self.slack)
-        t = torch.tensor([want], dtype=getattr(torch, self.dtype))
-        if t.double().item() > want:
-            t = torch.nextafter(t, torch.full_like(t, -math.inf))
-        return float(t.double().item())
+        return float(rounded_down(np.array([threshold - self.slack]), self.dtype)[0].double().item())
 
     def prepare(self, x: np.ndarray, pad: int) -> Any:
         import torch
@@ -522,10 +649,11 @@ def _bfloat16_faster() -> bool:
     return _BF16_FASTER
 
 
-def _block_hits(s: Any, low: float, k: int, exact: Callable[[Any], Any], exact_low: float
+def _block_hits(s: Any, low: Any, k: int, exact: Callable[[Any], Any], exact_low: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, column, product) of the entries >= low; a row with more than k keeps k (all it can keep
-    overall), so a block of copies costs k per row, not its width.
+    """(row, column, product) of the entries >= `low` (a tensor of one threshold per row, shape
+    (rows, 1), or per column, (1, columns)); a row with more than k keeps k (all it can keep overall),
+    so a block of copies costs k per row, not its width.
 
     `exact(rows)`: the float32 products of those rows of the block. A row with more than k hits picks
     its k by them (against `exact_low`), largest first and ties to the lower column (the lower id,
@@ -533,11 +661,14 @@ def _block_hits(s: Any, low: float, k: int, exact: Callable[[Any], Any], exact_l
     """
     import torch
 
-    near = torch.nonzero(s.amax(dim=1) >= low).flatten()  # rows with a hit: one pass over the block
+    if low.shape[1] == 1:  # a threshold per row: one pass over the block finds the rows with a hit
+        near = torch.nonzero(s.amax(dim=1) >= low[:, 0]).flatten()
+    else:
+        near = torch.nonzero((s >= low).any(dim=1)).flatten()
     if not len(near):
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     sub = s[near]
-    hits = sub >= low
+    hits = sub >= (low[near] if low.shape[1] == 1 else low)
     over = hits.sum(dim=1) > k
     if not bool(over.any()):
         rr, cc = torch.nonzero(hits, as_tuple=True)

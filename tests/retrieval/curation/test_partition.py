@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.curation import partition
+from retrieval.curation import joinrows, partition
 from retrieval.curation.graph import brute_force_edges, sampled_edge_recall
 from retrieval.curation.partition import DirectedSink, n_cells, partition_edges
 from tests.retrieval.curation.test_graph_oracles import planted_vectors
@@ -23,8 +23,17 @@ def _reader(x: np.ndarray, ids: np.ndarray):
     return lambda q: x[[rows[int(i)] for i in q]]
 
 
+@pytest.fixture(params=["int8", "stored"])
+def rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both sources of the join's rows (joinrows): the resident int8 copy only filters, so the edges
+    must not depend on it."""
+    monkeypatch.setattr(joinrows, "ROWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("projected_dim,products", [(64, "float32"), (64, "bfloat16"), (8, "auto")])
-def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch, projected_dim: int, products: str) -> None:
+def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch, projected_dim: int, products: str,
+                                        rows: str) -> None:
     """With rho = 1/2 every pair within the radius is reached from one side or the other (the two gaps
     sum to at most r ||c_i - c_j||), so the edges must be brute force's exactly: the join, the pre-filter below the threshold and
     the k best per vector across cells lose nothing; nor do cells made in 8 principal directions of the
@@ -48,7 +57,8 @@ def test_exact_bound_equals_brute_force(monkeypatch: pytest.MonkeyPatch, project
 
 
 @pytest.mark.parametrize("products", ["float32", "bfloat16"])
-def test_pairs_at_the_threshold_are_decided_in_float32(monkeypatch: pytest.MonkeyPatch, products: str) -> None:
+def test_pairs_at_the_threshold_are_decided_in_float32(monkeypatch: pytest.MonkeyPatch, products: str,
+                                                       rows: str) -> None:
     """Pairs planted within +-0.004 of the threshold (under bfloat16's rounding) fall on the side brute
     force puts them."""
     monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
@@ -84,7 +94,8 @@ def test_calibrated_probes_find_planted_copies_and_report_the_partition() -> Non
     assert stats["candidates"] == "partitioned join"
     assert partition.RHO_MIN <= stats["probe_rho"] < partition.RHO_EXACT
     assert 1.0 <= stats["probes_per_vector"] < stats["cells"]
-    assert set(stats["partition_s"]) == {"train", "calibrate", "assign", "join"}
+    assert set(stats["partition_s"]) == {"train", "calibrate", "assign", "rows", "join"}
+    assert stats["join_rows"] == "int8" and 0 < stats["join_rows_bound"] < 0.05
     assert sampled_edge_recall(got, ids, read, 64, 0.9, sample=500)["recall"] >= 0.99
 
 
@@ -177,14 +188,23 @@ def test_dedup_uses_the_partition_without_the_faiss_index(planted, monkeypatch: 
     def groups(run: dict) -> tuple:
         return (run["groups"], run["images_in_groups"], run["removed_by_reason"])
 
-    reader = IndexReader(IndexLayout(index_dir), writable=True)
-    by_index = run_dedup(reader, opts).counts
-    reader.close()
-    assert by_index["graph"]["candidates"] == "exact scan"
     from retrieval.curation import dedup
 
-    monkeypatch.setattr(partition, "MIN_VECTORS", 2)
+    reader = IndexReader(IndexLayout(index_dir), writable=True)
+    by_exact_join = run_dedup(reader, opts).counts  # small and flat: the one-cell join
+    reader.close()
+    assert by_exact_join["graph"]["candidates"] == "exact join"
+    assert "edge_recall_sample" not in by_exact_join["graph"]  # exact: nothing to check
     real = dedup.graph_method
+    with monkeypatch.context() as m:
+        m.setattr(dedup, "graph_method", lambda n, o, spec=None: "index")
+        reader = IndexReader(IndexLayout(index_dir), writable=True)
+        by_index = run_dedup(reader, opts).counts
+        reader.close()
+    assert by_index["graph"]["candidates"] == "exact scan"
+    assert groups(by_exact_join) == groups(by_index)
+
+    monkeypatch.setattr(partition, "MIN_VECTORS", 2)
     monkeypatch.setattr(dedup, "graph_method", lambda n, o, spec=None: real(n, o, None))  # as if not flat
     monkeypatch.setattr(ann, "load_index", lambda *a, **k: (_ for _ in ()).throw(AssertionError("FAISS loaded")))
     reader = IndexReader(IndexLayout(index_dir), writable=True)
@@ -204,10 +224,11 @@ def test_graph_method_keeps_exact_search_where_the_index_is_exact(monkeypatch: p
     cpu = DedupOptions(use_gpu=False)
     flat = ann.IndexSpec(kind="flat", factory="IDMap2,Flat", n=40_000, dim=8)
     ivf = ann.IndexSpec(kind="ivfpq", factory="IVF256,PQ8", n=200_000, dim=8)
-    assert graph_method(40_000, cpu, flat) == "index"  # a flat index: the exact scan
+    assert graph_method(40_000, cpu, flat) == "exact"  # a flat index: the exact join of one cell
+    assert graph_method(partition.EXACT_MAX + 1, cpu, flat) == "index"  # beyond it, the flat scan
     assert graph_method(200_000, cpu, ivf) == "partition"
     assert graph_method(200_000, cpu, None) == "partition"  # no FAISS index at all
-    assert graph_method(partition.MIN_VECTORS - 1, cpu, ivf) == "index"
+    assert graph_method(partition.MIN_VECTORS - 1, cpu, ivf) == "exact"
     assert graph_method(200_000, DedupOptions(use_gpu=False, ray="127.0.0.1:6379"), ivf) == "index"
     monkeypatch.setattr(ann, "gpu_count", lambda: 1)
     assert graph_method(200_000, DedupOptions(use_gpu=True), ivf) == "index"
@@ -231,7 +252,8 @@ def test_bfloat16_threshold_rounds_down_and_blocks_pad_to_few_shapes() -> None:
 
 
 @pytest.mark.parametrize("products", ["float32", "bfloat16"])
-def test_ties_at_the_k_cap_go_to_the_lower_id_in_either_dtype(monkeypatch: pytest.MonkeyPatch, products: str) -> None:
+def test_ties_at_the_k_cap_go_to_the_lower_id_in_either_dtype(monkeypatch: pytest.MonkeyPatch, products: str,
+                                                               rows: str) -> None:
     """Byte-identical images give equal products: a row with more than k hits in a block keeps the
     lower ids among equals, as brute force does (torch.topk's pick among ties depends on the width)."""
     monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
@@ -246,7 +268,7 @@ def test_ties_at_the_k_cap_go_to_the_lower_id_in_either_dtype(monkeypatch: pytes
     assert _pairs(got) == _pairs(want)
 
 
-def test_both_dtypes_give_the_same_edges_on_clusters_of_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_both_dtypes_give_the_same_edges_on_clusters_of_copies(monkeypatch: pytest.MonkeyPatch, rows: str) -> None:
     """Clusters larger than k: which k each image keeps, and every value, must not depend on the dtype
     the blocks were filtered in (the run picks it by a timing)."""
     monkeypatch.setattr(partition, "RHO_MIN", partition.RHO_EXACT)
@@ -302,3 +324,55 @@ def test_probes_spilled_to_disk_give_the_same_edges(monkeypatch: pytest.MonkeyPa
     with pytest.raises(RuntimeError):
         partition_edges(ids, read, 8, 0.9)
     assert folders[-1].folder is None
+
+
+@pytest.mark.parametrize("products", ["float32", "bfloat16"])
+def test_exact_edges_equal_brute_force(monkeypatch: pytest.MonkeyPatch, products: str, rows: str) -> None:
+    """The one-cell join is brute force: the same edges and values at several k and thresholds, with a
+    reference set, and for a pair of vectors."""
+    import faiss
+
+    monkeypatch.setattr(partition, "PRODUCTS", products)
+    x = planted_vectors(2500, 32, n_groups=100, per_group=6, noise=0.08, seed=12)
+    ids = np.arange(len(x), dtype=np.int64) * 5 + 2
+    read = _reader(x, ids)
+    for k, threshold in [(64, 0.9), (2, 0.9), (4, 0.5)]:
+        stats: dict = {}
+        got = partition.exact_edges(ids, read, k, threshold, stats=stats)
+        want = brute_force_edges(ids, x, threshold, k=k)
+        assert len(want) > 100 and _pairs(got) == _pairs(want), (k, threshold)
+        np.testing.assert_allclose(got.sim, want.sim, atol=1e-5)
+        assert stats["candidates"] == "exact join" and stats["cells"] == 1 and stats["join_rows"] == rows
+    ref = planted_vectors(50, 32, n_groups=5, per_group=2, noise=0.05, seed=13)
+    flat = faiss.IndexFlatIP(32)
+    flat.add(ref)
+    with_ref = partition.exact_edges(ids, read, 8, 0.8, extra=(flat, 10**6))
+    assert (with_ref.dst >= 10**6).sum() == (partition_edges(ids, read, 8, 0.8, extra=(flat, 10**6)).dst >= 10**6).sum()
+    two = partition.exact_edges(ids[:2], read, 4, -1.0)
+    assert _pairs(two) == {(int(ids[0]), int(ids[1]))}
+
+
+def test_small_blocks_skip_the_lower_half_and_keep_k_per_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members against earlier members are taken from the transposed block with each column's own k cap:
+    with blocks of 64 x 32 (most blocks skipped or transposed), clusters of copies larger than k give
+    the same edges and values as one block for everything."""
+    x = planted_vectors(1500, 24, n_groups=10, per_group=120, noise=0.15, seed=9)
+    ids = np.arange(len(x), dtype=np.int64) * 2
+    read = _reader(x, ids)
+    whole = partition.exact_edges(ids, read, 16, 0.8)
+    monkeypatch.setattr(partition, "ROW_BLOCK", 64)
+    monkeypatch.setattr(partition, "COL_BLOCK", 32)
+    small = partition.exact_edges(ids, read, 16, 0.8)
+    assert len(whole) > 1000
+    # the k picked in a block are chosen by block products, whose last bits depend on the block's
+    # shape: edges may differ only by near-ties at the k cap
+    sims = x.astype(np.float64) @ x.T.astype(np.float64)
+    np.fill_diagonal(sims, -np.inf)
+    kth = np.sort(sims, axis=1)[:, -16]
+    differ = _pairs(small) ^ _pairs(whole)
+    assert len(differ) < 0.01 * len(whole)
+    for i, j in differ:
+        i, j = i // 2, j // 2
+        assert min(abs(sims[i, j] - kth[i]), abs(sims[i, j] - kth[j])) < 1e-5, (i, j)
+    want = brute_force_edges(ids, x, 0.6, k=4)
+    assert _pairs(partition.exact_edges(ids, read, 4, 0.6)) == _pairs(want)
