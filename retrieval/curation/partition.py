@@ -218,7 +218,7 @@ def exact_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: in
         edges = exact_edges(ids, BoundedReader(store), k=64, threshold=0.95)
     """
     ids = _sorted_ids(ids)
-    if len(ids) < 2:
+    if not len(ids):  # one image still meets the reference set (`extra`)
         return Edges.empty()
     reader = _float32(read)
     dim = reader(ids[:1]).shape[1]

@@ -350,6 +350,8 @@ def test_exact_edges_equal_brute_force(monkeypatch: pytest.MonkeyPatch, products
     assert (with_ref.dst >= 10**6).sum() == (partition_edges(ids, read, 8, 0.8, extra=(flat, 10**6)).dst >= 10**6).sum()
     two = partition.exact_edges(ids[:2], read, 4, -1.0)
     assert _pairs(two) == {(int(ids[0]), int(ids[1]))}
+    one = partition.exact_edges(ids[:1], read, 4, -1.0, extra=(flat, 10**6))  # `dedup --against` on one image
+    assert len(one) == 4 and set(one.src.tolist()) == {int(ids[0])} and (one.dst >= 10**6).all()
 
 
 def test_small_blocks_skip_the_lower_half_and_keep_k_per_column(monkeypatch: pytest.MonkeyPatch) -> None:
