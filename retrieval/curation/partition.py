@@ -186,7 +186,7 @@ def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k
     sink = DirectedSink(len(ids), k)
     try:
         source = clock("rows", join_rows(ids, reader, progress))
-        rows_kind, rows_bound = ("int8", round(source.bound, 5)) if isinstance(source, Int8Rows) else ("stored", 0.0)
+        rows_kind, rows_bound = _describe(source)
         clock("join", _join(ids, reader, plan, k, threshold, sink, progress, source))
         source = None  # the int8 copy's memory, before the edges are gathered
         plan.probes.close()
@@ -228,7 +228,7 @@ def exact_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: in
     sink = DirectedSink(len(ids), k)
     try:
         source = clock("rows", join_rows(ids, reader))
-        rows_kind, rows_bound = ("int8", round(source.bound, 5)) if isinstance(source, Int8Rows) else ("stored", 0.0)
+        rows_kind, rows_bound = _describe(source)
         clock("join", _join(ids, reader, plan, k, threshold, sink, progress, source))
         source = None
         ref = _reference_edges(ids, reader, extra, k, threshold) if extra is not None else []
@@ -240,6 +240,11 @@ def exact_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: in
         stats.update(candidates="exact join", partition_s=clock.seconds, cells=1, block_products=Products.choose().dtype,
                      join_rows=rows_kind, join_rows_bound=rows_bound)
     return out
+
+
+def _describe(source: JoinRows) -> tuple[str, float]:
+    """(kind, bound) of the join's rows, for the run's stats."""
+    return ("int8", round(source.bound, 5)) if isinstance(source, Int8Rows) else ("stored", 0.0)
 
 
 def _sorted_ids(ids: np.ndarray) -> np.ndarray:
@@ -557,28 +562,28 @@ class _Float32:
         return _pair_cosines(self.of_rows(uniq), self.cols(), at, ci)
 
     def block(self, r0: int, c0: int, c1: int, rows: Any) -> Any:
-        """float32 products of block rows `rows` (of the block starting at row r0) with columns c0:c1,
-        with each member's own product masked as in the block."""
-        import torch
-
+        """float32 products of block rows `rows` (of the block starting at row r0) with columns c0:c1, with
+        each member's own product masked as in the block."""
         r = rows.numpy() + r0
-        out = torch.from_numpy(self.of_rows(r)) @ torch.from_numpy(self.cols()[c0:c1]).T
-        self_col = torch.from_numpy(r - c0)
-        mine = (self_col >= 0) & (self_col < c1 - c0)
-        out[torch.nonzero(mine).flatten(), self_col[mine]] = -math.inf
-        return out
+        return _masked_products(self.of_rows(r), self.cols()[c0:c1], r - c0)
 
     def block_t(self, r0: int, r1: int, c0: int, cols: Any) -> Any:
         """float32 products of block columns `cols` (of the block starting at column c0) with rows r0:r1:
         the transposed block's exact rows, self products masked."""
-        import torch
-
         c = cols.numpy() + c0
-        out = torch.from_numpy(self.cols()[c]) @ torch.from_numpy(self.of_rows(np.arange(r0, r1))).T
-        self_row = torch.from_numpy(c - r0)
-        mine = (self_row >= 0) & (self_row < r1 - r0)
-        out[torch.nonzero(mine).flatten(), self_row[mine]] = -math.inf
-        return out
+        return _masked_products(self.cols()[c], self.of_rows(np.arange(r0, r1)), c - r0)
+
+
+def _masked_products(a: np.ndarray, b: np.ndarray, self_at: np.ndarray) -> Any:
+    """a @ b.T as a torch tensor, with row i's entry self_at[i] (a vector against itself) set to -inf
+    where it falls inside b."""
+    import torch
+
+    out = torch.from_numpy(a) @ torch.from_numpy(b).T
+    at = torch.from_numpy(self_at)
+    mine = (at >= 0) & (at < len(b))
+    out[torch.nonzero(mine).flatten(), at[mine]] = -math.inf
+    return out
 
 
 @dataclass
