@@ -54,6 +54,7 @@ DEFAULT_REFERENCE_THRESHOLD = 0.90
 DEFAULT_K = 64
 SCHEMA_VERSION = 1
 RECALL_SAMPLE = 256
+PARK_NODES_FROM = 1_000_000  # images from which the node table waits in files while the graph is built
 
 
 def _memory_mb() -> dict[str, float]:
@@ -468,6 +469,8 @@ def _compute(reader: IndexReader, opts: DedupOptions,
     timings["pdq_s"] = time.perf_counter() - t
     cpu["pdq"] = time.process_time() - cpu0 - sum(cpu.values())
     t = time.perf_counter()
+    if role is not None and n >= PARK_NODES_FROM:
+        nodes = nodes.parked()  # the graph needs none of the table but the ids: its pages wait in files
     if role is not None:
         import faiss
 

@@ -351,6 +351,17 @@ class RangeFiles:
             np.savez(path, *(a[sel] for a in arrays))
             self.files[p].append(path)
 
+    def write_sorted(self, starts: np.ndarray, *arrays: np.ndarray) -> None:
+        """`arrays` already in key order: range p is arrays[starts[p]:starts[p + 1]] (parts + 1 starts),
+        written as slices, without a copy of the arrays."""
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix=self.prefix))
+        self.dtypes = [a.dtype for a in arrays]
+        for p in np.flatnonzero(np.diff(starts)).tolist():
+            path = self.folder / f"p{p:04d}-{len(self.files[p]):05d}.npz"
+            np.savez(path, *(a[starts[p] : starts[p + 1]] for a in arrays))
+            self.files[p].append(path)
+
     def ranges(self):
         """The arrays of each range in key order (range p: keys from p * width), its files removed once read."""
         for files in self.files:

@@ -99,6 +99,10 @@ class PathColumn(Sequence[str]):
         """Bytes held for the strings of this column (a slice counts only its share)."""
         return int(self._offsets[-1] - self._offsets[0]) + self._offsets.nbytes
 
+    def parked(self) -> PathColumn:
+        """The same column in memory-mapped temporary files (Nodes.parked)."""
+        return PathColumn(parked_array(self._buf), parked_array(self._offsets))
+
 
 @dataclass
 class Nodes:
@@ -124,12 +128,37 @@ class Nodes:
     def __len__(self) -> int:
         return len(self.path)
 
+    def parked(self) -> Nodes:
+        """The same table with its columns (image ids aside) in temporary files, memory-mapped read-only.
+
+        A stage that needs none of the table (the k-NN graph) then runs beside it without holding
+        it: its pages come back as they are touched, and until then are the kernel's to drop, not
+        this process's memory. The caller drops the unparked table."""
+        path = self.path.parked() if isinstance(self.path, PathColumn) else self.path
+        arrays = {name: parked_array(getattr(self, name))
+                  for name in ("sha256", "phash", "width", "height", "size", "mtime_ns", "is_ref")}
+        return Nodes(image_id=self.image_id, path=path, root=self.root, **arrays)
+
     def candidate(self, p: int) -> Candidate:
         # A link is looked at only for group members: a link never wins over a real file (moving the
         # real file out would leave the kept link dangling).
         is_link = self.root is not None and not self.is_ref[p] and os.path.islink(self.root / self.path[p])
         return Candidate(int(self.image_id[p]), self.path[p], int(self.size[p]), int(self.width[p]),
                          int(self.height[p]), int(self.mtime_ns[p]), is_link)
+
+
+def parked_array(a: np.ndarray) -> np.ndarray:
+    """A read-only memory map of a copy of `a` in an unlinked temporary file: the mapping keeps the
+    file alive and nothing is left on disk, whatever ends the process."""
+    import tempfile
+
+    a = np.ascontiguousarray(a)
+    if not a.nbytes:
+        return a
+    with tempfile.TemporaryFile(prefix="retrieval-nodes-") as f:
+        a.tofile(f)
+        f.flush()
+        return np.memmap(f, dtype=a.dtype, mode="r", shape=a.shape)
 
 
 @dataclass

@@ -121,9 +121,19 @@ class Probes:
         self.held = 0
         if len(keys):
             first = self.disk.folder is None
-            self.disk.write(keys >> 32, keys)
+            # sorted in place, each range is a slice: no per-key temporaries beside the keys (the
+            # spill can come while the join's rows are resident)
+            keys.sort()
+            cuts = np.minimum(np.arange(self.disk.parts + 1, dtype=np.int64) * self.disk.width, self.n_cells)
+            self.disk.write_sorted(np.searchsorted(keys, cuts << 32), keys)
             if first:
                 logger.info("k-NN graph: more than %d probes, writing them to %s", self.limit, self.disk.folder)
+
+    def settle(self) -> None:
+        """Once every probe is added: if some went to disk, the rest follow now (before the join makes
+        its rows), so that nothing is written while the join holds them."""
+        if self.disk.folder is not None:
+            self._spill()
 
     def ranges(self):
         """(first cell, end cell, positions int32 sorted by (cell, position), bounds: cell j's positions
@@ -389,6 +399,7 @@ def assign(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], cells: Cel
     probes = Probes(n_cells_)
     try:
         _assign_blocks(ids, read, cells, spread_t, reach_t, home, probes, progress)
+        probes.settle()
     except BaseException:
         probes.close()
         raise
@@ -402,13 +413,19 @@ def _assign_blocks(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], ce
 
     cents = torch.from_numpy(cells.centroids)
     n_cells_ = len(cells.centroids)
+    # a block's scores and mask are written into the same memory each time (fresh arrays of this
+    # size cost page faults; together they took longer than the product itself)
+    scores = torch.empty((ASSIGN_BLOCK, n_cells_), dtype=torch.float32)
+    mask = torch.empty((ASSIGN_BLOCK, n_cells_), dtype=torch.bool)
     for start in tqdm(range(0, len(ids), ASSIGN_BLOCK), desc="k-NN graph: cells", unit="block",
                       disable=not progress):
-        s = torch.from_numpy(cells.project(read(ids[start : start + ASSIGN_BLOCK]))) @ cents.T
+        x = torch.from_numpy(cells.project(read(ids[start : start + ASSIGN_BLOCK])))
+        s = torch.mm(x, cents.T, out=scores[: len(x)])
         best, h = s.max(dim=1)
         home[start : start + len(s)] = h.numpy()
+        near = torch.ge(s, (best - reach_t[h])[:, None], out=mask[: len(x)])
         # np.flatnonzero: several times faster than torch.nonzero on a dense mask
-        flat = torch.from_numpy(np.flatnonzero((s >= (best - reach_t[h])[:, None]).numpy()))
+        flat = torch.from_numpy(np.flatnonzero(near.numpy()))
         r, c = flat // n_cells_, flat % n_cells_
         hr = h[r]
         ok = (best[r] - s[r, c] <= spread_t[hr, c]) & (c != hr)
@@ -471,6 +488,7 @@ def _join_cell(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], source
     lows = rounded_down(want / source.scales(rows).astype(np.float64), products.dtype)
     # padded columns are zeros: their products (0) pass a positive threshold never, a lower one maybe
     mask_columns = not bool((lows > 0).all())
+    by_bits = not mask_columns  # positive thresholds: compared as the integers of their bit patterns
     skipped = partial(_skipped, n_rows, n_cols)
     exact_low = float(threshold - SLACK)
 
@@ -487,25 +505,25 @@ def _join_cell(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], source
             c1 = min(n_cols, c0 + COL_BLOCK)
             if skipped(r0, c0):
                 continue  # members against earlier members: found from the other side (below)
-            s = block @ cols_t[:, c0 : c0 + COL_BLOCK]
+            s = buffer.product(block, cols_t[:, c0 : c0 + COL_BLOCK])
             if mask_columns:
                 s[:, c1 - c0 :] = -math.inf
             if r0 < n_cols:
                 s.diagonal(r0 - c0).fill_(-math.inf)  # members against themselves: (r, r) globally
-            ri, ci, _ = _block_hits(s, low[:, None], min(k, c1 - c0), partial(exact.block, r0, c0, c1), exact_low)
-            if not len(ri):
-                continue
-            ri, ci = ri + r0, ci + c0
-            # every hit decided and valued by the pair's own float32 product, as brute force
-            # scores pairs (the same value whichever dtype or source filtered it)
-            val = exact.pairs(ri, ci)
-            emit(rows[ri], members[ci], val)
-            back = ri >= n_cols  # visitor -> member hits, also as member -> visitor
-            emit(members[ci[back]], rows[ri[back]], val[back])
-            if r0 < n_cols and skipped(c1 - 1, r0):
-                # columns whose own row block skips these rows: their hits here, k per column
-                ti, tj, _ = _block_hits(s.T, low[None, :], min(k, r1 - r0), partial(exact.block_t, r0, r1, c0),
-                                        exact_low)
+            # columns whose own row block skips these rows: their hits here too, k per column
+            by_column = r0 < n_cols and bool(skipped(c1 - 1, r0))
+            (ri, ci), (ti, tj) = _block_hits(
+                s, low, min(k, c1 - c0), partial(exact.block, r0, c0, c1), exact_low, by_bits,
+                min(k, r1 - r0), partial(exact.block_t, r0, r1, c0) if by_column else None)
+            if len(ri):
+                ri, ci = ri + r0, ci + c0
+                # every hit decided and valued by the pair's own float32 product, as brute force
+                # scores pairs (the same value whichever dtype or source filtered it)
+                val = exact.pairs(ri, ci)
+                emit(rows[ri], members[ci], val)
+                back = ri >= n_cols  # visitor -> member hits, also as member -> visitor
+                emit(members[ci[back]], rows[ri[back]], val[back])
+            if len(ti):
                 ti, tj = ti + c0, tj + r0
                 need = (tj < n_cols) & skipped(ti, tj)
                 ti, tj = ti[need], tj[need]
@@ -524,11 +542,12 @@ def _skipped(n_rows: int, n_cols: int, r: Any, c: Any) -> Any:
 
 
 class _Buffer:
-    """A block's rows in the products' dtype, reused from block to block; padded to the dtype's row
-    multiple (rows past the block's keep old values: their thresholds are +inf)."""
+    """A block's rows in the products' dtype, and the block's products, reused from block to block
+    (fresh arrays of this size cost page faults); rows padded to the dtype's row multiple (rows past
+    the block's keep old values: their thresholds are +inf)."""
 
     def __init__(self, products: "Products", rows: int):
-        self.products, self.rows, self.t = products, rows, None
+        self.products, self.rows, self.t, self.out = products, rows, None, None
 
     def fill(self, values: np.ndarray) -> Any:
         import torch
@@ -538,6 +557,15 @@ class _Buffer:
         n = len(values)
         self.t[:n].copy_(torch.from_numpy(np.ascontiguousarray(values)))
         return self.t[: -(-n // self.products.pad_rows) * self.products.pad_rows]
+
+    def product(self, block: Any, cols: Any) -> Any:
+        """block @ cols, written into the reused products (a contiguous view of them)."""
+        import torch
+
+        size = block.shape[0] * cols.shape[1]
+        if self.out is None or self.out.numel() < size:
+            self.out = torch.empty(max(size, self.rows * COL_BLOCK), dtype=block.dtype)
+        return torch.mm(block, cols, out=self.out[:size].view(block.shape[0], cols.shape[1]))
 
 
 class _Float32:
@@ -590,13 +618,13 @@ def _masked_products(a: np.ndarray, b: np.ndarray, self_at: np.ndarray) -> Any:
 class Products:
     """How the join multiplies a block: float32, or bfloat16 where the CPU does that at least BF16_SPEEDUP
     times faster (AMX). Rounding unit vectors to bfloat16 (8 significant bits: 2^-8 relative each) moves their
-    product by at most 2 * 2^-8, and the float32 accumulation by less than SLACK: under BF16_SLACK.
-    The block is compared with `low`, a bfloat16 value at or below threshold - BF16_SLACK, and
-    rounding the output is monotone, so it cannot take a product that reached `low` below it: every
-    pair at or above the threshold in float32 passes the filter, and every pass is re-scored in
-    float32, so the edges are those of the float32 join. (The vectors are unit length, up to their
-    float16 storage; the bound scales with the norms.) bfloat16 blocks are padded to a few fixed
-    shapes, since oneDNN builds (and keeps) a kernel per shape."""
+    product by at most 2 * 2^-8, and the float32 accumulation by less than SLACK: under BF16_SLACK
+    (`slack`, scaled by the squared largest norm). The join lowers the threshold by that and by its
+    rows' own bound (joinrows), divides it by each row's scale and rounds it down onto the dtype's
+    grid (joinrows.rounded_down); rounding the output is monotone, so a product that reached that
+    value is not taken below it: every pair at or above the threshold in float32 passes the filter,
+    and every pass is re-scored in float32, so the edges are those of the float32 join. bfloat16
+    blocks are padded to a few fixed shapes, since oneDNN builds (and keeps) a kernel per shape."""
 
     dtype: str  # "float32" or "bfloat16"
     slack: float
@@ -608,11 +636,6 @@ class Products:
         if PRODUCTS == "float32" or (PRODUCTS == "auto" and not _bfloat16_faster()):
             return cls("float32", SLACK, 1, 1)
         return cls("bfloat16", BF16_SLACK, PAD_ROWS, PAD_COLS)
-
-    def low(self, threshold: float) -> float:
-        """threshold - slack, rounded down to a value of the block's dtype (a comparison with a Python
-        float happens in the tensor's dtype)."""
-        return float(rounded_down(np.array([threshold - self.slack]), self.dtype)[0].double().item())
 
     def prepare(self, x: np.ndarray, pad: int) -> Any:
         import torch
@@ -654,41 +677,63 @@ def _bfloat16_faster() -> bool:
     return _BF16_FASTER
 
 
-def _block_hits(s: Any, low: Any, k: int, exact: Callable[[Any], Any], exact_low: float
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, column, product) of the entries >= `low` (a tensor of one threshold per row, shape
-    (rows, 1), or per column, (1, columns)); a row with more than k keeps k (all it can keep overall),
-    so a block of copies costs k per row, not its width.
+_NO_HITS = (np.empty(0, np.int64), np.empty(0, np.int64))
+_BITS = {"bfloat16": "int16", "float32": "int32"}
 
-    `exact(rows)`: the float32 products of those rows of the block. A row with more than k hits picks
-    its k by them (against `exact_low`), largest first and ties to the lower column (the lower id,
-    as brute force breaks them), whatever dtype the block was computed in.
+
+def _block_hits(s: Any, low: Any, k: int, exact: Callable[[Any], Any], exact_low: float, by_bits: bool = False,
+                k_t: int = 0, exact_t: Callable[[Any], Any] | None = None
+                ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(rows, columns) of the entries of block `s` at or above their row's threshold `low` (a tensor,
+    one per row); a row with more than k keeps k (all it can keep overall), so a block of copies costs
+    k per row, not its width. With `exact_t`, also the same entries as (column, row), up to k_t per
+    column (the transposed pairs of a block the join skips); else no pairs there.
+
+    `by_bits` (every threshold positive): the pass over the whole block compares the bit patterns as
+    integers, which order as the values do for positive floats (negative ones fall below) and which
+    the CPU reduces several times faster than bfloat16.
+
+    `exact(rows)` / `exact_t(columns)`: the float32 products of those rows (columns) of the block. A
+    row (column) with more than its cap picks them by these (against `exact_low`), largest first and
+    ties to the lower index (the lower id, as brute force breaks them), whatever dtype the block was
+    computed in.
     """
     import torch
 
-    if low.shape[1] == 1:  # a threshold per row: one pass over the block finds the rows with a hit
-        near = torch.nonzero(s.amax(dim=1) >= low[:, 0]).flatten()
+    if by_bits:
+        bits = getattr(torch, _BITS[str(s.dtype).removeprefix("torch.")])
+        peak = s.view(bits).amax(dim=1) >= low.view(bits)
     else:
-        near = torch.nonzero((s >= low).any(dim=1)).flatten()
+        peak = s.amax(dim=1) >= low
+    near = torch.nonzero(peak).flatten()
     if not len(near):
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
-    sub = s[near]
-    hits = sub >= (low[near] if low.shape[1] == 1 else low)
+        return _NO_HITS, _NO_HITS
+    hits = s[near] >= low[near, None]
+    by_row = _capped(near, None, hits, k, exact, exact_low)
+    if exact_t is None:
+        return by_row, _NO_HITS
+    cols = torch.nonzero(hits.any(dim=0)).flatten()
+    return by_row, _capped(cols, near, hits[:, cols].T, k_t, exact_t, exact_low)
+
+
+def _capped(outer: Any, inner: Any, hits: Any, k: int, exact: Callable[[Any], Any], exact_low: float
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(outer, inner) indices of the True entries of `hits` (rows `outer`, columns `inner`, None: all),
+    at most k per row: a row with more takes its k best by `exact(its outer indices)`, the float32
+    products over every inner position of the block."""
+    import torch
+
     over = hits.sum(dim=1) > k
-    if not bool(over.any()):
-        rr, cc = torch.nonzero(hits, as_tuple=True)
-        return near[rr].numpy(), cc.numpy(), sub[rr, cc].to(torch.float32).numpy().copy()
     rr, cc = torch.nonzero(hits[~over], as_tuple=True)
-    few = near[~over]
-    out_r, out_c, out_v = [few[rr]], [cc], [sub[~over][rr, cc].to(torch.float32)]
-    many = near[over]
-    vals, idx = torch.sort(exact(many), dim=1, descending=True, stable=True)
-    vals, idx = vals[:, :k], idx[:, :k]
-    rr, cc = torch.nonzero(vals >= exact_low, as_tuple=True)
-    out_r.append(many[rr])
-    out_c.append(idx[rr, cc])
-    out_v.append(vals[rr, cc])
-    return torch.cat(out_r).numpy(), torch.cat(out_c).numpy(), torch.cat(out_v).numpy().copy()
+    out_r, out_c = [outer[~over][rr]], [cc if inner is None else inner[cc]]
+    if bool(over.any()):
+        many = outer[over]
+        vals, idx = torch.sort(exact(many), dim=1, descending=True, stable=True)
+        vals, idx = vals[:, :k], idx[:, :k]
+        rr, cc = torch.nonzero(vals >= exact_low, as_tuple=True)
+        out_r.append(many[rr])
+        out_c.append(idx[rr, cc])
+    return torch.cat(out_r).numpy(), torch.cat(out_c).numpy()
 
 
 def _pair_cosines(x_rows: np.ndarray, x_cols: np.ndarray, ri: np.ndarray, ci: np.ndarray) -> np.ndarray:

@@ -175,3 +175,29 @@ def test_load_nodes_copes_with_rows_added_or_removed_after_the_count(tmp_path: P
     assert got.path == want.path and (got.sha256 == want.sha256).all() and len(got.sha256) == 9
     for name in ("image_id", "phash", "width", "height", "size", "mtime_ns"):
         assert getattr(got, name).tolist() == getattr(want, name).tolist()
+
+
+def test_a_parked_table_reads_the_same_from_unlinked_files(tmp_path: Path) -> None:
+    """Nodes.parked: every column equal, read-only memory maps of files that are already gone from disk
+    (nothing to clean up after a kill), the ids still in memory; a reference table parks too."""
+    import os
+    import tempfile
+
+    from retrieval.curation.dedup import _with_references, load_nodes
+
+    rows = [{"id": i + 1, "path": f"{i % 2}/ü{i}.jpg", "sha256": _hex(i % 3), "phash": -i, "width": i, "height": 7,
+             "size": 2**40 + i, "mtime_ns": i} for i in range(6)]
+    nodes = load_nodes(_index(tmp_path, rows))
+    ref = SimpleNamespace(paths=["r0.jpg"], sha256=[_hex(1)], phash=[5], full_path=lambda p: f"/refs/{p}")
+    before = set(os.listdir(tempfile.gettempdir()))
+    for table in (nodes, _with_references(nodes, ref)):
+        parked = table.parked()
+        assert parked.path == list(table.path) and parked.root == table.root
+        assert parked.image_id is table.image_id
+        for name in ("sha256", "phash", "width", "height", "size", "mtime_ns", "is_ref"):
+            got, want = getattr(parked, name), getattr(table, name)
+            assert isinstance(got, np.memmap) and not got.flags.writeable, name
+            assert got.dtype == want.dtype and (got == want).all(), name
+        assert parked.candidate(4) == table.candidate(4)
+        assert isinstance(parked.path._buf, np.memmap) and isinstance(parked.path._offsets, np.memmap)
+    assert not {f for f in set(os.listdir(tempfile.gettempdir())) - before if f.startswith("retrieval-nodes-")}

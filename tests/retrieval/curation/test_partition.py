@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -207,9 +208,17 @@ def test_dedup_uses_the_partition_without_the_faiss_index(planted, monkeypatch: 
     monkeypatch.setattr(partition, "MIN_VECTORS", 2)
     monkeypatch.setattr(dedup, "graph_method", lambda n, o, spec=None: real(n, o, None))  # as if not flat
     monkeypatch.setattr(ann, "load_index", lambda *a, **k: (_ for _ in ()).throw(AssertionError("FAISS loaded")))
+    # and with the node table parked in files during the graph, as at a million images and up
+    from retrieval.curation.groups import Nodes
+
+    parked = []
+    park = Nodes.parked
+    monkeypatch.setattr(dedup, "PARK_NODES_FROM", 0)
+    monkeypatch.setattr(Nodes, "parked", lambda self: parked.append(1) or park(self))
     reader = IndexReader(IndexLayout(index_dir), writable=True)
     by_join = run_dedup(reader, opts).counts
     reader.close()
+    assert parked == [1]
     assert by_join["graph"]["candidates"] == "partitioned join"
     assert by_join["graph"]["edge_recall_sample"]["queries"] > 0
     assert groups(by_join) == groups(by_index)
@@ -234,21 +243,46 @@ def test_graph_method_keeps_exact_search_where_the_index_is_exact(monkeypatch: p
     assert graph_method(200_000, DedupOptions(use_gpu=True), ivf) == "index"
 
 
-def test_bfloat16_threshold_rounds_down_and_blocks_pad_to_few_shapes() -> None:
-    """The block threshold must not round above threshold - slack (a comparison with a Python float
-    happens in bfloat16), and padded blocks come in a handful of shapes."""
+def test_blocks_pad_to_few_shapes() -> None:
+    """bfloat16 blocks are padded (with zero rows) to a handful of shapes; float32 ones are not."""
     import torch
 
     p = partition.Products("bfloat16", partition.BF16_SLACK, partition.PAD_ROWS, partition.PAD_COLS)
-    for t in np.linspace(0.5, 0.999, 200):
-        low = p.low(float(t))
-        assert low <= t - partition.BF16_SLACK
-        assert torch.tensor([low], dtype=torch.bfloat16).double().item() == low
-        assert low > t - partition.BF16_SLACK - 2 ** -7
     x = np.random.default_rng(0).normal(size=(1300, 16)).astype(np.float32)
     t = p.prepare(x, partition.PAD_ROWS)
     assert t.shape == (1536, 16) and t.dtype == torch.bfloat16 and not t[1300:].any()
     assert partition.Products("float32", partition.SLACK, 1, 1).prepare(x, 1).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_block_hits_by_bit_patterns_equal_float_comparisons(dtype: str) -> None:
+    """Positive thresholds compared as the integers of their bit patterns take exactly the entries a
+    float comparison takes: entries equal to their threshold, one step below it, -0.0, negatives, -inf
+    (masked entries) and rows of +inf thresholds (padding) included; the column side as well."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    t = getattr(torch, dtype)
+    low = torch.from_numpy(rng.uniform(0.01, 0.99, 64)).to(t)
+    low[-4:] = math.inf
+    s = torch.from_numpy(rng.uniform(-1, 1, (64, 48))).to(t)
+    bits = torch.int16 if dtype == "bfloat16" else torch.int32
+    below = (low.view(bits) - 1).view(t)  # the grid's next value down (positive floats)
+    assert (below[:-4] < low[:-4]).all()
+    for r in range(0, 60, 3):
+        s[r, r % 48] = low[r]  # exactly at the threshold: taken
+        s[r, (r + 1) % 48] = below[r]  # one step under it: not taken
+        s[r + 1, r % 48] = -low[r]
+    s[5, :] = -0.0
+    s[7, :] = -math.inf
+    s[::2, 40] = 1.0
+    never = lambda _: (_ for _ in ()).throw(AssertionError("k cap reached"))  # noqa: E731
+    got = partition._block_hits(s, low, 48, never, 0.0, True, 64, never)
+    want = partition._block_hits(s, low, 48, never, 0.0, False, 64, never)
+    truth = set(zip(*np.nonzero((s >= low[:, None]).numpy())))
+    assert len(truth) > 60
+    assert set(zip(*got[0])) == set(zip(*want[0])) == truth
+    assert set(zip(*got[1])) == {(c, r) for r, c in truth} == set(zip(*want[1]))
 
 
 @pytest.mark.parametrize("products", ["float32", "bfloat16"])
