@@ -177,6 +177,15 @@ def test_dedup_scale_goals(tmp_path: Path) -> None:
     assert "(n = 10,000): 25.0x, met" in text
     assert "not run: too big" in text
     assert "no (1 only ours, 2 only imagededup)" in text
+    # the 10M run, kept in its own file, joins the table and the goals
+    ten = {"n": 10_000_000, "dim": 384, "commit": "def5678", "machine_note": "2 cores; nothing else running",
+           "dedup": {"wall_s": 1800.0, "peak_rss_mb": 9000.0, "cpu_s": 3000.0, "counts": {"groups": 9}},
+           "quality": {"planted_pairs": 10, "planted_pairs_grouped": 1.0}}
+    _write(tmp_path, "dedup_scale_10m", ten)
+    text = render_section("dedup_scale", tmp_path)
+    assert "| 10,000,000 |" in text and "all: 1.00" in text and "commit `def5678`" in text
+    assert "10,000,000 vectors in 30.0 min (< 60 min: met); peak RSS 8.79 GiB (< 8 GiB: missed" in text
+    assert "10M vectors < 1 hour and < 8 GiB: no completed run" not in text
 
 
 def test_goal_formatting() -> None:
