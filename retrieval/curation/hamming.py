@@ -48,7 +48,7 @@ BRUTE_PAIRS = 1 << 21  # below this many pairs, comparing all of them is cheaper
 DIRECT_TABLE_BITS = 22  # chunks up to this width are looked up in a dense offset table (2^w + 1 entries)
 KEY_BITS = 56  # chunks up to this width are keyed by their value (it fits in 8 bytes at any bit offset)
 MAX_PATTERNS = 20_000  # flip patterns per chunk the cost model may choose
-LOOKUP_COST = 2.0  # relative cost of one table look-up vs one verified candidate
+LOOKUP_COST = 0.2  # relative cost of one table look-up vs one candidate (direct table, two-word pre-check; measured)
 SORT_COST = 3.0  # relative cost of one sorted entry vs one verified candidate
 ENTRY_BATCH = 1 << 25  # (hash, flip pattern) entries sorted at once in the self-join
 BLOCK = 1 << 16  # hashes of the runs compared together in the self-join (kept in cache)
@@ -220,29 +220,30 @@ class _Table:
     """Rows sorted by one chunk's value, with a lookup from a value to its run of rows."""
 
     def __init__(self, keys: np.ndarray, width: int):
-        self.order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[self.order]
+        self.order = np.argsort(keys)  # not stable: the pairs are sorted and made unique at the end
         self.direct = width <= DIRECT_TABLE_BITS
         if self.direct:
             counts = np.bincount(keys, minlength=1 << width)
             self.offsets = np.zeros(len(counts) + 1, np.int64)
             np.cumsum(counts, out=self.offsets[1:])
+            # most look-ups find nothing: they read only these counts, kept narrow so that their
+            # random reads stay in cache
+            self.counts = counts.astype(np.uint16) if counts.max(initial=0) < 1 << 16 else counts
         else:
-            self.uniq, first = np.unique(sorted_keys, return_index=True)
+            self.uniq, first = np.unique(keys[self.order], return_index=True)
             self.bounds = np.r_[first, len(keys)].astype(np.int64)
-        self.rank = np.empty(len(keys), np.int64)  # row -> its position in sorted order
-        self.rank[self.order] = np.arange(len(keys))
 
-    def lookup(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[lo, hi) positions in sorted order of the rows whose chunk equals each value."""
+    def lookup(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(which values have rows, and their [lo, hi) positions in sorted order)."""
         if self.direct:
-            return self.offsets[values], self.offsets[values + 1]
-        pos = np.searchsorted(self.uniq, values)
-        pos_c = np.minimum(pos, len(self.uniq) - 1)
-        hit = self.uniq[pos_c] == values
-        lo = np.where(hit, self.bounds[pos_c], 0)
-        hi = np.where(hit, self.bounds[pos_c + 1], 0)
-        return lo, hi
+            cnt = self.counts[values]
+            found = np.flatnonzero(cnt)
+            lo = self.offsets[values[found]]
+            return found, lo, lo + cnt[found]
+        pos = np.minimum(np.searchsorted(self.uniq, values), len(self.uniq) - 1)
+        found = np.flatnonzero(self.uniq[pos] == values)
+        pos = pos[found]
+        return found, self.bounds[pos], self.bounds[pos + 1]
 
 
 def _expand(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, order: np.ndarray):
@@ -272,21 +273,15 @@ def _expand(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, order: np.ndarray):
         start = stop
 
 
-def _candidates(plan: _Plan, c: int, qkeys: np.ndarray, table: _Table, self_join: bool):
+def _candidates(plan: _Plan, c: int, qkeys: np.ndarray, table: _Table):
     """(query row, table row) pairs whose chunk c values are within radii[c], in bounded batches."""
     patterns = plan.patterns(c)
     nq = len(qkeys)
     block = max(1, LOOKUP_BATCH // len(patterns))
     for qs in range(0, nq, block):
-        q = np.arange(qs, min(nq, qs + block), dtype=np.int64)
-        vals = (qkeys[q][:, None] ^ patterns[None, :]).reshape(-1)
-        lo, hi = table.lookup(vals)
-        qq = np.repeat(q, len(patterns))
-        if self_join:  # pattern 0 finds the query's own run: only rows after it (j > i, each pair once)
-            lo = lo.reshape(len(q), -1)
-            lo[:, 0] = np.maximum(lo[:, 0], table.rank[q] + 1)
-            lo = lo.reshape(-1)
-        yield from _expand(qq, lo, hi, table.order)
+        vals = (qkeys[qs : qs + block][:, None] ^ patterns[None, :]).reshape(-1)
+        found, lo, hi = table.lookup(vals)
+        yield from _expand(qs + found // len(patterns), lo, hi, table.order)
 
 
 def _self_plan(nbits: int, radius: int, n: int) -> _Plan | None:
@@ -534,11 +529,14 @@ def _range_pairs_dihedral(codes: np.ndarray, variants: np.ndarray, radius: int, 
     for c in range(len(plan.widths)):
         qkeys, tkeys = _chunk_keys([codes, flat], plan.starts[c], plan.widths[c])
         table = _Table(tkeys, plan.widths[c])
-        for q, t in _candidates(plan, c, qkeys, table, self_join=False):
+        for q, t in _candidates(plan, c, qkeys, table):
+            if words.shape[1] > 2:  # two words (one 8-byte read each) rule out nearly every candidate
+                d = np.bitwise_count(vwords[:, 0][t] ^ words[:, 0][q])
+                d += np.bitwise_count(vwords[:, 1][t] ^ words[:, 1][q])
+                near = np.flatnonzero(d <= radius)
+                q, t = q[near], t[near]
             owner = t // nv
-            keep = owner != q
-            q, t, owner = q[keep], t[keep], owner[keep]
-            ok = _distance(vwords[t], words[q]) <= radius
+            ok = np.flatnonzero((owner != q) & (_distance(vwords[t], words[q]) <= radius))
             out_i.append(owner[ok])
             out_j.append(q[ok])
         del table

@@ -134,6 +134,48 @@ def test_dihedral_equal_brute_force(nbytes: int, radius: int) -> None:
     assert as_set(hamming._range_pairs_dihedral(codes, variants, radius, method="brute")) == want
 
 
+@pytest.mark.parametrize("direct_bits,lookup_cost,nbytes", [(22, 0.2, 32), (3, 0.2, 32), (22, 20.0, 32),
+                                                            (3, 0.05, 24), (22, 0.2, 16)])
+def test_dihedral_tables_and_plans_equal_brute_force(monkeypatch: pytest.MonkeyPatch, direct_bits: int,
+                                                     lookup_cost: float, nbytes: int) -> None:
+    """Dense-count and sorted (searchsorted) tables, short and long chunks (the cost model pushed both
+    ways), and hashes of 2, 3 and 4 words (the two-word pre-check only where there are more): the
+    pairs are brute force's, planted transformed copies at the radius and one bit beyond included."""
+    monkeypatch.setattr(hamming, "DIRECT_TABLE_BITS", direct_bits)
+    monkeypatch.setattr(hamming, "LOOKUP_COST", lookup_cost)
+    rng = np.random.default_rng(direct_bits + nbytes)
+    n, radius = 200, nbytes - 1
+    codes = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+    variants = rng.integers(0, 256, (n, 8, nbytes), dtype=np.uint8)
+    variants[:, 0] = codes
+    for k, delta in enumerate([radius, radius + 1, radius - 1, 0, 3] * 6):
+        i, j, v = rng.choice(n, 2, replace=False).tolist() + [int(rng.integers(1, 8))]
+        bits = np.unpackbits(variants[i, v])
+        # every other copy differs only in its first two words: the pre-check's sum is the distance
+        where = min(128, nbytes * 8) if k % 2 else nbytes * 8
+        bits[rng.choice(where, delta, replace=False)] ^= 1
+        codes[j] = variants[j, 0] = np.packbits(bits)
+    want = oracle_dihedral(codes, variants, radius)
+    assert len(want) >= 15
+    assert as_set(force_mih(range_pairs_dihedral, codes, variants, radius)) == want
+
+
+@pytest.mark.parametrize("width", [3, 30])
+def test_table_lookup_finds_every_run(width: int) -> None:
+    """Both kinds of table (dense counts up to DIRECT_TABLE_BITS, sorted values beyond) against a
+    dictionary: the smallest and largest keys, absent values on both sides, repeated keys."""
+    rng = np.random.default_rng(width)
+    keys = rng.integers(1, (1 << width) - 1, 300).astype(np.int64)
+    keys[:20] = keys[20]  # a long run
+    table = hamming._Table(keys, width)
+    assert table.direct == (width <= hamming.DIRECT_TABLE_BITS)
+    values = np.r_[keys.min(), keys.max(), 0, (1 << width) - 1, rng.integers(0, 1 << width, 200)].astype(np.int64)
+    found, lo, hi = table.lookup(values)
+    got = {int(f): set(table.order[a:b].tolist()) for f, a, b in zip(found, lo, hi)}
+    want = {k: {r for r, x in enumerate(keys.tolist()) if x == int(v)} for k, v in enumerate(values.tolist())}
+    assert got == {k: rows for k, rows in want.items() if rows}
+
+
 def test_key_ranges_and_small_batches_give_the_same_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bounded-memory paths (entries sorted in several key ranges, tiny candidate batches)."""
     rng = np.random.default_rng(11)
