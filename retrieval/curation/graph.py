@@ -354,6 +354,9 @@ class RangeFiles:
     def write_sorted(self, starts: np.ndarray, *arrays: np.ndarray) -> None:
         """`arrays` already in key order: range p is arrays[starts[p]:starts[p + 1]] (parts + 1 starts),
         written as slices, without a copy of the arrays."""
+        n = len(arrays[0]) if arrays else 0
+        if len(starts) != self.parts + 1 or starts[0] != 0 or starts[-1] != n or (np.diff(starts) < 0).any():
+            raise ValueError(f"starts must rise from 0 to {n} in {self.parts + 1} steps")
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix=self.prefix))
         self.dtypes = [a.dtype for a in arrays]

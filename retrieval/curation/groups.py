@@ -5,6 +5,7 @@ Nodes are positions: 0..n-1 are corpus images, n..n+m-1 reference files.
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,8 @@ import numpy as np
 from retrieval.curation.graph import Edges
 from retrieval.curation.hashing import hamming
 from retrieval.curation.policy import Candidate, choose
+
+logger = logging.getLogger(__name__)
 
 PAIRWISE_BLOCK = 4096
 
@@ -133,10 +136,15 @@ class Nodes:
 
         A stage that needs none of the table (the k-NN graph) then runs beside it without holding
         it: its pages come back as they are touched, and until then are the kernel's to drop, not
-        this process's memory. The caller drops the unparked table."""
-        path = self.path.parked() if isinstance(self.path, PathColumn) else self.path
-        arrays = {name: parked_array(getattr(self, name))
-                  for name in ("sha256", "phash", "width", "height", "size", "mtime_ns", "is_ref")}
+        this process's memory. The caller drops the unparked table. Where the temporary folder
+        cannot take it (full, read-only), the table stays as it is."""
+        try:
+            path = self.path.parked() if isinstance(self.path, PathColumn) else self.path
+            arrays = {name: parked_array(getattr(self, name))
+                      for name in ("sha256", "phash", "width", "height", "size", "mtime_ns", "is_ref")}
+        except OSError as exc:
+            logger.warning("the node table stays in memory during the graph: its temporary files failed (%s)", exc)
+            return self
         return Nodes(image_id=self.image_id, path=path, root=self.root, **arrays)
 
     def candidate(self, p: int) -> Candidate:

@@ -201,3 +201,21 @@ def test_a_parked_table_reads_the_same_from_unlinked_files(tmp_path: Path) -> No
         assert parked.candidate(4) == table.candidate(4)
         assert isinstance(parked.path._buf, np.memmap) and isinstance(parked.path._offsets, np.memmap)
     assert not {f for f in set(os.listdir(tempfile.gettempdir())) - before if f.startswith("retrieval-nodes-")}
+
+
+def test_a_table_that_cannot_be_parked_stays_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full or read-only temporary folder: parking keeps the table as it is (and says so), it does
+    not fail the run."""
+    import tempfile
+
+    from retrieval.curation.dedup import load_nodes
+
+    rows = [{"id": i + 1, "path": f"p{i}.jpg", "sha256": _hex(i), "phash": i, "width": 1, "height": 1, "size": 1,
+             "mtime_ns": 0} for i in range(3)]
+    nodes = load_nodes(_index(tmp_path, rows))
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full)
+    assert nodes.parked() is nodes

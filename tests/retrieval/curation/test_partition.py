@@ -412,3 +412,49 @@ def test_small_blocks_skip_the_lower_half_and_keep_k_per_column(monkeypatch: pyt
         assert min(abs(sims[i, j] - kth[i]), abs(sims[i, j] - kth[j])) < 1e-5, (i, j)
     want = brute_force_edges(ids, x, 0.6, k=4)
     assert _pairs(partition.exact_edges(ids, read, 4, 0.6)) == _pairs(want)
+
+
+@pytest.mark.parametrize("n", [65, 129])
+def test_a_last_row_block_of_one_row_is_joined(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """A cell whose members end one row into a row block (n = m * ROW_BLOCK + 1): the block of one row
+    and its transposed hits give brute force's edges (the old per-column threshold shape failed here)."""
+    monkeypatch.setattr(partition, "ROW_BLOCK", 64)
+    monkeypatch.setattr(partition, "COL_BLOCK", 32)
+    x = planted_vectors(n, 16, n_groups=8, per_group=4, noise=0.05, seed=n)
+    ids = np.arange(n, dtype=np.int64) + 1
+    got = partition.exact_edges(ids, _reader(x, ids), 8, 0.8)
+    want = brute_force_edges(ids, x, 0.8, k=8)
+    assert len(want) > 10 and _pairs(got) == _pairs(want)
+
+
+@pytest.mark.parametrize("n_cells", [1, 3, 64, 65])
+def test_probes_round_trip_with_fewer_cells_than_parts(n_cells: int) -> None:
+    """Probes spilled many times (cells fewer, as many, or more than PROBE_PARTS) come back complete and
+    sorted by (cell, position), each range with its own cells."""
+    rng = np.random.default_rng(n_cells)
+    probes = partition.Probes(n_cells, limit=50)
+    cells, positions = rng.integers(0, n_cells, 777), rng.integers(0, 1 << 20, 777)
+    try:
+        for start in range(0, 777, 37):
+            probes.add((cells[start : start + 37].astype(np.int64) << 32) | positions[start : start + 37])
+        probes.settle()
+        got = []
+        for lo, hi, pos, bounds in probes.ranges():
+            for j in range(lo, hi):
+                got += [(j, int(p)) for p in pos[bounds[j - lo] : bounds[j - lo + 1]]]
+    finally:
+        probes.close()
+    assert got == sorted(zip(cells.tolist(), positions.tolist()))
+
+
+def test_sorted_range_files_refuse_bad_starts(tmp_path: Path) -> None:
+    from retrieval.curation.graph import RangeFiles
+
+    files = RangeFiles(10, "t-", parts=2)
+    keys = np.arange(6, dtype=np.int64)
+    for bad in ([0, 4, 3], [1, 3, 6], [0, 3, 5], [0, 6]):
+        with pytest.raises(ValueError, match="starts"):
+            files.write_sorted(np.array(bad), keys)
+    files.write_sorted(np.array([0, 3, 6]), keys)
+    assert [r[0].tolist() for r in files.ranges()] == [[0, 1, 2], [3, 4, 5]]
+    files.close()
