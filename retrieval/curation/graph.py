@@ -340,16 +340,11 @@ class RangeFiles:
         self.dtypes: list[np.dtype] = [np.dtype(np.int64), np.dtype(np.int64), np.dtype(np.float32)]
 
     def write(self, key: np.ndarray, *arrays: np.ndarray) -> None:
-        if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix=self.prefix))
-        self.dtypes = [a.dtype for a in arrays]
         part = np.minimum(key // self.width, self.parts - 1)
         # the ranges present, by counting: np.unique would sort a copy of every key
         for p in np.flatnonzero(np.bincount(part, minlength=self.parts)).tolist():
             sel = part == p
-            path = self.folder / f"p{p:04d}-{len(self.files[p]):05d}.npz"
-            np.savez(path, *(a[sel] for a in arrays))
-            self.files[p].append(path)
+            self._add(p, [a[sel] for a in arrays])
 
     def write_sorted(self, starts: np.ndarray, *arrays: np.ndarray) -> None:
         """`arrays` already in key order: range p is arrays[starts[p]:starts[p + 1]] (parts + 1 starts),
@@ -357,13 +352,17 @@ class RangeFiles:
         n = len(arrays[0]) if arrays else 0
         if len(starts) != self.parts + 1 or starts[0] != 0 or starts[-1] != n or (np.diff(starts) < 0).any():
             raise ValueError(f"starts must rise from 0 to {n} in {self.parts + 1} steps")
+        for p in np.flatnonzero(np.diff(starts)).tolist():
+            self._add(p, [a[starts[p] : starts[p + 1]] for a in arrays])
+
+    def _add(self, p: int, pieces: list[np.ndarray]) -> None:
+        """One more file of range p."""
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix=self.prefix))
-        self.dtypes = [a.dtype for a in arrays]
-        for p in np.flatnonzero(np.diff(starts)).tolist():
-            path = self.folder / f"p{p:04d}-{len(self.files[p]):05d}.npz"
-            np.savez(path, *(a[starts[p] : starts[p + 1]] for a in arrays))
-            self.files[p].append(path)
+        self.dtypes = [a.dtype for a in pieces]
+        path = self.folder / f"p{p:04d}-{len(self.files[p]):05d}.npz"
+        np.savez(path, *pieces)
+        self.files[p].append(path)
 
     def ranges(self):
         """The arrays of each range in key order (range p: keys from p * width), its files removed once read."""

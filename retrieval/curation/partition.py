@@ -193,18 +193,7 @@ def partition_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k
     rho = clock("calibrate", calibrate_rho(ids, reader, partition, seed))
     plan = clock("assign", assign(ids, reader, partition, radius, rho, progress))
     probes = 1.0 + plan.probes.count / len(ids)
-    sink = DirectedSink(len(ids), k)
-    try:
-        source = clock("rows", join_rows(ids, reader, progress))
-        rows_kind, rows_bound = _describe(source)
-        clock("join", _join(ids, reader, plan, k, threshold, sink, progress, source))
-        source = None  # the int8 copy's memory, before the edges are gathered
-        plan.probes.close()
-        ref = _reference_edges(ids, reader, extra, k, threshold) if extra is not None else []
-        out = sink.result(ids, ref)
-    finally:
-        sink.close()
-        plan.probes.close()
+    out, rows_kind, rows_bound = _joined(ids, reader, plan, k, threshold, extra, clock, progress)
     logger.info("k-NN graph: %d cells, %.2f probes per vector (rho %.3f); seconds per step %s", cells, probes, rho,
                 clock.seconds)
     if stats is not None:
@@ -233,28 +222,30 @@ def exact_edges(ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray], k: in
     reader = _float32(read)
     dim = reader(ids[:1]).shape[1]
     clock = _Clock()
-    probes = Probes(1)
-    plan = Plan(np.zeros((1, dim), np.float32), np.zeros(len(ids), np.int32), probes, RHO_EXACT)
-    sink = DirectedSink(len(ids), k)
-    try:
-        source = clock("rows", join_rows(ids, reader))
-        rows_kind, rows_bound = _describe(source)
-        clock("join", _join(ids, reader, plan, k, threshold, sink, progress, source))
-        source = None
-        ref = _reference_edges(ids, reader, extra, k, threshold) if extra is not None else []
-        out = sink.result(ids, ref)
-    finally:
-        sink.close()
-        probes.close()
+    plan = Plan(np.zeros((1, dim), np.float32), np.zeros(len(ids), np.int32), Probes(1), RHO_EXACT)
+    out, rows_kind, rows_bound = _joined(ids, reader, plan, k, threshold, extra, clock, progress)
     if stats is not None:
         stats.update(candidates="exact join", partition_s=clock.seconds, cells=1, block_products=Products.choose().dtype,
                      join_rows=rows_kind, join_rows_bound=rows_bound)
     return out
 
 
-def _describe(source: JoinRows) -> tuple[str, float]:
-    """(kind, bound) of the join's rows, for the run's stats."""
-    return ("int8", round(source.bound, 5)) if isinstance(source, Int8Rows) else ("stored", 0.0)
+def _joined(ids: np.ndarray, reader: Callable[[np.ndarray], np.ndarray], plan: Plan, k: int, threshold: float,
+            extra: Any, clock: "_Clock", progress: bool) -> tuple[Edges, str, float]:
+    """The join of `plan` (its rows made first, timed as "rows" and "join"), with the reference set's
+    edges: (edges, kind of rows, their bound). The plan's probes are closed whatever happens."""
+    sink = DirectedSink(len(ids), k)
+    try:
+        source = clock("rows", join_rows(ids, reader, progress))
+        rows_kind, rows_bound = ("int8", round(source.bound, 5)) if isinstance(source, Int8Rows) else ("stored", 0.0)
+        clock("join", _join(ids, reader, plan, k, threshold, sink, progress, source))
+        source = None  # the int8 copy's memory, before the edges are gathered
+        plan.probes.close()
+        ref = _reference_edges(ids, reader, extra, k, threshold) if extra is not None else []
+        return sink.result(ids, ref), rows_kind, rows_bound
+    finally:
+        sink.close()
+        plan.probes.close()
 
 
 def _sorted_ids(ids: np.ndarray) -> np.ndarray:
